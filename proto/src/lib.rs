@@ -57,7 +57,10 @@ mod tests {
             "trellis.admin.v1.Admin",
             "trellis.pattern.v1.Lifecycle",
         ] {
-            assert!(services.iter().any(|s| s == want), "{want} missing from {services:?}");
+            assert!(
+                services.iter().any(|s| s == want),
+                "{want} missing from {services:?}"
+            );
         }
     }
 }

@@ -1,1 +1,20 @@
+//! Trellis, the data-access proxy, as a library; `main.rs` is a thin shell.
+//!
+//! Layout (one module per noun; see docs/ARCHITECTURE.md):
+//! - [`config`]: the YAML + environment configuration and its validation.
+//! - [`supervisor`]: spawning, watching, restarting and stopping patterns.
+//! - [`health`]: the proxy's `grpc.health.v1` reporter.
+//! - [`dataplane`]: namespace routing and forwarding of data calls.
+//! - [`admin`]: the admin API over the supervisor's handles.
+//! - [`server`]: everything assembled on a listener, with shutdown.
+//! - [`cli`]: the command line and its client subcommands.
+//! - [`logging`]: tracing set-up.
 
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod health;
+pub mod logging;
+pub mod server;
+pub mod supervisor;

@@ -1,0 +1,195 @@
+//! `trellis.admin.v1.Admin`: reports on and controls the supervised
+//! patterns through their handles. It never touches a process itself.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+use trellis_proto::admin::v1 as pb;
+use trellis_proto::admin::v1::admin_server::Admin;
+
+use crate::supervisor::process::Exit;
+use crate::supervisor::{CommandError, PatternHandle, State, Status as PatternStatus};
+
+pub struct AdminService {
+    patterns: Vec<PatternHandle>,
+    by_name: HashMap<String, usize>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AdminService {
+    /// `shutdown` turns true when the proxy is stopping; watch streams end then.
+    pub fn new(patterns: Vec<PatternHandle>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        let by_name = patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name().to_string(), i))
+            .collect();
+        AdminService {
+            patterns,
+            by_name,
+            shutdown,
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<&PatternHandle, Status> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.patterns[i])
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.patterns.iter().map(|p| p.name()).collect();
+                Status::not_found(format!(
+                    "no pattern is named {name:?}; known patterns: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })
+    }
+
+    fn action(
+        handle: &PatternHandle,
+        result: Result<String, CommandError>,
+    ) -> Result<Response<pb::PatternActionResponse>, Status> {
+        match result {
+            Ok(message) => Ok(Response::new(pb::PatternActionResponse {
+                message,
+                pattern: Some(to_proto(handle, &handle.status())),
+            })),
+            Err(e @ CommandError::AlreadyRunning(_)) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ CommandError::ShuttingDown) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+pub fn state_to_proto(state: State) -> pb::PatternState {
+    match state {
+        State::Starting => pb::PatternState::Starting,
+        State::Serving => pb::PatternState::Serving,
+        State::NotServing => pb::PatternState::NotServing,
+        State::Crashed => pb::PatternState::Crashed,
+        State::Stopping => pb::PatternState::Stopping,
+        State::Stopped => pb::PatternState::Stopped,
+        State::Failed => pb::PatternState::Failed,
+    }
+}
+
+pub fn to_proto(handle: &PatternHandle, s: &PatternStatus) -> pb::Pattern {
+    pb::Pattern {
+        name: handle.name().to_string(),
+        state: state_to_proto(s.state) as i32,
+        pid: s.pid.unwrap_or(0),
+        endpoint: s
+            .endpoint
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+        restarts: s.restarts,
+        last_exit: s.last_exit.map(|e| pb::ExitStatus {
+            status: Some(match e {
+                Exit::Code(c) => pb::exit_status::Status::Code(c),
+                Exit::Signal(s) => pb::exit_status::Status::Signal(s),
+            }),
+            description: e.to_string(),
+        }),
+        last_error: s.last_error.clone().unwrap_or_default(),
+        start_time: s.started_at.map(prost_types::Timestamp::from),
+        namespaces: handle.namespaces().to_vec(),
+        version: s.version.clone(),
+        interfaces: s.interfaces.clone(),
+        stderr_tail: handle.stderr_tail(),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PatternEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_patterns(
+        &self,
+        _req: Request<pb::ListPatternsRequest>,
+    ) -> Result<Response<pb::ListPatternsResponse>, Status> {
+        let patterns = self
+            .patterns
+            .iter()
+            .map(|h| to_proto(h, &h.status()))
+            .collect();
+        Ok(Response::new(pb::ListPatternsResponse { patterns }))
+    }
+
+    async fn get_pattern(
+        &self,
+        req: Request<pb::GetPatternRequest>,
+    ) -> Result<Response<pb::Pattern>, Status> {
+        let h = self.find(&req.get_ref().name)?;
+        Ok(Response::new(to_proto(h, &h.status())))
+    }
+
+    async fn start_pattern(
+        &self,
+        req: Request<pb::PatternActionRequest>,
+    ) -> Result<Response<pb::PatternActionResponse>, Status> {
+        let h = self.find(&req.get_ref().name)?;
+        Self::action(h, h.start().await)
+    }
+
+    async fn stop_pattern(
+        &self,
+        req: Request<pb::PatternActionRequest>,
+    ) -> Result<Response<pb::PatternActionResponse>, Status> {
+        let h = self.find(&req.get_ref().name)?;
+        Self::action(h, h.stop().await)
+    }
+
+    async fn restart_pattern(
+        &self,
+        req: Request<pb::PatternActionRequest>,
+    ) -> Result<Response<pb::PatternActionResponse>, Status> {
+        let h = self.find(&req.get_ref().name)?;
+        Self::action(h, h.restart().await)
+    }
+
+    type WatchPatternsStream = EventStream;
+
+    async fn watch_patterns(
+        &self,
+        req: Request<pb::WatchPatternsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let name = req.into_inner().name;
+        let selected: Vec<PatternHandle> = if name.is_empty() {
+            self.patterns.clone()
+        } else {
+            vec![self.find(&name)?.clone()]
+        };
+        let streams = selected.into_iter().map(|h| {
+            let mut previous = pb::PatternState::Unspecified;
+            // WatchStream::new yields the current value first, then changes.
+            WatchStream::new(h.watch()).filter_map(move |s| {
+                let pattern = to_proto(&h, &s);
+                let state = pattern.state();
+                // Only state changes are events; other field updates ride along
+                // with the next one.
+                let event = (state != previous).then(|| pb::PatternEvent {
+                    time: Some(prost_types::Timestamp::from(SystemTime::now())),
+                    previous_state: previous as i32,
+                    pattern: Some(pattern),
+                });
+                previous = state;
+                futures::future::ready(event.map(Ok))
+            })
+        });
+        let mut shutdown = self.shutdown.clone();
+        let stop = async move {
+            let _ = shutdown.wait_for(|down| *down).await;
+        };
+        let events = futures::stream::select_all(streams).take_until(stop);
+        Ok(Response::new(Box::pin(events)))
+    }
+}

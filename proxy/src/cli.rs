@@ -1,0 +1,452 @@
+//! The `trellis` command line: `serve` (the default) runs the proxy;
+//! `check-config` validates a file; `kv`, `patterns` and `health` are gRPC
+//! clients of a running proxy.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use tonic::transport::Channel;
+use trellis_proto::admin::v1 as admin;
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::data::v1 as data;
+use trellis_proto::data::v1::key_value_client::KeyValueClient;
+
+use crate::config::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about = "The Trellis data-access proxy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// YAML config file; without it the embedded default
+    /// (deploy/examples/local.yaml) is used.
+    #[arg(long, short, env = "TRELLIS_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format, overriding the config's `log.format`.
+    #[arg(long, value_enum, global = true)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Auto,
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(a: LogFormatArg) -> Self {
+        match a {
+            LogFormatArg::Auto => LogFormat::Auto,
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no command is given).
+    Serve,
+    /// Validate a config file and exit: 0 if valid, 2 with every problem if not.
+    CheckConfig {
+        /// The file to check; the embedded default when omitted.
+        file: Option<PathBuf>,
+    },
+    /// Read and write keys through a running proxy.
+    Kv {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        op: KvOp,
+    },
+    /// Show or control the supervised patterns (a table when no action is given).
+    Patterns {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        op: Option<PatternsOp>,
+    },
+    /// gRPC health of the proxy ("") and of each pattern.
+    Health {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// One service to check; all when omitted.
+        service: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The proxy's gRPC address.
+    #[arg(long, env = "TRELLIS_ADDR", default_value = "http://127.0.0.1:8980")]
+    pub addr: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvOp {
+    /// Print the value of KEY.
+    Get { namespace: String, key: String },
+    /// Store VALUE under KEY.
+    Put {
+        namespace: String,
+        key: String,
+        value: String,
+        /// Expire the key after this long, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Remove KEY (succeeds when it is already gone).
+    Delete { namespace: String, key: String },
+    /// Print KEY<TAB>VALUE for every key with the prefix, following all pages.
+    List {
+        namespace: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PatternsOp {
+    /// The table of patterns (the default).
+    List,
+    /// Everything known about one pattern, including its stderr tail.
+    Get { name: String },
+    /// Start a stopped or failed pattern.
+    Start { name: String },
+    /// Stop a pattern and keep it down.
+    Stop { name: String },
+    /// Replace a pattern's process.
+    Restart { name: String },
+    /// Print every state change as it happens, until interrupted.
+    Watch { name: Option<String> },
+}
+
+async fn channel(c: &ClientArgs) -> anyhow::Result<Channel> {
+    tonic::transport::Endpoint::from_shared(c.addr.clone())
+        .map_err(|e| anyhow::anyhow!("--addr {:?} is not a valid URI ({e}); use e.g. http://127.0.0.1:8980", c.addr))?
+        .connect_timeout(c.timeout)
+        .timeout(c.timeout)
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the proxy at {} ({e}); is `trellis` running? Pass --addr or set TRELLIS_ADDR",
+                c.addr
+            )
+        })
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", s.code(), s.message())
+}
+
+pub async fn kv(client: ClientArgs, op: KvOp) -> anyhow::Result<()> {
+    let mut kv = KeyValueClient::new(channel(&client).await?);
+    let mut out = std::io::stdout().lock();
+    match op {
+        KvOp::Get { namespace, key } => {
+            let r = kv
+                .get(data::GetRequest { namespace, key })
+                .await
+                .map_err(status_err)?;
+            out.write_all(&r.into_inner().value)?;
+            writeln!(out)?;
+        }
+        KvOp::Put {
+            namespace,
+            key,
+            value,
+            ttl,
+        } => {
+            let ttl = ttl.and_then(|d| prost_types::Duration::try_from(d).ok());
+            kv.put(data::PutRequest {
+                namespace,
+                key,
+                value: value.into_bytes(),
+                ttl,
+            })
+            .await
+            .map_err(status_err)?;
+            writeln!(out, "OK")?;
+        }
+        KvOp::Delete { namespace, key } => {
+            let r = kv
+                .delete(data::DeleteRequest { namespace, key })
+                .await
+                .map_err(status_err)?;
+            writeln!(
+                out,
+                "{}",
+                if r.into_inner().deleted {
+                    "deleted"
+                } else {
+                    "not found (nothing to delete)"
+                }
+            )?;
+        }
+        KvOp::List {
+            namespace,
+            prefix,
+            page_size,
+        } => {
+            let mut page_token = String::new();
+            loop {
+                let r = kv
+                    .list(data::ListRequest {
+                        namespace: namespace.clone(),
+                        prefix: prefix.clone(),
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                for e in r.entries {
+                    writeln!(out, "{}\t{}", e.key, String::from_utf8_lossy(&e.value))?;
+                }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn patterns(client: ClientArgs, op: Option<PatternsOp>) -> anyhow::Result<()> {
+    let mut admin = AdminClient::new(channel(&client).await?);
+    let action = |name: String| admin::PatternActionRequest { name };
+    match op.unwrap_or(PatternsOp::List) {
+        PatternsOp::List => {
+            let r = admin
+                .list_patterns(admin::ListPatternsRequest {})
+                .await
+                .map_err(status_err)?;
+            print!("{}", table(&r.into_inner().patterns, SystemTime::now()));
+        }
+        PatternsOp::Get { name } => {
+            let p = admin
+                .get_pattern(admin::GetPatternRequest { name })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print!("{}", describe(&p, SystemTime::now()));
+        }
+        PatternsOp::Start { name } => {
+            let r = admin
+                .start_pattern(action(name))
+                .await
+                .map_err(status_err)?;
+            println!("{}", r.into_inner().message);
+        }
+        PatternsOp::Stop { name } => {
+            let r = admin.stop_pattern(action(name)).await.map_err(status_err)?;
+            println!("{}", r.into_inner().message);
+        }
+        PatternsOp::Restart { name } => {
+            let r = admin
+                .restart_pattern(action(name))
+                .await
+                .map_err(status_err)?;
+            println!("{}", r.into_inner().message);
+        }
+        PatternsOp::Watch { name } => {
+            let mut admin = AdminClient::new(
+                tonic::transport::Endpoint::from_shared(client.addr.clone())?
+                    .connect()
+                    .await?,
+            );
+            let mut events = admin
+                .watch_patterns(admin::WatchPatternsRequest {
+                    name: name.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            while let Some(ev) = events.message().await.map_err(status_err)? {
+                let Some(p) = ev.pattern else { continue };
+                let why = if p.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", p.last_error)
+                };
+                println!(
+                    "{}  {} → {}{}",
+                    p.name,
+                    state_name(ev.previous_state),
+                    state_name(p.state),
+                    why
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn health(client: ClientArgs, service: Option<String>) -> anyhow::Result<bool> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let ch = channel(&client).await?;
+    let services = match service {
+        Some(s) => vec![s],
+        None => {
+            let mut admin = AdminClient::new(ch.clone());
+            let r = admin
+                .list_patterns(admin::ListPatternsRequest {})
+                .await
+                .map_err(status_err)?;
+            std::iter::once(String::new())
+                .chain(r.into_inner().patterns.into_iter().map(|p| p.name))
+                .collect()
+        }
+    };
+    let mut health = HealthClient::new(ch);
+    let mut all_serving = true;
+    println!("{:<24} STATUS", "SERVICE");
+    for s in services {
+        let status = match health
+            .check(HealthCheckRequest { service: s.clone() })
+            .await
+        {
+            Ok(r) => r.into_inner().status().as_str_name().to_string(),
+            Err(e) => format!("{} ({})", e.code(), e.message()),
+        };
+        all_serving &= status == "SERVING";
+        let label = if s.is_empty() {
+            "\"\" (proxy)".to_string()
+        } else {
+            s
+        };
+        println!("{label:<24} {status}");
+    }
+    Ok(all_serving)
+}
+
+fn state_name(s: i32) -> &'static str {
+    admin::PatternState::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("PATTERN_STATE_"))
+        .unwrap_or("?")
+}
+
+fn uptime(p: &admin::Pattern, now: SystemTime) -> String {
+    p.start_time
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .and_then(|t| now.duration_since(t).ok())
+        .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The `trellis patterns` table.
+pub fn table(patterns: &[admin::Pattern], now: SystemTime) -> String {
+    let mut s = format!(
+        "{:<16} {:<12} {:>8} {:<24} {:>8}  {}\n",
+        "NAME", "STATE", "PID", "ENDPOINT", "RESTARTS", "UPTIME"
+    );
+    for p in patterns {
+        s.push_str(&format!(
+            "{:<16} {:<12} {:>8} {:<24} {:>8}  {}\n",
+            p.name,
+            state_name(p.state),
+            if p.pid == 0 {
+                "-".to_string()
+            } else {
+                p.pid.to_string()
+            },
+            if p.endpoint.is_empty() {
+                "-"
+            } else {
+                &p.endpoint
+            },
+            p.restarts,
+            uptime(p, now)
+        ));
+    }
+    s
+}
+
+fn describe(p: &admin::Pattern, now: SystemTime) -> String {
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<12} {v}\n"));
+    line("name", p.name.clone());
+    line("state", state_name(p.state).to_string());
+    line(
+        "pid",
+        if p.pid == 0 {
+            "-".into()
+        } else {
+            p.pid.to_string()
+        },
+    );
+    line("endpoint", p.endpoint.clone());
+    line("uptime", uptime(p, now));
+    line("restarts", p.restarts.to_string());
+    line("namespaces", p.namespaces.join(", "));
+    line("version", p.version.clone());
+    line("interfaces", p.interfaces.join(", "));
+    line(
+        "last exit",
+        p.last_exit
+            .as_ref()
+            .map(|e| e.description.clone())
+            .unwrap_or_else(|| "-".into()),
+    );
+    line(
+        "last error",
+        if p.last_error.is_empty() {
+            "-".into()
+        } else {
+            p.last_error.clone()
+        },
+    );
+    s.push_str("stderr tail:\n");
+    for l in &p.stderr_tail {
+        s.push_str(&format!("  {l}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_every_column() {
+        let now = SystemTime::now();
+        let p = admin::Pattern {
+            name: "memstore".into(),
+            state: admin::PatternState::Serving as i32,
+            pid: 42,
+            endpoint: "tcp://127.0.0.1:5".into(),
+            restarts: 2,
+            start_time: Some(prost_types::Timestamp::from(now - Duration::from_secs(61))),
+            ..Default::default()
+        };
+        let t = table(&[p], now);
+        let row = t.lines().nth(1).unwrap();
+        for want in [
+            "memstore",
+            "SERVING",
+            "42",
+            "tcp://127.0.0.1:5",
+            "2",
+            "1m 1s",
+        ] {
+            assert!(row.contains(want), "{want} missing from {row:?}");
+        }
+    }
+}

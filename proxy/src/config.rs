@@ -1,0 +1,728 @@
+//! Configuration: plain data, loaded in one place.
+//!
+//! A YAML file (or the embedded default, `deploy/examples/local.yaml`) is
+//! merged with `TRELLIS_`-prefixed environment variables (`__` separates
+//! nesting: `TRELLIS_LISTEN__GRPC=127.0.0.1:9000`), extracted into [`Config`]
+//! with serde (unknown fields are rejected), then checked by [`Config::validate`]
+//! which reports *every* problem at once, each naming the file, the field and
+//! what is allowed. Nothing else in the proxy reads files or the environment
+//! for configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Yaml};
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration, used when no `--config` is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../deploy/examples/local.yaml");
+/// How the embedded default is named in messages.
+pub const EMBEDDED_NAME: &str = "<embedded default config (deploy/examples/local.yaml)>";
+
+/// Top-level keys that `TRELLIS_*` environment variables may override. Other
+/// `TRELLIS_*` variables (the CLI's `TRELLIS_ADDR`, the pattern protocol's
+/// `TRELLIS_PATTERN_*`) are not configuration and are ignored here.
+const ENV_ROOTS: &[&str] = &["listen", "log", "request_timeout", "shutdown_grace"];
+
+/// Largest name length, for patterns and namespaces.
+pub const MAX_NAME_LEN: usize = 63;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    pub log: Log,
+    /// Upper bound on every forwarded data call (a client's own shorter
+    /// deadline wins).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long the proxy waits for all patterns to stop on shutdown before
+    /// it kills what is left.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub patterns: Vec<PatternConfig>,
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Listen::default(),
+            log: Log::default(),
+            request_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(15),
+            patterns: Vec::new(),
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// The gRPC front door (data API, admin API, health).
+    pub grpc: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            grpc: SocketAddr::from(([127, 0, 0, 1], 8980)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text, coloured when stderr is a terminal.
+    #[default]
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `trellis=debug,info`;
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// One supervised pattern process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PatternConfig {
+    pub name: String,
+    /// The executable: a path (relative paths are resolved against the config
+    /// file's folder) or a bare name looked up next to the config file, next
+    /// to the `trellis` executable, then on `PATH`.
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The pattern's own configuration, handed over in `Initialize`.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Handshake + connect + Initialize/Start + first SERVING must fit in it.
+    #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Time a pattern gets after lifecycle Stop, and again after SIGTERM,
+    /// before the next, harder step.
+    #[serde(default = "defaults::stop_grace", with = "humantime_serde")]
+    pub stop_grace: Duration,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub restart: RestartConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failed checks before a serving pattern is NOT_SERVING.
+    pub failure_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            failure_threshold: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whenever the process exits, whatever its status.
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit or a signal.
+    OnFailure,
+    /// Never restart; the pattern stays down until an operator starts it.
+    Never,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartConfig {
+    pub policy: RestartPolicy,
+    /// First delay before a restart.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest delay between restarts.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    /// The backoff returns to `initial_backoff` once the pattern has been
+    /// serving this long.
+    #[serde(with = "humantime_serde")]
+    pub reset_after: Duration,
+    /// Crash-loop breaker: more than `max_starts` starts within
+    /// `start_window` and the pattern is FAILED until an operator starts it.
+    pub max_starts: u32,
+    #[serde(with = "humantime_serde")]
+    pub start_window: Duration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            policy: RestartPolicy::Always,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            multiplier: 2.0,
+            reset_after: Duration::from_secs(60),
+            max_starts: 5,
+            start_window: Duration::from_secs(60),
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn startup_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn stop_grace() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub name: String,
+    /// The name of the pattern that serves this namespace.
+    pub pattern: String,
+}
+
+/// Where a configuration came from; named in every error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl Source {
+    /// The folder relative command paths are resolved against.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            Source::File(p) => p.parent(),
+            Source::Embedded => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Embedded => f.write_str(EMBEDDED_NAME),
+        }
+    }
+}
+
+/// A configuration that could not be loaded: every problem found, each
+/// naming the field and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Dotted path with list indices, e.g. `patterns[0].name`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration in {} ({} problem{}):",
+            self.source_name,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {}: {}", p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// A loaded, validated configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub source: Source,
+}
+
+/// Loads `path` (or the embedded default when `None`), applies `TRELLIS_*`
+/// overrides from `env`, and validates. `env` is passed in so tests never
+/// touch the process environment.
+pub fn load(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
+    let (source, yaml) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                source_name: p.display().to_string(),
+                problems: vec![Problem {
+                    field: "(file)".into(),
+                    message: format!(
+                        "cannot read the file: {e}; pass an existing YAML file with --config, \
+                         or omit --config to use the embedded default"
+                    ),
+                }],
+            })?;
+            (Source::File(p.to_path_buf()), text)
+        }
+        None => (Source::Embedded, EMBEDDED_DEFAULT.to_string()),
+    };
+    let config = parse(&yaml, &source, env)?;
+    config.validate().map_err(|problems| ConfigError {
+        source_name: source.to_string(),
+        problems,
+    })?;
+    Ok(Loaded { config, source })
+}
+
+/// Parses YAML text plus environment overrides into a [`Config`] without
+/// semantic validation.
+pub fn parse(
+    yaml: &str,
+    source: &Source,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let env_pairs: Vec<(String, String)> = env
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("TRELLIS_")?.to_ascii_lowercase();
+            let key = rest.replace("__", ".");
+            let root = key.split('.').next().unwrap_or_default();
+            ENV_ROOTS.contains(&root).then_some((key, v))
+        })
+        .collect();
+    let env_keys: Vec<String> = env_pairs.iter().map(|(k, _)| k.clone()).collect();
+    let mut figment = Figment::new().merge(Yaml::string(yaml));
+    for (key, value) in &env_pairs {
+        figment = figment.merge(Serialized::global(key, value_of(value)));
+    }
+    figment.extract::<Config>().map_err(|e| ConfigError {
+        source_name: source.to_string(),
+        problems: e
+            .into_iter()
+            .map(|e| figment_problem(e, &env_keys))
+            .collect(),
+    })
+}
+
+/// Environment values are strings; let figment parse numbers and booleans
+/// the way its own `Env` provider does.
+fn value_of(s: &str) -> figment::value::Value {
+    match s.parse::<figment::value::Value>() {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
+}
+
+fn figment_problem(e: figment::Error, env_keys: &[String]) -> Problem {
+    let field = if e.path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        e.path.join(".")
+    };
+    let mut message = e.kind.to_string();
+    if let Some(k) = env_keys.iter().find(|k| **k == field) {
+        let var = format!("TRELLIS_{}", k.to_ascii_uppercase().replace('.', "__"));
+        message.push_str(&format!(" (set by the environment variable {var})"));
+    }
+    Problem { field, message }
+}
+
+/// Allowed characters in pattern and namespace names, as said in errors.
+pub const NAME_RULE: &str =
+    "1 to 63 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit";
+
+/// Checks a pattern or namespace name against [`NAME_RULE`]. Names end up in
+/// log fields, health service names and URL paths, never in a shell.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() <= MAX_NAME_LEN
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+impl Config {
+    /// Semantic checks serde cannot express. Returns every problem found.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut bad = |field: String, message: String| problems.push(Problem { field, message });
+
+        if self.request_timeout.is_zero() {
+            bad(
+                "request_timeout".into(),
+                "must be greater than zero, e.g. \"5s\"".into(),
+            );
+        }
+        let mut seen = BTreeMap::new();
+        for (i, p) in self.patterns.iter().enumerate() {
+            let at = |f: &str| format!("patterns[{i}].{f}");
+            if !valid_name(&p.name) {
+                bad(
+                    at("name"),
+                    format!("{:?} is not a valid name; allowed: {NAME_RULE}", p.name),
+                );
+            } else if let Some(first) = seen.insert(p.name.as_str(), i) {
+                bad(
+                    at("name"),
+                    format!(
+                        "{:?} is already the name of patterns[{first}]; names must be unique",
+                        p.name
+                    ),
+                );
+            }
+            if p.command.trim().is_empty() {
+                bad(
+                    at("command"),
+                    "must name an executable, e.g. \"trellis-memstore\"".into(),
+                );
+            }
+            if p.command.contains('\0') || p.args.iter().any(|a| a.contains('\0')) {
+                bad(at("command"), "must not contain NUL bytes".into());
+            }
+            for k in p.env.keys() {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    bad(
+                        at("env"),
+                        format!("{k:?} is not a valid environment variable name"),
+                    );
+                } else if k.starts_with("TRELLIS_PATTERN_") {
+                    bad(
+                        at("env"),
+                        format!("{k} is reserved for the pattern protocol and set by the proxy"),
+                    );
+                }
+            }
+            if !(p.config.is_object() || p.config.is_null()) {
+                bad(
+                    at("config"),
+                    "must be a mapping (key: value pairs) or absent".into(),
+                );
+            }
+            for (f, d) in [
+                ("startup_timeout", p.startup_timeout),
+                ("stop_grace", p.stop_grace),
+                ("health.interval", p.health.interval),
+                ("health.timeout", p.health.timeout),
+                ("restart.initial_backoff", p.restart.initial_backoff),
+                ("restart.max_backoff", p.restart.max_backoff),
+                ("restart.start_window", p.restart.start_window),
+            ] {
+                if d.is_zero() {
+                    bad(
+                        at(f),
+                        "must be greater than zero, e.g. \"1s\" or \"250ms\"".into(),
+                    );
+                }
+            }
+            if p.health.failure_threshold == 0 {
+                bad(at("health.failure_threshold"), "must be at least 1".into());
+            }
+            if !(p.restart.multiplier >= 1.0 && p.restart.multiplier <= 100.0) {
+                bad(
+                    at("restart.multiplier"),
+                    "must be between 1.0 and 100.0".into(),
+                );
+            }
+            if p.restart.max_backoff < p.restart.initial_backoff {
+                bad(
+                    at("restart.max_backoff"),
+                    "must be at least restart.initial_backoff".into(),
+                );
+            }
+            if p.restart.max_starts == 0 {
+                bad(at("restart.max_starts"), "must be at least 1".into());
+            }
+        }
+        let mut seen_ns = BTreeMap::new();
+        for (i, n) in self.namespaces.iter().enumerate() {
+            let at = |f: &str| format!("namespaces[{i}].{f}");
+            if !valid_name(&n.name) {
+                bad(
+                    at("name"),
+                    format!("{:?} is not a valid name; allowed: {NAME_RULE}", n.name),
+                );
+            } else if let Some(first) = seen_ns.insert(n.name.as_str(), i) {
+                bad(
+                    at("name"),
+                    format!(
+                        "{:?} is already the name of namespaces[{first}]; names must be unique",
+                        n.name
+                    ),
+                );
+            }
+            if !self.patterns.iter().any(|p| p.name == n.pattern) {
+                let known: Vec<&str> = self.patterns.iter().map(|p| p.name.as_str()).collect();
+                bad(
+                    at("pattern"),
+                    format!(
+                        "no pattern is named {:?}; allowed: one of the names under `patterns:` ({})",
+                        n.pattern,
+                        if known.is_empty() {
+                            "none defined".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Finds a pattern's executable: a command containing `/` is a path (relative
+/// to the config file's folder); a bare name is looked for in the config
+/// file's folder, next to the `trellis` executable, then on `PATH`. Returns
+/// the places searched on failure, so the error can list them.
+pub fn resolve_command(
+    command: &str,
+    config_dir: Option<&Path>,
+    exe_dir: Option<&Path>,
+    path_var: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, Vec<PathBuf>> {
+    let cmd = Path::new(command);
+    if command.contains('/') {
+        let full = match (cmd.is_absolute(), config_dir) {
+            (false, Some(dir)) => dir.join(cmd),
+            _ => cmd.to_path_buf(),
+        };
+        return if full.is_file() {
+            Ok(full)
+        } else {
+            Err(vec![full])
+        };
+    }
+    let mut searched = Vec::new();
+    let dirs = config_dir
+        .into_iter()
+        .map(Path::to_path_buf)
+        .chain(exe_dir.map(Path::to_path_buf))
+        .chain(
+            path_var
+                .map(|p| std::env::split_paths(p).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        );
+    for dir in dirs {
+        let candidate = dir.join(cmd);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        searched.push(candidate);
+    }
+    Err(searched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(yaml: &str) -> Config {
+        parse(yaml, &Source::Embedded, Vec::new()).expect("parses")
+    }
+
+    fn problems(yaml: &str) -> Vec<Problem> {
+        match parse(yaml, &Source::File("/etc/t.yaml".into()), Vec::new()) {
+            Err(e) => e.problems,
+            Ok(c) => c.validate().err().unwrap_or_default(),
+        }
+    }
+
+    const MINIMAL: &str = "patterns:\n  - name: mem\n    command: trellis-memstore\nnamespaces:\n  - name: default\n    pattern: mem\n";
+
+    #[test]
+    fn embedded_default_is_valid_and_serves_default_namespace() {
+        let c = parse_ok(EMBEDDED_DEFAULT);
+        c.validate().expect("embedded default validates");
+        assert_eq!(c.listen.grpc, "127.0.0.1:8980".parse().unwrap());
+        assert!(c.namespaces.iter().any(|n| n.name == "default"));
+    }
+
+    #[test]
+    fn defaults_fill_in_omitted_fields() {
+        let c = parse_ok(MINIMAL);
+        let p = &c.patterns[0];
+        assert_eq!(p.startup_timeout, Duration::from_secs(10));
+        assert_eq!(p.health, HealthConfig::default());
+        assert_eq!(p.restart.policy, RestartPolicy::Always);
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_field_names_the_field_and_lists_allowed_ones() {
+        let ps = problems("listen:\n  grcp: 127.0.0.1:1\n");
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert!(ps[0].message.contains("grcp"), "{ps:?}");
+        assert!(
+            ps[0].message.contains("grpc"),
+            "should list the allowed field: {ps:?}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let ps = problems("listen:\n  grpc: not-an-address\n");
+        assert_eq!(ps[0].field, "listen.grpc", "{ps:?}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let ps = problems(&format!("{MINIMAL}request_timeout: soon\n"));
+        assert_eq!(ps[0].field, "request_timeout", "{ps:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once() {
+        let yaml = "patterns:\n  - name: Bad Name\n    command: x\n  - name: ok\n    command: ''\n    health: {failure_threshold: 0}\n  - name: ok\n    command: y\nnamespaces:\n  - name: default\n    pattern: missing\n";
+        let ps = problems(yaml);
+        let fields: Vec<&str> = ps.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"patterns[0].name"), "{fields:?}");
+        assert!(fields.contains(&"patterns[1].command"), "{fields:?}");
+        assert!(
+            fields.contains(&"patterns[1].health.failure_threshold"),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&"patterns[2].name"),
+            "duplicate: {fields:?}"
+        );
+        assert!(fields.contains(&"namespaces[0].pattern"), "{fields:?}");
+        let ns = ps
+            .iter()
+            .find(|p| p.field == "namespaces[0].pattern")
+            .unwrap();
+        assert!(
+            ns.message.contains("ok"),
+            "lists the known patterns: {}",
+            ns.message
+        );
+    }
+
+    #[test]
+    fn names_follow_the_documented_rule() {
+        for good in ["a", "default", "kv-1", "a_b", "9lives"] {
+            assert!(valid_name(good), "{good}");
+        }
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        for bad in [
+            "",
+            "A",
+            "-a",
+            "_a",
+            "a b",
+            "a/b",
+            "a;rm -rf",
+            "é",
+            long.as_str(),
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_env_is_rejected() {
+        let ps = problems(
+            "patterns:\n  - name: m\n    command: x\n    env: {TRELLIS_PATTERN_LISTEN: x}\n",
+        );
+        assert_eq!(ps[0].field, "patterns[0].env", "{ps:?}");
+    }
+
+    #[test]
+    fn environment_overrides_known_keys_and_ignores_others() {
+        let env = vec![
+            (
+                "TRELLIS_LISTEN__GRPC".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            ("TRELLIS_REQUEST_TIMEOUT".to_string(), "2s".to_string()),
+            ("TRELLIS_ADDR".to_string(), "http://x".to_string()),
+            ("TRELLIS_PATTERN_NAME".to_string(), "x".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let c = parse(MINIMAL, &Source::Embedded, env).expect("parses");
+        assert_eq!(c.listen.grpc.port(), 9999);
+        assert_eq!(c.request_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_environment_override_says_where_it_came_from() {
+        let env = vec![("TRELLIS_LISTEN__GRPC".to_string(), "nope".to_string())];
+        let e = parse(MINIMAL, &Source::Embedded, env).unwrap_err();
+        assert_eq!(e.problems[0].field, "listen.grpc");
+        assert!(
+            e.problems[0].message.contains("TRELLIS_LISTEN__GRPC"),
+            "{}",
+            e
+        );
+    }
+
+    #[test]
+    fn error_display_names_the_file() {
+        let e = load(Some(Path::new("/nonexistent/trellis.yaml")), Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/trellis.yaml"), "{e}");
+    }
+
+    #[test]
+    fn commands_resolve_in_documented_order() {
+        let cfg = tempfile::tempdir().unwrap();
+        let exe = tempfile::tempdir().unwrap();
+        std::fs::write(exe.path().join("pat"), "").unwrap();
+        let found = resolve_command("pat", Some(cfg.path()), Some(exe.path()), None).unwrap();
+        assert_eq!(found, exe.path().join("pat"));
+        std::fs::write(cfg.path().join("pat"), "").unwrap();
+        let found = resolve_command("pat", Some(cfg.path()), Some(exe.path()), None).unwrap();
+        assert_eq!(
+            found,
+            cfg.path().join("pat"),
+            "config dir wins over exe dir"
+        );
+        let searched =
+            resolve_command("nope", Some(cfg.path()), Some(exe.path()), None).unwrap_err();
+        assert_eq!(searched.len(), 2);
+        let rel = resolve_command("./pat", Some(cfg.path()), None, None).unwrap();
+        assert_eq!(rel, cfg.path().join("./pat"));
+    }
+}

@@ -1,0 +1,92 @@
+//! The proxy assembled: supervisor, health reporter, data plane and admin
+//! API on one gRPC listener. [`run`] takes an already-bound listener and a
+//! shutdown future, so tests can run it on port 0.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+use trellis_proto::admin::v1::admin_server::AdminServer;
+use trellis_proto::data::v1::key_value_server::KeyValueServer;
+
+use crate::admin::AdminService;
+use crate::config::Loaded;
+use crate::dataplane::{KeyValueProxy, Router};
+use crate::health;
+use crate::supervisor::Supervisor;
+
+/// Largest gRPC message the proxy accepts or sends (4 MiB, tonic's default
+/// made explicit).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Serves until `shutdown` resolves, then drains the front door (bounded by
+/// `shutdown_grace`) and stops every pattern.
+pub async fn run(
+    loaded: Loaded,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = loaded.config;
+    let supervisor = Supervisor::start(&config, &loaded.source);
+    let patterns = supervisor.handles().to_vec();
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let health_task = tokio::spawn(health::report(reporter, patterns.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let kv = KeyValueServer::new(KeyValueProxy::new(
+        Router::new(&patterns),
+        config.request_timeout,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));
+
+    let local = listener.local_addr()?;
+    info!(grpc = %local, config = %loaded.source, "listening");
+    let mut drained = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(kv)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = drained.wait_for(|down| *down).await;
+        });
+    let server = tokio::spawn(server);
+
+    shutdown.await;
+    info!("shutting down: draining requests, then stopping patterns");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(config.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
+        Err(_) => warn!("requests still in flight after shutdown_grace; closing anyway"),
+    }
+    supervisor.shutdown().await;
+    health_task.abort();
+    info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the proxy can still be stopped by SIGKILL;
+        // patterns die with it through their parent-death signal.
+        warn!("cannot install signal handlers");
+        return futures::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "received"),
+        _ = int.recv() => info!(signal = "SIGINT", "received"),
+    }
+}

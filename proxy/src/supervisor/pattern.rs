@@ -1,0 +1,847 @@
+//! One pattern's owner task and the handle everyone else uses.
+//!
+//! The owner task is the only code that holds the pattern's `Child`: it
+//! spawns, watches, stops and restarts it, one command at a time. Others talk
+//! to it through a [`PatternHandle`]: commands go in over an mpsc channel and
+//! come back on a oneshot; status comes out through a `watch` channel. So
+//! there is one owner per child, no lock is shared with it, and concurrent
+//! operators are serialized by the queue — a second `stop` finds the pattern
+//! stopped and says so.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::io::BufReader;
+use tokio::process::{Child, ChildStdout};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tracing::{Instrument, debug, error, info, warn};
+use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
+use trellis_proto::pattern::v1::{
+    InitializeRequest, InitializeResponse, StartRequest, StopRequest,
+};
+
+use super::backoff::RestartSchedule;
+use super::handshake::{self, Endpoint};
+use super::output::{self, Tail};
+use super::process::{self, Exit, Spec};
+use super::state::{State, Status};
+use crate::config::{PatternConfig, RestartPolicy};
+
+/// What an operator command answers: a sentence for a human either way.
+pub type CommandResult = Result<String, CommandError>;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum CommandError {
+    #[error("pattern {0:?} is already running; use restart to replace its process")]
+    AlreadyRunning(String),
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+}
+
+enum Command {
+    Start(oneshot::Sender<CommandResult>),
+    Stop(oneshot::Sender<CommandResult>),
+    Restart(oneshot::Sender<CommandResult>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable reference to one supervised pattern.
+#[derive(Clone, Debug)]
+pub struct PatternHandle {
+    name: Arc<str>,
+    namespaces: Arc<[String]>,
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+    tail: Tail,
+}
+
+impl PatternHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// A snapshot of the current status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.tail.lines()
+    }
+
+    pub async fn start(&self) -> CommandResult {
+        self.ask(Command::Start).await
+    }
+
+    pub async fn stop(&self) -> CommandResult {
+        self.ask(Command::Stop).await
+    }
+
+    pub async fn restart(&self) -> CommandResult {
+        self.ask(Command::Restart).await
+    }
+
+    async fn ask(&self, make: fn(oneshot::Sender<CommandResult>) -> Command) -> CommandResult {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.map_err(|_| CommandError::ShuttingDown)?
+    }
+
+    /// Stops the pattern for good and waits until its process is gone.
+    /// Safe to call more than once.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Spawns the owner task for `cfg` and returns its handle. `program` is the
+/// resolved executable, or why it could not be resolved.
+pub fn spawn(
+    cfg: PatternConfig,
+    program: Result<PathBuf, String>,
+    namespaces: Vec<String>,
+) -> (PatternHandle, tokio::task::JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (status_tx, status_rx) = watch::channel(Status::new());
+    let tail = Tail::default();
+    let span = tracing::info_span!("pattern", pattern = %cfg.name);
+    let handle = PatternHandle {
+        name: cfg.name.as_str().into(),
+        namespaces: namespaces.into(),
+        commands: cmd_tx,
+        status: status_rx,
+        tail: tail.clone(),
+    };
+    let owner = Owner {
+        schedule: RestartSchedule::new(cfg.restart.clone()),
+        cfg: Arc::new(cfg),
+        program,
+        status: status_tx,
+        commands: cmd_rx,
+        tail,
+    };
+    let task = tokio::spawn(owner.run().instrument(span));
+    (handle, task)
+}
+
+struct Owner {
+    cfg: Arc<PatternConfig>,
+    program: Result<PathBuf, String>,
+    status: watch::Sender<Status>,
+    commands: mpsc::Receiver<Command>,
+    tail: Tail,
+    schedule: RestartSchedule,
+}
+
+/// How one process's life ended.
+enum End {
+    /// It became ready, then exited on its own.
+    Exited(Exit),
+    /// It never became ready. `retry` is false when another attempt cannot
+    /// succeed (missing binary, rejected configuration).
+    StartFailed {
+        reason: String,
+        retry: bool,
+    },
+    Stopped(oneshot::Sender<CommandResult>),
+    Restart(oneshot::Sender<CommandResult>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What a wait between restarts ended with.
+enum Wait {
+    Proceed,
+    Stopped,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A process that answered its handshake, Initialize, Start and a first
+/// SERVING health check.
+struct Up {
+    endpoint: Endpoint,
+    channel: Channel,
+    info: InitializeResponse,
+}
+
+impl Owner {
+    async fn run(mut self) {
+        let mut want_running = true;
+        loop {
+            if !want_running {
+                match self.commands.recv().await {
+                    None => return,
+                    Some(Command::Shutdown(done)) => {
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::Start(reply) | Command::Restart(reply)) => {
+                        info!("started by an operator");
+                        self.schedule.reset();
+                        want_running = true;
+                        let _ = reply.send(Ok(format!("pattern {:?} is starting", self.cfg.name)));
+                    }
+                    Some(Command::Stop(reply)) => {
+                        let state = self.status.borrow().state;
+                        let _ = reply.send(Ok(format!(
+                            "pattern {:?} is already {}",
+                            self.cfg.name,
+                            state.as_str().to_lowercase()
+                        )));
+                    }
+                }
+                continue;
+            }
+            if !self.schedule.allow_start(Instant::now()) {
+                let c = self.schedule.config();
+                let reason = format!(
+                    "crash loop: {} starts within {}; the pattern stays down until an operator \
+                     starts it (`trellis patterns start {}`) — see its last exit and stderr",
+                    c.max_starts,
+                    humantime::format_duration(c.start_window),
+                    self.cfg.name
+                );
+                self.set_failed(reason);
+                want_running = false;
+                continue;
+            }
+            let failure = match self.life().await {
+                End::Shutdown(done) => {
+                    self.set_state(State::Stopped);
+                    let _ = done.send(());
+                    return;
+                }
+                End::Stopped(reply) => {
+                    self.set_state(State::Stopped);
+                    let _ = reply.send(Ok(format!("pattern {:?} stopped", self.cfg.name)));
+                    want_running = false;
+                    continue;
+                }
+                End::Restart(reply) => {
+                    self.status.send_modify(|s| s.restarts += 1);
+                    let _ = reply.send(Ok(format!("pattern {:?} is restarting", self.cfg.name)));
+                    continue;
+                }
+                End::Exited(exit) => {
+                    let policy = self.cfg.restart.policy;
+                    let restart = match policy {
+                        RestartPolicy::Always => true,
+                        RestartPolicy::OnFailure => exit.is_failure(),
+                        RestartPolicy::Never => false,
+                    };
+                    if !restart {
+                        if exit.is_failure() {
+                            self.set_failed(format!(
+                                "exited with {exit}; restart policy is {policy:?}"
+                            ));
+                        } else {
+                            self.set_state(State::Stopped);
+                        }
+                        want_running = false;
+                        continue;
+                    }
+                    format!("exited with {exit}")
+                }
+                End::StartFailed { reason, retry } => {
+                    if !retry || self.cfg.restart.policy == RestartPolicy::Never {
+                        self.set_failed(reason);
+                        want_running = false;
+                        continue;
+                    }
+                    reason
+                }
+            };
+            match self.wait_before_restart(failure).await {
+                Wait::Proceed => self.status.send_modify(|s| s.restarts += 1),
+                Wait::Stopped => want_running = false,
+                Wait::Shutdown(done) => {
+                    self.set_state(State::Stopped);
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One process from spawn to exit.
+    async fn life(&mut self) -> End {
+        let program = match &self.program {
+            Ok(p) => p.clone(),
+            Err(why) => {
+                return End::StartFailed {
+                    reason: why.clone(),
+                    retry: false,
+                };
+            }
+        };
+        let mut env = self.cfg.env.clone();
+        env.insert(
+            "TRELLIS_PATTERN_PROTOCOL".into(),
+            trellis_proto::PATTERN_PROTOCOL_VERSION.to_string(),
+        );
+        env.insert("TRELLIS_PATTERN_NAME".into(), self.cfg.name.clone());
+        env.insert("TRELLIS_PATTERN_LISTEN".into(), "127.0.0.1:0".into());
+        env.insert("TRELLIS_LOG_FORMAT".into(), "json".into());
+        let spec = Spec {
+            program: &program,
+            args: &self.cfg.args,
+            env: &env,
+        };
+        let mut child = match process::spawn(&spec) {
+            Ok(c) => c,
+            Err(e) => {
+                return End::StartFailed {
+                    reason: format!(
+                        "cannot start {}: {e}; check that the file exists, is executable \
+                         (chmod +x) and is built for this machine",
+                        program.display()
+                    ),
+                    retry: false,
+                };
+            }
+        };
+        let Some(pid) = child.id() else {
+            return End::StartFailed {
+                reason: format!("{} exited before its pid could be read", program.display()),
+                retry: true,
+            };
+        };
+        let spawned_at = Instant::now();
+        self.tail.clear();
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(
+                output::forward_stderr(BufReader::new(stderr), self.tail.clone()).in_current_span(),
+            );
+        }
+        let stdout = child.stdout.take();
+        self.status.send_modify(|s| {
+            s.state = State::Starting;
+            s.process_gone();
+            s.pid = Some(pid);
+            s.started_at = Some(SystemTime::now());
+        });
+        info!(pid, program = %program.display(), "spawned");
+
+        let bring_up = bring_up(self.cfg.clone(), stdout).in_current_span();
+        let bring_up = tokio::time::timeout(self.cfg.startup_timeout, bring_up);
+        tokio::pin!(bring_up);
+        enum Starting {
+            Ready(Result<Result<Up, StartError>, tokio::time::error::Elapsed>),
+            Exited(Option<Exit>),
+            Command(Option<Command>),
+        }
+        let up = loop {
+            let event = tokio::select! {
+                biased;
+                status = child.wait() => Starting::Exited(status.ok().map(Exit::from_status)),
+                cmd = self.commands.recv() => Starting::Command(cmd),
+                r = &mut bring_up => Starting::Ready(r),
+            };
+            match event {
+                Starting::Ready(Ok(Ok(up))) => break up,
+                Starting::Ready(Ok(Err(e))) => {
+                    // Give a child that is exiting a moment to do so, so the
+                    // error can say how it ended rather than that we killed it.
+                    let exit = match process::wait_for(&mut child, Duration::from_millis(200)).await
+                    {
+                        Some(exit) => exit,
+                        None => process::kill(&mut child, pid).await,
+                    };
+                    self.record_exit(exit);
+                    let stderr = self.stderr_hint();
+                    return End::StartFailed {
+                        reason: format!(
+                            "start failed: {}; process ended with {exit}{stderr}",
+                            e.message
+                        ),
+                        retry: e.retry,
+                    };
+                }
+                Starting::Ready(Err(_elapsed)) => {
+                    let exit = process::kill(&mut child, pid).await;
+                    self.record_exit(exit);
+                    return End::StartFailed {
+                        reason: format!(
+                            "not ready within startup_timeout ({}): no handshake, connection, \
+                             Initialize/Start or SERVING health check in time; killed it{}",
+                            humantime::format_duration(self.cfg.startup_timeout),
+                            self.stderr_hint()
+                        ),
+                        retry: true,
+                    };
+                }
+                Starting::Exited(exit) => {
+                    let exit = exit.unwrap_or(Exit::Code(-1));
+                    self.record_exit(exit);
+                    return End::StartFailed {
+                        reason: format!(
+                            "exited with {exit} before it was ready{}",
+                            self.stderr_hint()
+                        ),
+                        retry: true,
+                    };
+                }
+                Starting::Command(cmd) => {
+                    if let Some(end) = self.command_while_running(cmd, &mut child, pid, None).await
+                    {
+                        return end;
+                    }
+                }
+            }
+        };
+
+        let Up {
+            endpoint,
+            channel,
+            info,
+        } = up;
+        let took = spawned_at.elapsed();
+        info!(
+            pid,
+            endpoint = %endpoint,
+            version = %info.version,
+            startup_ms = took.as_millis() as u64,
+            "serving"
+        );
+        self.status.send_modify(|s| {
+            s.state = State::Serving;
+            s.endpoint = Some(endpoint);
+            s.channel = Some(channel.clone());
+            s.version = info.version.clone();
+            s.interfaces = info.interfaces.clone();
+        });
+        let serving_since = Instant::now();
+        let (health_tx, mut health_rx) = mpsc::channel(4);
+        let poller = tokio::spawn(
+            poll_health(
+                channel.clone(),
+                self.cfg.health.interval,
+                self.cfg.health.timeout,
+                health_tx,
+            )
+            .in_current_span(),
+        );
+        let _poller_guard = AbortOnDrop(poller);
+        let mut failures = 0u32;
+
+        enum Running {
+            Exited(Option<Exit>),
+            Command(Option<Command>),
+            Health(Option<Result<(), String>>),
+        }
+        loop {
+            let event = tokio::select! {
+                biased;
+                status = child.wait() => Running::Exited(status.ok().map(Exit::from_status)),
+                cmd = self.commands.recv() => Running::Command(cmd),
+                h = health_rx.recv() => Running::Health(h),
+            };
+            match event {
+                Running::Exited(exit) => {
+                    let exit = exit.unwrap_or(Exit::Code(-1));
+                    // Anything the pattern forked dies with it.
+                    process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                    self.schedule.served(serving_since.elapsed());
+                    self.record_exit(exit);
+                    warn!(pid, %exit, "pattern exited");
+                    return End::Exited(exit);
+                }
+                Running::Command(cmd) => {
+                    if let Some(end) = self
+                        .command_while_running(cmd, &mut child, pid, Some(channel.clone()))
+                        .await
+                    {
+                        return end;
+                    }
+                }
+                Running::Health(None) => {}
+                Running::Health(Some(Ok(()))) => {
+                    failures = 0;
+                    if self.status.borrow().state != State::Serving {
+                        info!("health check passes again");
+                        self.set_state(State::Serving);
+                    }
+                }
+                Running::Health(Some(Err(why))) => {
+                    failures += 1;
+                    debug!(failures, %why, "health check failed");
+                    if failures >= self.cfg.health.failure_threshold
+                        && self.status.borrow().state == State::Serving
+                    {
+                        warn!(failures, %why, "pattern is not serving");
+                        self.status.send_modify(|s| {
+                            s.state = State::NotServing;
+                            s.last_error = Some(format!(
+                                "{failures} consecutive health checks failed; last: {why}"
+                            ));
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a command that arrives while a process exists. Returns how
+    /// the life ends, or `None` to keep going.
+    async fn command_while_running(
+        &mut self,
+        cmd: Option<Command>,
+        child: &mut Child,
+        pid: u32,
+        channel: Option<Channel>,
+    ) -> Option<End> {
+        match cmd {
+            Some(Command::Start(reply)) => {
+                let _ = reply.send(Err(CommandError::AlreadyRunning(self.cfg.name.clone())));
+                None
+            }
+            Some(Command::Stop(reply)) => {
+                self.stop_process(child, pid, channel).await;
+                Some(End::Stopped(reply))
+            }
+            Some(Command::Restart(reply)) => {
+                self.stop_process(child, pid, channel).await;
+                Some(End::Restart(reply))
+            }
+            Some(Command::Shutdown(done)) => {
+                self.stop_process(child, pid, channel).await;
+                Some(End::Shutdown(done))
+            }
+            None => {
+                // Every handle is gone: nobody can ever stop us, so stop now.
+                self.stop_process(child, pid, channel).await;
+                let (done, _) = oneshot::channel();
+                Some(End::Shutdown(done))
+            }
+        }
+    }
+
+    /// Lifecycle Stop → wait `stop_grace` → SIGTERM to the group → wait
+    /// `stop_grace` → SIGKILL. Always reaps.
+    async fn stop_process(&mut self, child: &mut Child, pid: u32, channel: Option<Channel>) {
+        self.set_state(State::Stopping);
+        let grace = self.cfg.stop_grace;
+        if let Some(ch) = channel {
+            let req = StopRequest {
+                grace: prost_types::Duration::try_from(grace).ok(),
+            };
+            let mut client = LifecycleClient::new(ch);
+            match tokio::time::timeout(grace, client.stop(req)).await {
+                Ok(Ok(_)) => debug!("lifecycle Stop acknowledged"),
+                Ok(Err(status)) => debug!(%status, "lifecycle Stop failed; will signal"),
+                Err(_) => debug!("lifecycle Stop timed out; will signal"),
+            }
+        }
+        let exit = match process::wait_for(child, grace).await {
+            Some(exit) => {
+                process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                exit
+            }
+            None => process::terminate(child, pid, grace).await,
+        };
+        info!(pid, %exit, "stopped");
+        self.record_exit(exit);
+    }
+
+    async fn wait_before_restart(&mut self, why: String) -> Wait {
+        let delay = self.schedule.next_delay();
+        warn!(reason = %why, delay_ms = delay.as_millis() as u64, "restarting after a delay");
+        self.status.send_modify(|s| {
+            s.state = State::Crashed;
+            s.last_error = Some(why);
+        });
+        let cmd = tokio::select! {
+            _ = tokio::time::sleep(delay) => return Wait::Proceed,
+            cmd = self.commands.recv() => cmd,
+        };
+        match cmd {
+            None => Wait::Shutdown(oneshot::channel().0),
+            Some(Command::Shutdown(done)) => Wait::Shutdown(done),
+            Some(Command::Stop(reply)) => {
+                self.set_state(State::Stopped);
+                let _ = reply.send(Ok(format!(
+                    "pattern {:?} stopped (a restart was pending)",
+                    self.cfg.name
+                )));
+                Wait::Stopped
+            }
+            Some(Command::Start(reply) | Command::Restart(reply)) => {
+                let _ = reply.send(Ok(format!(
+                    "pattern {:?} is starting now instead of after its backoff",
+                    self.cfg.name
+                )));
+                Wait::Proceed
+            }
+        }
+    }
+
+    fn record_exit(&mut self, exit: Exit) {
+        self.status.send_modify(|s| {
+            s.last_exit = Some(exit);
+            s.process_gone();
+        });
+    }
+
+    fn set_state(&mut self, state: State) {
+        self.status.send_modify(|s| {
+            s.state = state;
+            if !state.is_running() {
+                s.process_gone();
+            }
+        });
+    }
+
+    fn set_failed(&mut self, reason: String) {
+        error!(reason = %reason, "pattern failed");
+        self.status.send_modify(|s| {
+            s.state = State::Failed;
+            s.last_error = Some(reason);
+            s.process_gone();
+        });
+    }
+
+    fn stderr_hint(&self) -> String {
+        let last = self.tail.last(3);
+        if last.is_empty() {
+            String::new()
+        } else {
+            format!("; last stderr: {last}")
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct StartError {
+    message: String,
+    retry: bool,
+}
+
+impl StartError {
+    fn retry(message: impl Into<String>) -> Self {
+        StartError {
+            message: message.into(),
+            retry: true,
+        }
+    }
+}
+
+/// Handshake → connect → Initialize → Start → first SERVING. Owns nothing
+/// but the child's stdout, so the owner can keep waiting on the child and
+/// its commands while this runs.
+async fn bring_up(cfg: Arc<PatternConfig>, stdout: Option<ChildStdout>) -> Result<Up, StartError> {
+    let stdout = stdout.ok_or_else(|| StartError::retry("the child's stdout was not piped"))?;
+    let mut reader = BufReader::new(stdout);
+    let endpoint = handshake::read(&mut reader)
+        .await
+        .map_err(|e| StartError::retry(e.to_string()))?;
+    tokio::spawn(output::drain_stdout(reader).in_current_span());
+    debug!(endpoint = %endpoint, "handshake received");
+
+    let channel = connect(&endpoint).await?;
+    let mut lifecycle = LifecycleClient::new(channel.clone());
+    let init = InitializeRequest {
+        name: cfg.name.clone(),
+        config: Some(json_to_struct(&cfg.config)),
+        protocol_version: trellis_proto::PATTERN_PROTOCOL_VERSION,
+    };
+    let info = match lifecycle.initialize(init).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            return Err(StartError {
+                message: format!(
+                    "the pattern rejected its configuration (the `config:` block of pattern {:?}): {}",
+                    cfg.name,
+                    s.message()
+                ),
+                retry: false,
+            });
+        }
+        Err(s) => return Err(StartError::retry(format!("Initialize failed: {s}"))),
+    };
+    lifecycle
+        .start(StartRequest {})
+        .await
+        .map_err(|s| StartError::retry(format!("Start failed: {s}")))?;
+
+    // The first SERVING answer makes the pattern routable. Poll briskly: a
+    // pattern built on the SDK is SERVING as soon as Start returns.
+    let mut health = HealthClient::new(channel.clone());
+    let pause = cfg.health.interval.min(Duration::from_millis(50));
+    loop {
+        match check(&mut health, cfg.health.timeout).await {
+            Ok(()) => break,
+            Err(why) => {
+                debug!(%why, "not serving yet");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+    Ok(Up {
+        endpoint,
+        channel,
+        info,
+    })
+}
+
+/// Connects with exponential backoff (100 ms doubling to 2 s, 8 attempts);
+/// each failed attempt is logged with the delay before the next.
+async fn connect(endpoint: &Endpoint) -> Result<Channel, StartError> {
+    let attempt = || async { open_channel(endpoint).await };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(2))
+                .with_factor(2.0)
+                .with_max_times(8),
+        )
+        .notify(|e: &tonic::transport::Error, delay: Duration| {
+            warn!(endpoint = %endpoint, error = %e, delay_ms = delay.as_millis() as u64, "connect failed; retrying");
+        })
+        .await
+        .map_err(|e| StartError::retry(format!("cannot connect to {endpoint}: {e}")))
+}
+
+async fn open_channel(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+        }
+        Endpoint::Unix(path) => {
+            let path = path.clone();
+            // The URI is required by the API but unused by the connector.
+            tonic::transport::Endpoint::from_static("http://pattern.invalid")
+                .connect_with_connector(tower::service_fn(move |_: http_uri::Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+        }
+    }
+}
+
+mod http_uri {
+    pub use tonic::codegen::http::Uri;
+}
+
+async fn check(client: &mut HealthClient<Channel>, limit: Duration) -> Result<(), String> {
+    let req = HealthCheckRequest {
+        service: String::new(),
+    };
+    match tokio::time::timeout(limit, client.check(req)).await {
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(limit)
+        )),
+        Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+        Ok(Ok(resp)) => match resp.into_inner().status() {
+            ServingStatus::Serving => Ok(()),
+            other => Err(format!("health status is {}", other.as_str_name())),
+        },
+    }
+}
+
+/// Checks health every `interval` and reports each result to the owner.
+async fn poll_health(
+    channel: Channel,
+    interval: Duration,
+    limit: Duration,
+    results: mpsc::Sender<Result<(), String>>,
+) {
+    let mut client = HealthClient::new(channel);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate; bring_up just checked
+    loop {
+        ticker.tick().await;
+        let r = check(&mut client, limit).await;
+        if results.send(r).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The pattern's `config:` block as a protobuf Struct for Initialize.
+pub fn json_to_struct(v: &serde_json::Value) -> prost_types::Struct {
+    match json_to_value(v).kind {
+        Some(prost_types::value::Kind::StructValue(s)) => s,
+        _ => prost_types::Struct::default(),
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_becomes_a_struct() {
+        let v =
+            serde_json::json!({"max_keys": 10, "name": "x", "on": true, "l": [1, "a"], "n": null});
+        let s = json_to_struct(&v);
+        assert_eq!(s.fields.len(), 5);
+        assert_eq!(
+            s.fields["max_keys"].kind,
+            Some(prost_types::value::Kind::NumberValue(10.0))
+        );
+        assert_eq!(
+            json_to_struct(&serde_json::Value::Null),
+            prost_types::Struct::default()
+        );
+    }
+}
