@@ -6,7 +6,8 @@ use std::pin::Pin;
 use std::time::SystemTime;
 
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::WatchStream;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1 as pb;
 use trellis_proto::admin::v1::admin_server::Admin;
@@ -169,21 +170,32 @@ impl Admin for AdminService {
             vec![self.find(&name)?.clone()]
         };
         let streams = selected.into_iter().map(|h| {
-            let mut previous = pb::PatternState::Unspecified;
-            // WatchStream::new yields the current value first, then changes.
-            WatchStream::new(h.watch()).filter_map(move |s| {
-                let pattern = to_proto(&h, &s);
-                let state = pattern.state();
-                // Only state changes are events; other field updates ride along
-                // with the next one.
-                let event = (state != previous).then(|| pb::PatternEvent {
-                    time: Some(prost_types::Timestamp::from(SystemTime::now())),
-                    previous_state: previous as i32,
-                    pattern: Some(pattern),
-                });
-                previous = state;
-                futures::future::ready(event.map(Ok))
-            })
+            // Subscribe before taking the snapshot, so no change falls between.
+            let events = BroadcastStream::new(h.events());
+            let first = pb::PatternEvent {
+                time: Some(prost_types::Timestamp::from(SystemTime::now())),
+                previous_state: pb::PatternState::Unspecified as i32,
+                pattern: Some(to_proto(&h, &h.status())),
+            };
+            let changes = events.filter_map(move |e| {
+                let event = match e {
+                    Ok(e) => Some(Ok(pb::PatternEvent {
+                        time: Some(prost_types::Timestamp::from(e.time)),
+                        previous_state: state_to_proto(e.previous) as i32,
+                        pattern: Some(to_proto(&h, &e.status)),
+                    })),
+                    Err(BroadcastStreamRecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            pattern = h.name(),
+                            missed = n,
+                            "a WatchPatterns client fell behind"
+                        );
+                        None
+                    }
+                };
+                futures::future::ready(event)
+            });
+            futures::stream::once(futures::future::ready(Ok(first))).chain(changes)
         });
         let mut shutdown = self.shutdown.clone();
         let stop = async move {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Serialized, Yaml};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// The embedded default configuration, used when no `--config` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../deploy/examples/local.yaml");
@@ -31,7 +31,7 @@ const ENV_ROOTS: &[&str] = &["listen", "log", "request_timeout", "shutdown_grace
 /// Largest name length, for patterns and namespaces.
 pub const MAX_NAME_LEN: usize = 63;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: Listen,
@@ -44,6 +44,9 @@ pub struct Config {
     /// it kills what is left.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where Unix sockets of `transport: unix` patterns are created;
+    /// default `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
+    pub socket_dir: Option<PathBuf>,
     pub patterns: Vec<PatternConfig>,
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -55,13 +58,14 @@ impl Default for Config {
             log: Log::default(),
             request_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
+            socket_dir: None,
             patterns: Vec::new(),
             namespaces: Vec::new(),
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
     /// The gRPC front door (data API, admin API, health).
@@ -76,7 +80,7 @@ impl Default for Listen {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable text, coloured when stderr is a terminal.
@@ -86,7 +90,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Log {
     pub format: LogFormat,
@@ -105,7 +109,7 @@ impl Default for Log {
 }
 
 /// One supervised pattern process.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PatternConfig {
     pub name: String,
@@ -127,13 +131,92 @@ pub struct PatternConfig {
     /// before the next, harder step.
     #[serde(default = "defaults::stop_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// A start slower than this is logged as slow (it still counts as a
+    /// start as long as it fits `startup_timeout`).
+    #[serde(default = "defaults::slow_start", with = "humantime_serde")]
+    pub slow_start_warning: Duration,
+    /// How the proxy reaches the pattern: `tcp` (default) or `unix`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// For tcp: `auto` (default: the pattern binds port 0, so no conflict can
+    /// happen), a fixed port such as `9100`, or a range such as `"9100-9199"`
+    /// (the first free port in it is used).
+    #[serde(default)]
+    pub port: PortSpec,
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
     pub restart: RestartConfig,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    /// A Unix domain socket in `socket_dir`.
+    Unix,
+}
+
+/// Which TCP port a pattern binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PortSpec {
+    #[default]
+    Auto,
+    Fixed(u16),
+    /// Inclusive range.
+    Range(u16, u16),
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(i64),
+            Text(String),
+        }
+        const ALLOWED: &str =
+            "allowed: auto, a port such as 9100, or a range such as \"9100-9199\"";
+        let bad =
+            |what: &str| serde::de::Error::custom(format!("{what:?} is not a port; {ALLOWED}"));
+        let port = |n: i64| u16::try_from(n).ok().filter(|p| *p > 0);
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => port(n)
+                .map(PortSpec::Fixed)
+                .ok_or_else(|| bad(&n.to_string())),
+            Raw::Text(t) if t == "auto" => Ok(PortSpec::Auto),
+            Raw::Text(t) => {
+                let parse = |s: &str| s.trim().parse::<i64>().ok().and_then(port);
+                match t.split_once('-') {
+                    None => parse(&t).map(PortSpec::Fixed).ok_or_else(|| bad(&t)),
+                    Some((a, b)) => match (parse(a), parse(b)) {
+                        (Some(a), Some(b)) if a <= b => Ok(PortSpec::Range(a, b)),
+                        _ => Err(bad(&t)),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Resource limits for one pattern process.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Resident memory (read from /proc at every health interval); above
+    /// it the pattern is restarted with reason "memory limit exceeded".
+    /// E.g. "256MiB".
+    pub memory: Option<bytesize::ByteSize>,
+    /// RLIMIT_NOFILE applied at spawn.
+    pub open_files: Option<u64>,
+    /// RLIMIT_AS applied at spawn, e.g. "4GiB".
+    pub address_space: Option<bytesize::ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     #[serde(with = "humantime_serde")]
@@ -142,6 +225,12 @@ pub struct HealthConfig {
     pub timeout: Duration,
     /// Consecutive failed checks before a serving pattern is NOT_SERVING.
     pub failure_threshold: u32,
+    /// Restart a pattern (by its restart policy) after `failure_threshold`
+    /// checks in a row got *no answer* (timeout, connection refused): the
+    /// process is hung. A pattern that answers NOT_SERVING (say, its database
+    /// is down) is never restarted for it; its namespaces answer UNAVAILABLE
+    /// until it recovers.
+    pub restart_when_unresponsive: bool,
 }
 
 impl Default for HealthConfig {
@@ -150,11 +239,12 @@ impl Default for HealthConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             failure_threshold: 3,
+            restart_when_unresponsive: true,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Restart whenever the process exits, whatever its status.
@@ -166,7 +256,7 @@ pub enum RestartPolicy {
     Never,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RestartConfig {
     pub policy: RestartPolicy,
@@ -210,9 +300,12 @@ mod defaults {
     pub fn stop_grace() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn slow_start() -> Duration {
+        Duration::from_secs(2)
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     pub name: String,
@@ -355,13 +448,24 @@ fn value_of(s: &str) -> figment::value::Value {
 }
 
 fn figment_problem(e: figment::Error, env_keys: &[String]) -> Problem {
-    let field = if e.path.is_empty() {
-        "(top level)".to_string()
-    } else {
-        e.path.join(".")
-    };
+    let dotted = e.path.join(".");
+    // `patterns.0.port` → `patterns[0].port`, as validation names fields.
+    let mut field = String::new();
+    for seg in &e.path {
+        if seg.parse::<usize>().is_ok() {
+            field.push_str(&format!("[{seg}]"));
+        } else {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(seg);
+        }
+    }
+    if field.is_empty() {
+        field = "(top level)".to_string();
+    }
     let mut message = e.kind.to_string();
-    if let Some(k) = env_keys.iter().find(|k| **k == field) {
+    if let Some(k) = env_keys.iter().find(|k| **k == dotted) {
         let var = format!("TRELLIS_{}", k.to_ascii_uppercase().replace('.', "__"));
         message.push_str(&format!(" (set by the environment variable {var})"));
     }
@@ -453,6 +557,18 @@ impl Config {
                         "must be greater than zero, e.g. \"1s\" or \"250ms\"".into(),
                     );
                 }
+            }
+            if p.transport == Transport::Unix && p.port != PortSpec::Auto {
+                bad(
+                    at("port"),
+                    "applies to transport tcp only; remove it for unix".into(),
+                );
+            }
+            if p.limits.open_files == Some(0) {
+                bad(
+                    at("limits.open_files"),
+                    "must be at least 1 (or absent for no limit)".into(),
+                );
             }
             if p.health.failure_threshold == 0 {
                 bad(at("health.failure_threshold"), "must be at least 1".into());
@@ -660,6 +776,38 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ports_are_auto_fixed_or_a_range() {
+        let port = |v: &str| {
+            parse(
+                &format!("patterns:\n  - name: m\n    command: x\n    port: {v}\n"),
+                &Source::Embedded,
+                Vec::new(),
+            )
+            .map(|c| c.patterns[0].port)
+        };
+        assert_eq!(port("auto").unwrap(), PortSpec::Auto);
+        assert_eq!(port("9100").unwrap(), PortSpec::Fixed(9100));
+        assert_eq!(port("\"9100-9199\"").unwrap(), PortSpec::Range(9100, 9199));
+        for bad in ["0", "70000", "\"9199-9100\"", "\"x\"", "\"1-\""] {
+            let e = port(bad).unwrap_err();
+            assert_eq!(e.problems[0].field, "patterns[0].port", "{bad}: {e}");
+            assert!(e.problems[0].message.contains("allowed"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn limits_parse_human_sizes() {
+        let c = parse_ok(
+            "patterns:\n  - name: m\n    command: x\n    limits: {memory: 256MiB, open_files: 64}\n",
+        );
+        assert_eq!(
+            c.patterns[0].limits.memory.map(|b| b.as_u64()),
+            Some(256 * 1024 * 1024)
+        );
+        assert_eq!(c.patterns[0].limits.open_files, Some(64));
     }
 
     #[test]

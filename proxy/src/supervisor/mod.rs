@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod handshake;
 pub mod output;
 pub mod pattern;
+pub mod ports;
 pub mod process;
 pub mod state;
 
@@ -20,7 +21,7 @@ use futures::future::join_all;
 
 use crate::config::{self, Config, Source};
 pub use pattern::{CommandError, CommandResult, PatternHandle};
-pub use state::{State, Status};
+pub use state::{Event, State, Status};
 
 /// Every supervised pattern. Built from the configuration; starts all
 /// patterns at once.
@@ -33,6 +34,7 @@ impl Supervisor {
     /// Spawns an owner task per pattern. Must be called inside the tokio
     /// runtime (children are forked from its worker threads).
     pub fn start(config: &Config, source: &Source) -> Self {
+        let socket_dir = config.socket_dir.clone().unwrap_or_else(default_socket_dir);
         let exe_dir = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf));
@@ -53,7 +55,7 @@ impl Supervisor {
                 .filter(|n| n.pattern == p.name)
                 .map(|n| n.name.clone())
                 .collect();
-            let (handle, task) = pattern::spawn(p.clone(), program, namespaces);
+            let (handle, task) = pattern::spawn(p.clone(), program, namespaces, socket_dir.clone());
             handles.push(handle);
             tasks.push(task);
         }
@@ -83,4 +85,12 @@ pub fn missing_command(index: usize, command: &str, searched: &[std::path::PathB
             places.join(", ")
         }
     )
+}
+
+/// `$XDG_RUNTIME_DIR/trellis`, or `/tmp/trellis-<uid>`.
+pub fn default_socket_dir() -> std::path::PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => std::path::PathBuf::from(d).join("trellis"),
+        None => std::env::temp_dir().join(format!("trellis-{}", nix::unistd::getuid())),
+    }
 }

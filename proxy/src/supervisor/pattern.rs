@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use backon::{ExponentialBuilder, Retryable};
 use tokio::io::BufReader;
 use tokio::process::{Child, ChildStdout};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -30,9 +30,13 @@ use trellis_proto::pattern::v1::{
 use super::backoff::RestartSchedule;
 use super::handshake::{self, Endpoint};
 use super::output::{self, Tail};
+use super::ports;
 use super::process::{self, Exit, Spec};
-use super::state::{State, Status};
+use super::state::{Event, State, Status};
 use crate::config::{PatternConfig, RestartPolicy};
+
+/// State changes a slow `WatchPatterns` client may fall behind by.
+pub const EVENT_BUFFER: usize = 256;
 
 /// What an operator command answers: a sentence for a human either way.
 pub type CommandResult = Result<String, CommandError>;
@@ -59,6 +63,7 @@ pub struct PatternHandle {
     namespaces: Arc<[String]>,
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
+    events: broadcast::Sender<Event>,
     tail: Tail,
 }
 
@@ -79,6 +84,12 @@ impl PatternHandle {
     /// A receiver that sees every status change.
     pub fn watch(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// Every state change from now on, in order. A receiver that falls more
+    /// than [`EVENT_BUFFER`] events behind is told it lagged.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
     }
 
     pub fn stderr_tail(&self) -> Vec<String> {
@@ -122,9 +133,11 @@ pub fn spawn(
     cfg: PatternConfig,
     program: Result<PathBuf, String>,
     namespaces: Vec<String>,
+    socket_dir: PathBuf,
 ) -> (PatternHandle, tokio::task::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (status_tx, status_rx) = watch::channel(Status::new());
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
     let tail = Tail::default();
     let span = tracing::info_span!("pattern", pattern = %cfg.name);
     let handle = PatternHandle {
@@ -132,13 +145,16 @@ pub fn spawn(
         namespaces: namespaces.into(),
         commands: cmd_tx,
         status: status_rx,
+        events: events.clone(),
         tail: tail.clone(),
     };
     let owner = Owner {
         schedule: RestartSchedule::new(cfg.restart.clone()),
         cfg: Arc::new(cfg),
         program,
+        socket_dir,
         status: status_tx,
+        events,
         commands: cmd_rx,
         tail,
     };
@@ -149,7 +165,9 @@ pub fn spawn(
 struct Owner {
     cfg: Arc<PatternConfig>,
     program: Result<PathBuf, String>,
+    socket_dir: PathBuf,
     status: watch::Sender<Status>,
+    events: broadcast::Sender<Event>,
     commands: mpsc::Receiver<Command>,
     tail: Tail,
     schedule: RestartSchedule,
@@ -165,9 +183,28 @@ enum End {
         reason: String,
         retry: bool,
     },
+    /// The supervisor ended it (hung, over its memory limit): a failure.
+    Killed(String),
     Stopped(oneshot::Sender<CommandResult>),
     Restart(oneshot::Sender<CommandResult>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Why a health check did not pass.
+#[derive(Debug, Clone, PartialEq)]
+enum Unhealthy {
+    /// The pattern answered, but not SERVING (e.g. its backend is down).
+    NotServing(String),
+    /// No answer: timeout, refused connection, transport error.
+    NoAnswer(String),
+}
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unhealthy::NotServing(w) | Unhealthy::NoAnswer(w) => f.write_str(w),
+        }
+    }
 }
 
 /// What a wait between restarts ended with.
@@ -239,7 +276,7 @@ impl Owner {
                     continue;
                 }
                 End::Restart(reply) => {
-                    self.status.send_modify(|s| s.restarts += 1);
+                    self.update(|s| s.restarts += 1);
                     let _ = reply.send(Ok(format!("pattern {:?} is restarting", self.cfg.name)));
                     continue;
                 }
@@ -263,6 +300,14 @@ impl Owner {
                     }
                     format!("exited with {exit}")
                 }
+                End::Killed(reason) => {
+                    if self.cfg.restart.policy == RestartPolicy::Never {
+                        self.set_failed(format!("{reason}; restart policy is Never"));
+                        want_running = false;
+                        continue;
+                    }
+                    reason
+                }
                 End::StartFailed { reason, retry } => {
                     if !retry || self.cfg.restart.policy == RestartPolicy::Never {
                         self.set_failed(reason);
@@ -273,7 +318,7 @@ impl Owner {
                 }
             };
             match self.wait_before_restart(failure).await {
-                Wait::Proceed => self.status.send_modify(|s| s.restarts += 1),
+                Wait::Proceed => self.update(|s| s.restarts += 1),
                 Wait::Stopped => want_running = false,
                 Wait::Shutdown(done) => {
                     self.set_state(State::Stopped);
@@ -295,18 +340,34 @@ impl Owner {
                 };
             }
         };
+        let listen = match ports::listen_address(
+            &self.cfg.name,
+            self.cfg.transport,
+            self.cfg.port,
+            &self.socket_dir,
+        ) {
+            Ok(l) => l,
+            Err(reason) => {
+                return End::StartFailed {
+                    reason,
+                    retry: false,
+                };
+            }
+        };
         let mut env = self.cfg.env.clone();
         env.insert(
             "TRELLIS_PATTERN_PROTOCOL".into(),
             trellis_proto::PATTERN_PROTOCOL_VERSION.to_string(),
         );
         env.insert("TRELLIS_PATTERN_NAME".into(), self.cfg.name.clone());
-        env.insert("TRELLIS_PATTERN_LISTEN".into(), "127.0.0.1:0".into());
+        env.insert("TRELLIS_PATTERN_LISTEN".into(), listen);
         env.insert("TRELLIS_LOG_FORMAT".into(), "json".into());
         let spec = Spec {
             program: &program,
             args: &self.cfg.args,
             env: &env,
+            open_files: self.cfg.limits.open_files,
+            address_space: self.cfg.limits.address_space.map(|b| b.as_u64()),
         };
         let mut child = match process::spawn(&spec) {
             Ok(c) => c,
@@ -335,7 +396,7 @@ impl Owner {
             );
         }
         let stdout = child.stdout.take();
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.state = State::Starting;
             s.process_gone();
             s.pid = Some(pid);
@@ -417,6 +478,13 @@ impl Owner {
             info,
         } = up;
         let took = spawned_at.elapsed();
+        if took > self.cfg.slow_start_warning {
+            warn!(
+                startup_ms = took.as_millis() as u64,
+                warning_ms = self.cfg.slow_start_warning.as_millis() as u64,
+                "slow start: the pattern took longer than slow_start_warning to serve"
+            );
+        }
         info!(
             pid,
             endpoint = %endpoint,
@@ -424,7 +492,7 @@ impl Owner {
             startup_ms = took.as_millis() as u64,
             "serving"
         );
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.state = State::Serving;
             s.endpoint = Some(endpoint);
             s.channel = Some(channel.clone());
@@ -444,11 +512,16 @@ impl Owner {
         );
         let _poller_guard = AbortOnDrop(poller);
         let mut failures = 0u32;
+        let mut no_answers = 0u32;
+        let memory_limit = self.cfg.limits.memory.map(|b| b.as_u64());
+        let mut memory_tick = tokio::time::interval(self.cfg.health.interval);
+        memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         enum Running {
             Exited(Option<Exit>),
             Command(Option<Command>),
-            Health(Option<Result<(), String>>),
+            Health(Option<Result<(), Unhealthy>>),
+            MemoryTick,
         }
         loop {
             let event = tokio::select! {
@@ -456,6 +529,7 @@ impl Owner {
                 status = child.wait() => Running::Exited(status.ok().map(Exit::from_status)),
                 cmd = self.commands.recv() => Running::Command(cmd),
                 h = health_rx.recv() => Running::Health(h),
+                _ = memory_tick.tick(), if memory_limit.is_some() => Running::MemoryTick,
             };
             match event {
                 Running::Exited(exit) => {
@@ -475,22 +549,64 @@ impl Owner {
                         return end;
                     }
                 }
+                Running::MemoryTick => {
+                    let (Some(limit), Some(rss)) = (memory_limit, process::rss_bytes(pid)) else {
+                        continue;
+                    };
+                    if rss > limit {
+                        let reason = format!(
+                            "memory limit exceeded: resident {} > limits.memory {}",
+                            bytesize::ByteSize(rss),
+                            bytesize::ByteSize(limit)
+                        );
+                        warn!(pid, rss, limit, "{reason}; restarting");
+                        self.stop_process(&mut child, pid, Some(channel.clone()))
+                            .await;
+                        self.schedule.served(serving_since.elapsed());
+                        return End::Killed(reason);
+                    }
+                }
                 Running::Health(None) => {}
                 Running::Health(Some(Ok(()))) => {
                     failures = 0;
+                    no_answers = 0;
                     if self.status.borrow().state != State::Serving {
                         info!("health check passes again");
                         self.set_state(State::Serving);
                     }
                 }
-                Running::Health(Some(Err(why))) => {
+                Running::Health(Some(Err(unhealthy))) => {
                     failures += 1;
-                    debug!(failures, %why, "health check failed");
+                    let why = match &unhealthy {
+                        Unhealthy::NotServing(w) => {
+                            no_answers = 0;
+                            w.clone()
+                        }
+                        Unhealthy::NoAnswer(w) => {
+                            no_answers += 1;
+                            w.clone()
+                        }
+                    };
+                    debug!(failures, no_answers, %why, "health check failed");
+                    if no_answers >= self.cfg.health.failure_threshold
+                        && self.cfg.health.restart_when_unresponsive
+                        && self.cfg.restart.policy != RestartPolicy::Never
+                    {
+                        let reason = format!(
+                            "unresponsive: {no_answers} health checks in a row got no answer \
+                             (last: {why}); restarting it"
+                        );
+                        warn!(pid, "{reason}");
+                        self.stop_process(&mut child, pid, Some(channel.clone()))
+                            .await;
+                        self.schedule.served(serving_since.elapsed());
+                        return End::Killed(reason);
+                    }
                     if failures >= self.cfg.health.failure_threshold
                         && self.status.borrow().state == State::Serving
                     {
                         warn!(failures, %why, "pattern is not serving");
-                        self.status.send_modify(|s| {
+                        self.update(|s| {
                             s.state = State::NotServing;
                             s.last_error = Some(format!(
                                 "{failures} consecutive health checks failed; last: {why}"
@@ -567,7 +683,7 @@ impl Owner {
     async fn wait_before_restart(&mut self, why: String) -> Wait {
         let delay = self.schedule.next_delay();
         warn!(reason = %why, delay_ms = delay.as_millis() as u64, "restarting after a delay");
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.state = State::Crashed;
             s.last_error = Some(why);
         });
@@ -596,15 +712,33 @@ impl Owner {
         }
     }
 
+    /// Every status change goes through here: the watch channel gets the
+    /// new snapshot, and a change of state is also broadcast as an [`Event`]
+    /// (a watch channel keeps only the latest value; the event stream keeps
+    /// every transition for `WatchPatterns`).
+    fn update(&mut self, f: impl FnOnce(&mut Status)) {
+        let previous = self.status.borrow().state;
+        self.status.send_modify(f);
+        let now = self.status.borrow().clone();
+        if now.state != previous {
+            debug!(from = %previous, to = %now.state, "state change");
+            let _ = self.events.send(Event {
+                time: SystemTime::now(),
+                previous,
+                status: now,
+            });
+        }
+    }
+
     fn record_exit(&mut self, exit: Exit) {
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.last_exit = Some(exit);
             s.process_gone();
         });
     }
 
     fn set_state(&mut self, state: State) {
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.state = state;
             if !state.is_running() {
                 s.process_gone();
@@ -614,7 +748,7 @@ impl Owner {
 
     fn set_failed(&mut self, reason: String) {
         error!(reason = %reason, "pattern failed");
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.state = State::Failed;
             s.last_error = Some(reason);
             s.process_gone();
@@ -760,41 +894,83 @@ mod http_uri {
     pub use tonic::codegen::http::Uri;
 }
 
-async fn check(client: &mut HealthClient<Channel>, limit: Duration) -> Result<(), String> {
+async fn check(client: &mut HealthClient<Channel>, limit: Duration) -> Result<(), Unhealthy> {
     let req = HealthCheckRequest {
         service: String::new(),
     };
     match tokio::time::timeout(limit, client.check(req)).await {
-        Err(_) => Err(format!(
+        Err(_) => Err(Unhealthy::NoAnswer(format!(
             "no answer within {}",
             humantime::format_duration(limit)
-        )),
-        Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
-        Ok(Ok(resp)) => match resp.into_inner().status() {
-            ServingStatus::Serving => Ok(()),
-            other => Err(format!("health status is {}", other.as_str_name())),
-        },
+        ))),
+        Ok(Err(status)) => Err(Unhealthy::NoAnswer(format!(
+            "{}: {}",
+            status.code(),
+            status.message()
+        ))),
+        Ok(Ok(resp)) => serving_status(resp.into_inner().status()),
     }
 }
 
-/// Checks health every `interval` and reports each result to the owner.
+fn serving_status(s: ServingStatus) -> Result<(), Unhealthy> {
+    match s {
+        ServingStatus::Serving => Ok(()),
+        other => Err(Unhealthy::NotServing(format!(
+            "health status is {}",
+            other.as_str_name()
+        ))),
+    }
+}
+
+/// Reports health to the owner two ways at once: a `Health/Watch` stream, so
+/// a change is seen the moment the pattern reports it, and a `Check` every
+/// `interval`, which also catches a hung process (a watch stream just goes
+/// quiet). A pattern without `Watch` (UNIMPLEMENTED) gets polling alone.
 async fn poll_health(
     channel: Channel,
     interval: Duration,
     limit: Duration,
-    results: mpsc::Sender<Result<(), String>>,
+    results: mpsc::Sender<Result<(), Unhealthy>>,
 ) {
-    let mut client = HealthClient::new(channel);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await; // the first tick is immediate; bring_up just checked
-    loop {
-        ticker.tick().await;
-        let r = check(&mut client, limit).await;
-        if results.send(r).await.is_err() {
-            return;
+    let watch = {
+        let results = results.clone();
+        let mut client = HealthClient::new(channel.clone());
+        async move {
+            loop {
+                let req = HealthCheckRequest {
+                    service: String::new(),
+                };
+                match client.watch(req).await {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        while let Ok(Some(msg)) = stream.message().await {
+                            if results.send(serving_status(msg.status())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(s) if s.code() == tonic::Code::Unimplemented => return,
+                    Err(_) => {}
+                }
+                // The stream broke; the periodic check reports the cause.
+                tokio::time::sleep(interval).await;
+            }
         }
-    }
+    };
+    let poll = async move {
+        let mut client = HealthClient::new(channel);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate; bring_up just checked
+        loop {
+            ticker.tick().await;
+            let r = check(&mut client, limit).await;
+            if results.send(r).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(watch, poll);
 }
 
 /// The pattern's `config:` block as a protobuf Struct for Initialize.

@@ -61,6 +61,10 @@ pub struct Spec<'a> {
     pub args: &'a [String],
     /// Added to the proxy's environment (from which `TRELLIS_*` is removed).
     pub env: &'a BTreeMap<String, String>,
+    /// RLIMIT_NOFILE for the child, if set.
+    pub open_files: Option<u64>,
+    /// RLIMIT_AS (bytes) for the child, if set.
+    pub address_space: Option<u64>,
 }
 
 /// Starts the child with piped stdout/stderr, stdin from /dev/null, its own
@@ -81,11 +85,19 @@ pub fn spawn(spec: &Spec<'_>) -> std::io::Result<Child> {
     cmd.envs(spec.env);
     #[cfg(target_os = "linux")]
     {
+        use nix::sys::resource::{Resource, setrlimit};
         let parent = nix::unistd::getpid();
+        let (open_files, address_space) = (spec.open_files, spec.address_space);
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe system calls (prctl, getppid).
+        // makes async-signal-safe system calls (setrlimit, prctl, getppid).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(n) = open_files {
+                    setrlimit(Resource::RLIMIT_NOFILE, n, n)?;
+                }
+                if let Some(n) = address_space {
+                    setrlimit(Resource::RLIMIT_AS, n, n)?;
+                }
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
                 // The parent may have died between fork and prctl.
                 if nix::unistd::getppid() != parent {
@@ -137,6 +149,14 @@ pub async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> Exit {
     kill(child, pid).await
 }
 
+/// Resident memory of `pid` in bytes, from /proc/<pid>/status (VmRSS).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// SIGKILL to the group and reap the leader.
 pub async fn kill(child: &mut Child, pid: u32) -> Exit {
     signal_group(pid, Signal::SIGKILL);
@@ -160,8 +180,31 @@ mod tests {
             program: Path::new("/bin/sh"),
             args: &args,
             env: &env,
+            open_files: None,
+            address_space: None,
         })
         .expect("spawn /bin/sh")
+    }
+
+    #[tokio::test]
+    async fn rlimits_apply_to_the_child() {
+        let args = vec!["-c".to_string(), "ulimit -n".to_string()];
+        let env = BTreeMap::new();
+        let child = spawn(&Spec {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            env: &env,
+            open_files: Some(37),
+            address_space: None,
+        })
+        .unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "37");
+    }
+
+    #[test]
+    fn rss_of_this_process_is_readable() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
     }
 
     #[test]

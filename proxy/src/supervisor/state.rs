@@ -104,6 +104,15 @@ impl Status {
     }
 }
 
+/// One state change, for `WatchPatterns`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub time: SystemTime,
+    pub previous: State,
+    /// The status right after the change (its `last_error` is the reason).
+    pub status: Status,
+}
+
 impl Default for Status {
     fn default() -> Self {
         Self::new()

@@ -1,0 +1,31 @@
+# Trellis — the two commands a newcomer needs are `make run` and `make test`.
+# Only cargo is required: protos are compiled by protox (no system protoc).
+
+CARGO ?= cargo
+
+.PHONY: all build run test unit lint fmt clean
+
+all: build
+
+## build: compile every crate and binary (trellis, trellis-memstore, …)
+build:
+	$(CARGO) build --workspace --bins
+
+## run: start the proxy on its embedded default config (gRPC on 127.0.0.1:8980)
+run: build
+	./target/debug/trellis
+
+## test: unit tests and end-to-end tests against the real binaries
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+## lint: formatting and clippy, as CI would want them
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
