@@ -1,1 +1,354 @@
+//! A small builder language for end-to-end tests: start the real `trellis`
+//! binary with real pattern binaries on port 0, then talk to it over gRPC.
+//!
+//! ```text
+//! let proxy = Proxy::builder().memstore("mem", &["default"]).start().await;
+//! proxy.kv().put(...).await?;
+//! ```
+//!
+//! Binaries are found in the cargo target directory next to the test
+//! executable; `make test` builds them first (`cargo build --workspace`).
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use trellis_proto::admin::v1 as admin;
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::data::v1::key_value_client::KeyValueClient;
+
+/// Upper bound for anything a test waits on. Generous: it only matters when
+/// something is broken, and the machine may be slow or busy.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The cargo target directory holding the built binaries.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> → target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.to_path_buf()
+}
+
+/// Path of a workspace binary, with a clear message when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace`, which `make test` does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `f` until it returns `Some`, yielding between tries, for at most
+/// [`PATIENCE`]. Panics with `what` when it never does.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Is the process gone (or a zombie nobody will ever run again)?
+pub fn process_gone(pid: u32) -> bool {
+    let raw = nix::unistd::Pid::from_raw(pid as i32);
+    if nix::sys::signal::kill(raw, None).is_err() {
+        return true;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Field 3, after the parenthesised command name, is the state.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().starts_with('Z') || rest.trim_start().starts_with('X'))
+        .unwrap_or(true)
+}
+
+/// One pattern entry in the proxy's config.
+#[derive(Clone, Debug)]
+pub struct PatternEntry {
+    pub name: String,
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub namespaces: Vec<String>,
+    /// Extra YAML lines for the entry, indented under it (e.g. `restart:`).
+    pub extra: String,
+    pub config: String,
+}
+
+#[derive(Default)]
+pub struct ProxyBuilder {
+    patterns: Vec<PatternEntry>,
+    top: String,
+}
+
+impl ProxyBuilder {
+    /// A memstore pattern serving `namespaces`.
+    pub fn memstore(self, name: &str, namespaces: &[&str]) -> Self {
+        self.pattern(PatternEntry {
+            name: name.into(),
+            command: bin("trellis-memstore"),
+            args: vec![],
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            extra: String::new(),
+            config: String::new(),
+        })
+    }
+
+    pub fn pattern(mut self, p: PatternEntry) -> Self {
+        self.patterns.push(p);
+        self
+    }
+
+    /// Extra YAML for the last pattern entry, e.g. "restart:\n  policy: never".
+    pub fn with(mut self, yaml: &str) -> Self {
+        if let Some(p) = self.patterns.last_mut() {
+            p.extra.push_str(yaml);
+            p.extra.push('\n');
+        }
+        self
+    }
+
+    /// Extra top-level YAML, e.g. "request_timeout: 2s".
+    pub fn top(mut self, yaml: &str) -> Self {
+        self.top.push_str(yaml);
+        self.top.push('\n');
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut y = String::from("listen:\n  grpc: 127.0.0.1:0\nlog:\n  level: debug\n");
+        y.push_str(&self.top);
+        y.push_str("patterns:\n");
+        for p in &self.patterns {
+            y.push_str(&format!(
+                "  - name: {}\n    command: {:?}\n",
+                p.name, p.command
+            ));
+            if !p.args.is_empty() {
+                y.push_str(&format!("    args: {:?}\n", p.args));
+            }
+            if !p.config.is_empty() {
+                y.push_str("    config:\n");
+                for l in p.config.lines() {
+                    y.push_str(&format!("      {l}\n"));
+                }
+            }
+            for l in p.extra.lines() {
+                y.push_str(&format!("    {l}\n"));
+            }
+        }
+        y.push_str("namespaces:\n");
+        for p in &self.patterns {
+            for ns in &p.namespaces {
+                y.push_str(&format!("  - name: {ns}\n    pattern: {}\n", p.name));
+            }
+        }
+        y
+    }
+
+    /// Starts the proxy and waits until it listens (not until patterns serve).
+    pub async fn spawn(self) -> Proxy {
+        Proxy::spawn_yaml(&self.yaml()).await
+    }
+
+    /// Starts the proxy and waits until health `""` is SERVING.
+    pub async fn start(self) -> Proxy {
+        let proxy = self.spawn().await;
+        proxy.wait_serving("").await;
+        proxy
+    }
+}
+
+/// A running `trellis` process. Killed (SIGKILL) when dropped.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn builder() -> ProxyBuilder {
+        ProxyBuilder::default()
+    }
+
+    pub async fn spawn_yaml(yaml: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("trellis.yaml");
+        std::fs::write(&config_path, yaml).expect("write config");
+        let mut child = Command::new(bin("trellis"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--log-format")
+            .arg("json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn trellis");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut addr_tx = Some(addr_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(tx) = addr_tx.take() {
+                    match listening_addr(&line) {
+                        Some(a) => {
+                            let _ = tx.send(a);
+                        }
+                        None => addr_tx = Some(tx),
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match tokio::time::timeout(PATIENCE, addr_rx).await {
+            Ok(Ok(a)) => a,
+            _ => panic!(
+                "trellis never logged its listening address; its log:\n{}",
+                logs.lock().unwrap().join("\n")
+            ),
+        };
+        Proxy {
+            child,
+            addr: format!("http://{addr}"),
+            logs,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("proxy running")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.addr.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to proxy")
+    }
+
+    pub async fn kv(&self) -> KeyValueClient<Channel> {
+        KeyValueClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    pub async fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
+    }
+
+    /// Waits (with the health Watch stream, not polling) until `service` is SERVING.
+    pub async fn wait_serving(&self, service: &str) {
+        let mut health = self.health().await;
+        let mut stream = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health watch")
+            .into_inner();
+        let wait = async {
+            while let Some(r) = stream.message().await.expect("watch stream") {
+                if r.status() == ServingStatus::Serving {
+                    return;
+                }
+            }
+            panic!("health watch for {service:?} ended");
+        };
+        if tokio::time::timeout(PATIENCE, wait).await.is_err() {
+            panic!(
+                "{service:?} never became SERVING; proxy log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    pub async fn pattern(&self, name: &str) -> admin::Pattern {
+        self.admin()
+            .await
+            .get_pattern(admin::GetPatternRequest { name: name.into() })
+            .await
+            .expect("GetPattern")
+            .into_inner()
+    }
+
+    /// Waits until the pattern satisfies `pred` (checking GetPattern every
+    /// few milliseconds, for at most [`PATIENCE`]) and returns that snapshot.
+    pub async fn wait_pattern(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&admin::Pattern) -> bool,
+    ) -> admin::Pattern {
+        let admin = self.admin().await;
+        eventually(what, || {
+            let mut admin = admin.clone();
+            let name = name.to_string();
+            let pred = &pred;
+            async move {
+                let p = admin
+                    .get_pattern(admin::GetPatternRequest { name })
+                    .await
+                    .ok()?
+                    .into_inner();
+                pred(&p).then_some(p)
+            }
+        })
+        .await
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM and waits for the proxy to exit; returns its exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("proxy exits after SIGTERM")
+            .expect("wait");
+        status.code()
+    }
+}
+
+/// Finds the address in the proxy's `listening` log line.
+fn listening_addr(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if fields.get("message")?.as_str()? != "listening" {
+        return None;
+    }
+    Some(fields.get("grpc")?.as_str()?.to_string())
+}
+
+pub fn state(p: &admin::Pattern) -> admin::PatternState {
+    p.state()
+}
