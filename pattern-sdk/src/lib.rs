@@ -1,1 +1,99 @@
-//! stub
+//! Write a Trellis pattern in a few lines: implement [`Pattern`] and a data
+//! trait ([`KeyValue`]) with plain Rust types, and the SDK does the rest of
+//! the pattern protocol (docs/pattern-protocol.md): flags and `TRELLIS_*`
+//! environment, logging to stderr, binding, the handshake line, the
+//! `Lifecycle` and `grpc.health.v1.Health` services, input validation,
+//! error → status mapping, and graceful shutdown on `Stop`, SIGTERM and
+//! SIGINT.
+//!
+//! A complete pattern:
+//!
+//! ```no_run
+//! use std::collections::HashMap;
+//! use std::sync::Mutex;
+//! use std::time::Duration;
+//!
+//! use bytes::Bytes;
+//! use pattern_sdk::{Error, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+//!
+//! #[derive(serde::Deserialize, Default)]
+//! #[serde(default, deny_unknown_fields)]
+//! struct Config {
+//!     greeting: String,
+//! }
+//!
+//! struct Tiny {
+//!     map: Mutex<HashMap<(String, String), Bytes>>,
+//! }
+//!
+//! impl Pattern for Tiny {
+//!     type Config = Config;
+//!     const NAME: &'static str = "tiny";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!
+//!     async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
+//!         tracing::info!(name = ctx.name(), greeting = config.greeting, "hello");
+//!         Ok(Tiny { map: Mutex::default() })
+//!     }
+//! }
+//!
+//! impl KeyValue for Tiny {
+//!     async fn get(&self, ns: &str, key: &str) -> Result<Option<Bytes>, Error> {
+//!         let map = self.map.lock().map_err(Error::internal)?;
+//!         Ok(map.get(&(ns.into(), key.into())).cloned())
+//!     }
+//!     async fn put(&self, ns: &str, key: &str, value: Bytes, _ttl: Option<Duration>) -> Result<(), Error> {
+//!         let mut map = self.map.lock().map_err(Error::internal)?;
+//!         map.insert((ns.into(), key.into()), value);
+//!         Ok(())
+//!     }
+//!     async fn delete(&self, ns: &str, key: &str) -> Result<bool, Error> {
+//!         let mut map = self.map.lock().map_err(Error::internal)?;
+//!         Ok(map.remove(&(ns.into(), key.into())).is_some())
+//!     }
+//!     async fn list(&self, _ns: &str, _query: ListQuery) -> Result<ListPage, Error> {
+//!         Err(Error::failed_precondition("tiny cannot list; use memstore"))
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     pattern_sdk::Server::<Tiny>::new().key_value().run().await
+//! }
+//! ```
+//!
+//! Layout, one module per noun:
+//! - `pattern`: the [`Pattern`] and [`KeyValue`] traits and their plain types.
+//! - `error`: [`Error`] and its mapping to `tonic::Status`.
+//! - [`validate`]: the request checks and limits every pattern gets.
+//! - `config`: `google.protobuf.Struct` → the pattern's `Config`.
+//! - `lifecycle`: the `Lifecycle` service and the slot holding the pattern.
+//! - `kv`: the `KeyValue` gRPC service, delegating to the trait.
+//! - `health`: what `grpc.health.v1.Health` answers, and the poller.
+//! - `listen`, `handshake`: binding the listen address; the stdout line.
+//! - `options`, `logging`: flags and environment; stderr logging.
+//! - `shutdown`, `server`: the shutdown request; [`Server`], which runs it all.
+
+mod config;
+mod error;
+mod handshake;
+mod health;
+mod kv;
+mod lifecycle;
+mod listen;
+mod logging;
+mod options;
+mod pattern;
+mod server;
+mod shutdown;
+pub mod validate;
+
+#[cfg(test)]
+mod testing;
+
+pub use error::{Error, FieldViolation};
+pub use handshake::{Endpoint, format_handshake};
+pub use listen::{BindError, ListenAddr, ListenAddrError, Listener, SocketFile};
+pub use options::{LogFormat, Options};
+pub use pattern::{Health, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+pub use server::{Server, ServerError};

@@ -110,6 +110,19 @@ impl ProxyBuilder {
         })
     }
 
+    /// A `trellis-chaos` pattern (see its source for the misbehaviours)
+    /// serving `namespaces`, configured by `config` (YAML for its `config:`).
+    pub fn chaos(self, name: &str, namespaces: &[&str], config: &str) -> Self {
+        self.pattern(PatternEntry {
+            name: name.into(),
+            command: bin("trellis-chaos"),
+            args: vec![],
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            extra: String::new(),
+            config: config.into(),
+        })
+    }
+
     pub fn pattern(mut self, p: PatternEntry) -> Self {
         self.patterns.push(p);
         self
@@ -237,6 +250,30 @@ impl Proxy {
             config_path,
             _dir: dir,
         }
+    }
+
+    /// Live processes whose parent is this proxy.
+    pub fn children(&self) -> Vec<u32> {
+        let me = self.pid();
+        let mut kids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let (state, ppid) = (
+                fields.first().copied(),
+                fields.get(1).and_then(|p| p.parse::<u32>().ok()),
+            );
+            if ppid == Some(me) && state != Some("Z") {
+                kids.push(pid);
+            }
+        }
+        kids
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,1 +1,9 @@
-fn main() {}
+use trellis_memstore::MemStore;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    pattern_sdk::Server::<MemStore>::new()
+        .key_value()
+        .run()
+        .await
+}

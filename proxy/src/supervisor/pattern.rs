@@ -225,6 +225,8 @@ struct Up {
 impl Owner {
     async fn run(mut self) {
         let mut want_running = true;
+        // `restarts` counts every spawn after the first, whoever caused it.
+        let mut spawned_before = false;
         loop {
             if !want_running {
                 match self.commands.recv().await {
@@ -263,6 +265,10 @@ impl Owner {
                 want_running = false;
                 continue;
             }
+            if spawned_before {
+                self.update(|s| s.restarts += 1);
+            }
+            spawned_before = true;
             let failure = match self.life().await {
                 End::Shutdown(done) => {
                     self.set_state(State::Stopped);
@@ -276,7 +282,6 @@ impl Owner {
                     continue;
                 }
                 End::Restart(reply) => {
-                    self.update(|s| s.restarts += 1);
                     let _ = reply.send(Ok(format!("pattern {:?} is restarting", self.cfg.name)));
                     continue;
                 }
@@ -318,7 +323,7 @@ impl Owner {
                 }
             };
             match self.wait_before_restart(failure).await {
-                Wait::Proceed => self.update(|s| s.restarts += 1),
+                Wait::Proceed => {}
                 Wait::Stopped => want_running = false,
                 Wait::Shutdown(done) => {
                     self.set_state(State::Stopped);

@@ -1,0 +1,141 @@
+//! The traits a pattern implements: [`Pattern`] for its life cycle, and one
+//! trait per data interface ([`KeyValue`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+
+/// A pattern's life cycle. The SDK creates the pattern with [`Pattern::init`]
+/// when the proxy calls `Lifecycle/Initialize`, polls [`Pattern::health`]
+/// every second once started, and calls [`Pattern::stop`] once, after
+/// in-flight requests have drained.
+///
+/// Implementations may write `async fn` for each method.
+pub trait Pattern: Sized + Send + Sync + 'static {
+    /// The pattern's configuration: the `config:` block of its proxy entry.
+    /// An absent block deserializes from `{}`, so give the struct
+    /// `#[serde(default, deny_unknown_fields)]`.
+    type Config: DeserializeOwned + Send;
+
+    /// The implementation's name, reported in `InitializeResponse.name`.
+    const NAME: &'static str;
+
+    /// The implementation's own version (not the protocol version), e.g.
+    /// `env!("CARGO_PKG_VERSION")`.
+    const VERSION: &'static str;
+
+    /// Validates the configuration and builds the pattern: connect to
+    /// backends, spawn background tasks. Return [`Error::InvalidArgument`]
+    /// naming the field (e.g. `config.max_keys`) for a bad configuration: the
+    /// proxy then marks the pattern failed and does not restart it.
+    fn init(
+        config: Self::Config,
+        ctx: InitContext,
+    ) -> impl Future<Output = Result<Self, Error>> + Send;
+
+    /// Whether the pattern can serve right now; polled every second after
+    /// `Start`. Answer [`Health::NotServing`] while a backend is unreachable.
+    fn health(&self) -> impl Future<Output = Health> + Send {
+        async { Health::Serving }
+    }
+
+    /// Releases resources: end background tasks, close connections. Called
+    /// once, after in-flight requests finished or the grace period ran out.
+    fn stop(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What the SDK knows when it creates the pattern.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InitContext {
+    name: String,
+}
+
+impl InitContext {
+    /// For tests of a pattern's `init`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+
+    /// The pattern's name in the proxy configuration.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A pattern's answer to a health poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Serving,
+    /// Not able to serve; the reason is logged when the state changes.
+    NotServing(String),
+}
+
+/// The `trellis.data.v1.KeyValue` interface, in plain Rust types. Every
+/// argument has been validated by the SDK (see [`crate::validate`]): namespace
+/// and key are non-empty, keys are at most 1024 bytes without NUL, values at
+/// most 1 MiB, and a `ttl` is positive when present.
+pub trait KeyValue: Pattern {
+    /// The live value under `key`, or `None` if it is missing or expired.
+    fn get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Bytes>, Error>> + Send;
+
+    /// Stores `value` under `key`, replacing any previous value and TTL.
+    /// `ttl: None` means the key never expires.
+    fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Removes `key`; `true` if a live key was removed, `false` if there was
+    /// nothing to delete.
+    fn delete(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// One page of the live entries whose keys start with `query.prefix`, in
+    /// ascending key order.
+    fn list(
+        &self,
+        namespace: &str,
+        query: ListQuery,
+    ) -> impl Future<Output = Result<ListPage, Error>> + Send;
+}
+
+/// A validated `List` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only keys starting with this; empty matches every key.
+    pub prefix: String,
+    /// How many entries to return at most: already defaulted (0 → 100) and
+    /// capped (at 1000) by the SDK, so always in `1..=1000`.
+    pub page_size: usize,
+    /// The `next_page_token` of a previous page, as the pattern made it.
+    /// `None` for the first page. It came from outside: a token the pattern
+    /// cannot decode is `Error::invalid_argument("page_token", …)`.
+    pub page_token: Option<String>,
+}
+
+/// One page of a `List` answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// `(key, value)` pairs in ascending key order.
+    pub entries: Vec<(String, Bytes)>,
+    /// `Some` when more entries may follow; the caller passes it back as
+    /// `page_token`. `None` when this is the last page.
+    pub next_page_token: Option<String>,
+}

@@ -1,0 +1,251 @@
+//! Running a pattern: options, logging, bind, handshake, serve, drain, exit.
+
+use std::future::Future;
+use std::io;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::{Instant, timeout_at};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::RoutesBuilder;
+use trellis_proto::KEY_VALUE_SERVICE;
+use trellis_proto::data::v1::key_value_server::KeyValueServer;
+use trellis_proto::pattern::v1::lifecycle_server::LifecycleServer;
+
+use crate::health::{self, HealthPublisher};
+use crate::kv::KeyValueService;
+use crate::lifecycle::{DEFAULT_GRACE, LifecycleService, Slot};
+use crate::listen::BindError;
+use crate::shutdown::Shutdown;
+use crate::{KeyValue, Listener, Options, Pattern, handshake, logging};
+
+/// Serves pattern `P`. Register its data interfaces, then [`Server::run`]:
+///
+/// ```no_run
+/// # use pattern_sdk::{Pattern, KeyValue};
+/// # async fn main_body<P: KeyValue>() -> std::process::ExitCode {
+/// pattern_sdk::Server::<P>::new().key_value().run().await
+/// # }
+/// ```
+pub struct Server<P> {
+    interfaces: Vec<Interface<P>>,
+    name: Option<String>,
+}
+
+/// A data service: its gRPC name and how to add it to the router.
+struct Interface<P> {
+    name: &'static str,
+    add: fn(&mut RoutesBuilder, Arc<Slot<P>>),
+}
+
+/// Why a pattern process could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot write the handshake line to stdout: {0}; stdout must stay open for the proxy")]
+    Handshake(#[source] io::Error),
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(#[source] io::Error),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+impl<P: Pattern> Default for Server<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: KeyValue> Server<P> {
+    /// Serves `trellis.data.v1.KeyValue` from `P`'s [`KeyValue`] impl.
+    pub fn key_value(self) -> Self {
+        self.interface(KEY_VALUE_SERVICE, |routes, slot| {
+            routes.add_service(KeyValueServer::new(KeyValueService::new(slot)));
+        })
+    }
+}
+
+impl<P: Pattern> Server<P> {
+    pub fn new() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            name: None,
+        }
+    }
+
+    fn interface(mut self, name: &'static str, add: fn(&mut RoutesBuilder, Arc<Slot<P>>)) -> Self {
+        if !self.interfaces.iter().any(|i| i.name == name) {
+            self.interfaces.push(Interface { name, add });
+        }
+        self
+    }
+
+    /// The whole life of a pattern process: reads [`Options`] from the
+    /// command line and `TRELLIS_*` environment, logs to stderr, binds,
+    /// writes the handshake line, serves until `Lifecycle/Stop`, SIGTERM or
+    /// SIGINT, drains, and stops the pattern. Returns the exit code for
+    /// `main`: success after a clean shutdown, failure (with the reason on
+    /// stderr) otherwise.
+    pub async fn run(self) -> ExitCode {
+        let options = Options::from_env(P::NAME, P::VERSION);
+        logging::init(options.log_format);
+        match self.run_with(options).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!("{err}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn run_with(mut self, options: Options) -> Result<(), ServerError> {
+        if let Some(theirs) = options.protocol.as_deref()
+            && theirs != trellis_proto::PATTERN_PROTOCOL_VERSION.to_string()
+        {
+            tracing::warn!(
+                proxy = theirs,
+                pattern = trellis_proto::PATTERN_PROTOCOL_VERSION,
+                "the proxy speaks another pattern protocol version; it will likely reject this pattern"
+            );
+        }
+        // Installed before the handshake, so a signal right after it still
+        // drains cleanly.
+        let signals = termination_signals().map_err(ServerError::Signals)?;
+        let listener = Listener::bind(&options.listen).await?;
+        let endpoint = listener.endpoint().map_err(ServerError::Handshake)?;
+        handshake::write_handshake(&mut io::stdout().lock(), &endpoint)
+            .map_err(ServerError::Handshake)?;
+        let name = options.name.unwrap_or_else(|| P::NAME.to_string());
+        tracing::info!(pattern = %name, %endpoint, version = P::VERSION, "listening");
+        self.name = Some(name);
+        self.serve(listener, signals).await
+    }
+
+    /// Serves on an already-bound listener until `Lifecycle/Stop` or until
+    /// `shutdown` resolves (which drains for 5 s), then stops the pattern.
+    /// Writes no handshake: [`Server::run`] does that. For tests and custom
+    /// mains.
+    pub async fn serve(
+        self,
+        listener: Listener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let names: Vec<&'static str> = self.interfaces.iter().map(|i| i.name).collect();
+        if names.is_empty() {
+            tracing::warn!("no data interface registered; call e.g. .key_value() on the Server");
+        }
+        let slot = Arc::new(Slot::<P>::new());
+        let stop = Shutdown::new();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Arc::new(HealthPublisher::new(reporter, &names).await);
+        let lifecycle = LifecycleService::new(
+            Arc::clone(&slot),
+            Arc::clone(&health),
+            stop.clone(),
+            names,
+            self.name.unwrap_or_else(|| P::NAME.to_string()),
+        );
+
+        let mut routes = RoutesBuilder::default();
+        routes
+            .add_service(LifecycleServer::new(lifecycle))
+            .add_service(health_service);
+        for interface in &self.interfaces {
+            (interface.add)(&mut routes, Arc::clone(&slot));
+        }
+        let router = tonic::transport::Server::builder().add_routes(routes.routes());
+
+        let on_shutdown = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.request(DEFAULT_GRACE, "shutdown signal");
+            }
+        });
+        let poller = tokio::spawn(health::poll(
+            Arc::clone(&slot),
+            Arc::clone(&health),
+            stop.clone(),
+        ));
+
+        let stop_accepting = {
+            let stop = stop.clone();
+            async move {
+                stop.requested().await;
+            }
+        };
+        let result = match listener {
+            Listener::Tcp(l) => {
+                let server =
+                    router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stop_accepting);
+                until_stopped(server, &stop, &slot, &health).await
+            }
+            Listener::Unix(l, _socket_file) => {
+                let server =
+                    router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stop_accepting);
+                until_stopped(server, &stop, &slot, &health).await
+            }
+        };
+        on_shutdown.abort();
+        poller.abort();
+        result
+    }
+}
+
+/// Runs `server` until shutdown is requested, then drains: health goes
+/// `NOT_SERVING`, new data calls get `UNAVAILABLE`, in-flight calls get until
+/// the grace period ends, and then the pattern's `stop` runs (also bounded
+/// by the grace period).
+async fn until_stopped<P: Pattern>(
+    server: impl Future<Output = Result<(), tonic::transport::Error>>,
+    stop: &Shutdown,
+    slot: &Slot<P>,
+    health: &HealthPublisher,
+) -> Result<(), ServerError> {
+    tokio::pin!(server);
+    let (grace, ended_early) = tokio::select! {
+        result = &mut server => (DEFAULT_GRACE, Some(result)),
+        grace = stop.requested() => (grace, None),
+    };
+    let deadline = Instant::now() + grace;
+    health.close().await;
+    let pattern = slot.begin_stop();
+    let served = match ended_early {
+        Some(result) => result,
+        None => timeout_at(deadline, &mut server).await.unwrap_or_else(|_| {
+            tracing::warn!(
+                ?grace,
+                "in-flight calls did not finish within the grace period; closing their connections"
+            );
+            Ok(())
+        }),
+    };
+    if let Some(pattern) = pattern
+        && timeout_at(deadline, pattern.stop()).await.is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "the pattern's stop hook did not finish within the grace period"
+        );
+    }
+    served.map_err(ServerError::Serve)
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn termination_signals() -> io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "received signal");
+    })
+}

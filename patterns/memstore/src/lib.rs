@@ -1,0 +1,176 @@
+//! memstore: an in-memory key-value pattern, and the model to copy when
+//! writing a new one. [`MemStore`] implements the SDK's traits by delegating
+//! to [`Store`] (the map, in `store.rs`) and runs one background task that
+//! purges expired keys. Everything else — protocol, validation, health,
+//! shutdown — is the SDK's.
+
+mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pattern_sdk::{Error, FieldViolation, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+use serde::Deserialize;
+use tokio::task::AbortHandle;
+
+pub use store::Store;
+
+/// The `config:` block of a memstore entry in the proxy configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The most keys held at once, over all namespaces. A put of a new key
+    /// beyond it fails with `RESOURCE_EXHAUSTED`.
+    pub max_keys: usize,
+    /// How often expired keys are purged from memory, e.g. "1s" or "500ms".
+    /// (Expired keys are invisible at once either way.)
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_keys: 1_000_000,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct MemStore {
+    store: Arc<Store>,
+    sweeper: AbortHandle,
+}
+
+impl Pattern for MemStore {
+    type Config = Config;
+    const NAME: &'static str = "memstore";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    async fn init(config: Config, _ctx: InitContext) -> Result<Self, Error> {
+        let mut problems = Vec::new();
+        if config.max_keys == 0 {
+            problems.push(FieldViolation::new("config.max_keys", "must be at least 1"));
+        }
+        if config.sweep_interval.is_zero() {
+            problems.push(FieldViolation::new(
+                "config.sweep_interval",
+                "must be longer than zero, e.g. \"1s\"",
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::InvalidArgument(problems));
+        }
+        let store = Arc::new(Store::new(config.max_keys));
+        let sweeper = tokio::spawn(sweep(Arc::clone(&store), config.sweep_interval));
+        Ok(Self {
+            store,
+            sweeper: sweeper.abort_handle(),
+        })
+    }
+
+    async fn stop(&self) {
+        self.sweeper.abort();
+    }
+}
+
+impl Drop for MemStore {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}
+
+/// Purges expired keys every `every`, until aborted.
+async fn sweep(store: Arc<Store>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        ticks.tick().await;
+        let purged = store.purge_expired();
+        if purged > 0 {
+            tracing::debug!(purged, "purged expired keys");
+        }
+    }
+}
+
+impl KeyValue for MemStore {
+    async fn get(&self, namespace: &str, key: &str) -> Result<Option<Bytes>, Error> {
+        Ok(self.store.get(namespace, key))
+    }
+
+    async fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        self.store.put(namespace, key, value, ttl)
+    }
+
+    async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Error> {
+        Ok(self.store.delete(namespace, key))
+    }
+
+    async fn list(&self, namespace: &str, query: ListQuery) -> Result<ListPage, Error> {
+        self.store.list(namespace, &query)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Result<Config, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn config_defaults_and_durations() {
+        let c = config("{}").unwrap();
+        assert_eq!(c.max_keys, 1_000_000);
+        assert_eq!(c.sweep_interval, Duration::from_secs(1));
+        let c = config(r#"{"max_keys": 5, "sweep_interval": "250ms"}"#).unwrap();
+        assert_eq!(c.max_keys, 5);
+        assert_eq!(c.sweep_interval, Duration::from_millis(250));
+        assert!(config(r#"{"max_kyes": 5}"#).is_err());
+        assert!(config(r#"{"sweep_interval": "soon"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn init_reports_every_bad_field() {
+        let bad = Config {
+            max_keys: 0,
+            sweep_interval: Duration::ZERO,
+        };
+        match MemStore::init(bad, InitContext::new("m")).await {
+            Err(Error::InvalidArgument(v)) => {
+                let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+                assert_eq!(fields, ["config.max_keys", "config.sweep_interval"]);
+            }
+            Err(other) => panic!("want InvalidArgument, got {other:?}"),
+            Ok(_) => panic!("want InvalidArgument, got a store"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeper_purges_until_stopped() {
+        let m = MemStore::init(Config::default(), InitContext::new("m"))
+            .await
+            .unwrap();
+        m.put(
+            "ns",
+            "k",
+            Bytes::from_static(b"v"),
+            Some(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // Purged by the sweeper, so a direct purge finds nothing left.
+        assert_eq!(m.store.purge_expired(), 0);
+        m.stop().await;
+        tokio::task::yield_now().await;
+        assert!(m.sweeper.is_finished());
+    }
+}

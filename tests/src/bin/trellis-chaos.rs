@@ -1,0 +1,204 @@
+//! `trellis-chaos`: a misbehaving pattern for the supervision tests. Built on
+//! the SDK like any pattern, with a tiny in-memory map so the data path
+//! works, plus named misbehaviours. Not shipped.
+//!
+//! Before the handshake (environment, since nothing has been said yet):
+//! - `CHAOS_STDERR=text`            write this line to stderr first
+//! - `CHAOS_EXIT_BEFORE_HANDSHAKE=N` exit with code N without a handshake
+//! - `CHAOS_BAD_HANDSHAKE=1`        write a line that is not a handshake
+//! - `CHAOS_SLEEP_BEFORE_BIND=ms`   sleep before binding
+//!
+//! After Initialize (its `config:` block):
+//! - `exit_after: 100ms` with `exit_code: 3` or `exit_signal: 9`
+//! - `hang_after: 100ms`            SIGSTOP itself (no answers; only SIGKILL works)
+//! - `health: not_serving | flap`, `flap_every: 300ms`
+//! - `ignore_sigterm: true`         SIGTERM ignored and Stop hangs (blocks its thread)
+//! - `grow_bytes_per_sec: 50000000` allocate and touch memory steadily
+//! - `init_delay: 2s`               Initialize takes this long
+//! - `reject_config: true`          Initialize fails with INVALID_ARGUMENT
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pattern_sdk::{Error, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct Config {
+    #[serde(with = "humantime_serde")]
+    exit_after: Option<Duration>,
+    exit_code: Option<i32>,
+    exit_signal: Option<i32>,
+    #[serde(with = "humantime_serde")]
+    hang_after: Option<Duration>,
+    health: Option<String>,
+    #[serde(with = "humantime_serde")]
+    flap_every: Option<Duration>,
+    ignore_sigterm: bool,
+    grow_bytes_per_sec: u64,
+    #[serde(with = "humantime_serde")]
+    init_delay: Option<Duration>,
+    reject_config: bool,
+}
+
+struct Chaos {
+    map: Mutex<BTreeMap<(String, String), Bytes>>,
+    health: Option<String>,
+    flap_every: Duration,
+    ignore_sigterm: bool,
+    started: std::time::Instant,
+    flapped: AtomicBool,
+}
+
+impl Pattern for Chaos {
+    type Config = Config;
+    const NAME: &'static str = "chaos";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    async fn init(c: Config, _ctx: InitContext) -> Result<Self, Error> {
+        if c.reject_config {
+            return Err(Error::invalid_argument(
+                "config.reject_config",
+                "rejected on purpose",
+            ));
+        }
+        if let Some(d) = c.init_delay {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(after) = c.exit_after {
+            let (code, signal) = (c.exit_code, c.exit_signal);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                eprintln!("chaos: exiting on purpose");
+                if let Some(sig) = signal.and_then(|s| nix::sys::signal::Signal::try_from(s).ok()) {
+                    let _ = nix::sys::signal::raise(sig);
+                }
+                std::process::exit(code.unwrap_or(1));
+            });
+        }
+        if let Some(after) = c.hang_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                eprintln!("chaos: hanging (SIGSTOP)");
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+            });
+        }
+        if c.ignore_sigterm {
+            // After the SDK installed its handler: the kernel now drops SIGTERM.
+            // SAFETY: setting a signal disposition to SIG_IGN is always sound.
+            unsafe {
+                let _ = nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGTERM,
+                    nix::sys::signal::SigHandler::SigIgn,
+                );
+            }
+        }
+        if c.grow_bytes_per_sec > 0 {
+            let per_tick = (c.grow_bytes_per_sec / 20) as usize;
+            std::thread::spawn(move || {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; per_tick]);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        Ok(Chaos {
+            map: Mutex::default(),
+            health: c.health,
+            flap_every: c.flap_every.unwrap_or(Duration::from_millis(300)),
+            ignore_sigterm: c.ignore_sigterm,
+            started: std::time::Instant::now(),
+            flapped: AtomicBool::new(false),
+        })
+    }
+
+    async fn health(&self) -> Health {
+        match self.health.as_deref() {
+            Some("not_serving") => Health::NotServing("chaos: not serving on purpose".into()),
+            Some("flap") => {
+                let phase = self.started.elapsed().as_millis() / self.flap_every.as_millis().max(1);
+                if phase % 2 == 1 {
+                    self.flapped.store(true, Ordering::Relaxed);
+                    Health::NotServing("chaos: flapping".into())
+                } else {
+                    Health::Serving
+                }
+            }
+            _ => Health::Serving,
+        }
+    }
+
+    async fn stop(&self) {
+        if self.ignore_sigterm {
+            // A shutdown path that hangs for real: block this thread so not
+            // even the SDK's own grace timer in this task can fire.
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+impl KeyValue for Chaos {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Bytes>, Error> {
+        let map = self.map.lock().map_err(Error::internal)?;
+        Ok(map.get(&(ns.into(), key.into())).cloned())
+    }
+    async fn put(
+        &self,
+        ns: &str,
+        key: &str,
+        value: Bytes,
+        _ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        self.map
+            .lock()
+            .map_err(Error::internal)?
+            .insert((ns.into(), key.into()), value);
+        Ok(())
+    }
+    async fn delete(&self, ns: &str, key: &str) -> Result<bool, Error> {
+        Ok(self
+            .map
+            .lock()
+            .map_err(Error::internal)?
+            .remove(&(ns.into(), key.into()))
+            .is_some())
+    }
+    async fn list(&self, _ns: &str, _q: ListQuery) -> Result<ListPage, Error> {
+        Ok(ListPage::default())
+    }
+}
+
+fn env_ms(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    if let Ok(text) = std::env::var("CHAOS_STDERR") {
+        eprintln!("{text}");
+    }
+    if let Some(code) = std::env::var("CHAOS_EXIT_BEFORE_HANDSHAKE")
+        .ok()
+        .and_then(|c| c.parse().ok())
+    {
+        std::process::exit(code);
+    }
+    if std::env::var_os("CHAOS_BAD_HANDSHAKE").is_some() {
+        println!("hello, I am not a handshake");
+        std::future::pending::<()>().await;
+    }
+    if let Some(d) = env_ms("CHAOS_SLEEP_BEFORE_BIND") {
+        tokio::time::sleep(d).await;
+    }
+    pattern_sdk::Server::<Chaos>::new().key_value().run().await
+}

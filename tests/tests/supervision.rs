@@ -1,0 +1,655 @@
+//! Supervision against the real world (issue 3): each test runs the real
+//! proxy with `trellis-chaos` or `trellis-memstore` and checks one behaviour.
+
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::os::unix::fs::PermissionsExt;
+use tonic::Code;
+use trellis_proto::admin::v1::{
+    PatternActionRequest, PatternState, WatchPatternsRequest, exit_status,
+};
+use trellis_proto::data::v1::{GetRequest, PutRequest};
+use trellis_tests::{PatternEntry, Proxy, bin, process_gone};
+
+fn action(name: &str) -> PatternActionRequest {
+    PatternActionRequest { name: name.into() }
+}
+
+fn failed(p: &trellis_proto::admin::v1::Pattern) -> bool {
+    p.state() == PatternState::Failed
+}
+
+fn serving(p: &trellis_proto::admin::v1::Pattern) -> bool {
+    p.state() == PatternState::Serving
+}
+
+// 1. Spawn failures -------------------------------------------------------
+
+#[tokio::test]
+async fn spawn_failure_missing_binary_fails_that_pattern_only() {
+    let proxy = Proxy::builder()
+        .memstore("good", &["default"])
+        .pattern(PatternEntry {
+            name: "ghost".into(),
+            command: "/nonexistent/trellis-ghost".into(),
+            args: vec![],
+            namespaces: vec!["ghostly".into()],
+            extra: String::new(),
+            config: String::new(),
+        })
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("ghost", "ghost FAILED", failed).await;
+    assert!(
+        p.last_error.contains("/nonexistent/trellis-ghost"),
+        "{}",
+        p.last_error
+    );
+    assert!(p.last_error.contains("not found"), "{}", p.last_error);
+    assert_eq!(p.pid, 0);
+    proxy.wait_serving("good").await;
+    let mut kv = proxy.kv().await;
+    kv.put(PutRequest {
+        namespace: "default".into(),
+        key: "k".into(),
+        value: b"v".to_vec(),
+        ttl: None,
+    })
+    .await
+    .expect("the other pattern keeps serving");
+    let err = kv
+        .get(GetRequest {
+            namespace: "ghostly".into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("FAILED"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn spawn_failure_not_executable_names_the_os_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-exec");
+    std::fs::write(&file, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let proxy = Proxy::builder()
+        .pattern(PatternEntry {
+            name: "noexec".into(),
+            command: file.clone(),
+            args: vec![],
+            namespaces: vec!["x".into()],
+            extra: String::new(),
+            config: String::new(),
+        })
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("noexec", "FAILED", failed).await;
+    assert!(
+        p.last_error.contains(file.to_str().unwrap()),
+        "{}",
+        p.last_error
+    );
+    assert!(
+        p.last_error.contains("ermission denied"),
+        "{}",
+        p.last_error
+    );
+}
+
+#[tokio::test]
+async fn exit_before_handshake_is_a_failed_start_with_status_and_stderr() {
+    let proxy = Proxy::builder()
+        .chaos("early", &["x"], "")
+        .with("env:\n  CHAOS_EXIT_BEFORE_HANDSHAKE: \"3\"\n  CHAOS_STDERR: cannot find my config")
+        .with("restart:\n  initial_backoff: 1ms\n  max_backoff: 2ms\n  max_starts: 2")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("early", "FAILED after the breaker", failed)
+        .await;
+    assert!(p.last_error.contains("crash loop"), "{}", p.last_error);
+    assert_eq!(
+        p.last_exit.unwrap().status,
+        Some(exit_status::Status::Code(3))
+    );
+    assert!(
+        p.stderr_tail
+            .iter()
+            .any(|l| l.contains("cannot find my config")),
+        "{:?}",
+        p.stderr_tail
+    );
+    assert_eq!(p.restarts, 1, "two starts: the first and one restart");
+}
+
+#[tokio::test]
+async fn a_bad_handshake_is_quoted_in_the_error() {
+    let proxy = Proxy::builder()
+        .chaos("chatty", &["x"], "")
+        .with("env:\n  CHAOS_BAD_HANDSHAKE: \"1\"\nrestart:\n  policy: never")
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("chatty", "FAILED", failed).await;
+    assert!(
+        p.last_error.contains("hello, I am not a handshake"),
+        "{}",
+        p.last_error
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_config_fails_at_once_without_restarts() {
+    let proxy = Proxy::builder()
+        .chaos("picky", &["x"], "reject_config: true")
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("picky", "FAILED", failed).await;
+    assert!(
+        p.last_error.contains("rejected its configuration"),
+        "{}",
+        p.last_error
+    );
+    assert!(
+        p.last_error.contains("config.reject_config"),
+        "{}",
+        p.last_error
+    );
+    assert_eq!(p.restarts, 0);
+}
+
+// 2. Not running: answers without RPCs; stop is idempotent ------------------
+
+#[tokio::test]
+async fn a_pattern_that_never_started_reports_and_stops_idempotently() {
+    let proxy = Proxy::builder()
+        .memstore("good", &["default"])
+        .pattern(PatternEntry {
+            name: "ghost".into(),
+            command: "/nonexistent/x".into(),
+            args: vec![],
+            namespaces: vec![],
+            extra: String::new(),
+            config: String::new(),
+        })
+        .spawn()
+        .await;
+    proxy.wait_pattern("ghost", "FAILED", failed).await;
+    let mut admin = proxy.admin().await;
+    for _ in 0..2 {
+        let r = admin
+            .stop_pattern(action("ghost"))
+            .await
+            .expect("stop succeeds")
+            .into_inner();
+        assert!(r.message.contains("already"), "{}", r.message);
+    }
+    let mut health = proxy.health().await;
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ghost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status(),
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+}
+
+// 3. Crash detection is event driven ----------------------------------------
+
+#[tokio::test]
+async fn a_crash_is_noticed_from_the_exit_not_from_health_polling() {
+    // Health is polled once an hour, so only the exit itself can tell.
+    let proxy = Proxy::builder()
+        .chaos("crashy", &["x"], "exit_after: 300ms\nexit_code: 7")
+        .with("health:\n  interval: 1h\nrestart:\n  policy: never")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("crashy", "FAILED after its exit", failed)
+        .await;
+    let exit = p.last_exit.unwrap();
+    assert_eq!(exit.status, Some(exit_status::Status::Code(7)));
+    assert!(p.last_error.contains("exit code 7"), "{}", p.last_error);
+    assert!(
+        p.stderr_tail
+            .iter()
+            .any(|l| l.contains("exiting on purpose")),
+        "{:?}",
+        p.stderr_tail
+    );
+}
+
+// 4. Restart policy and the crash-loop breaker --------------------------------
+
+#[tokio::test]
+async fn on_failure_does_not_restart_a_clean_exit() {
+    let proxy = Proxy::builder()
+        .chaos("clean", &["x"], "exit_after: 200ms\nexit_code: 0")
+        .with("restart:\n  policy: on-failure\n  initial_backoff: 1ms")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("clean", "STOPPED after exit 0", |p| {
+            p.state() == PatternState::Stopped && p.last_exit.is_some()
+        })
+        .await;
+    assert_eq!(p.restarts, 0);
+    assert_eq!(
+        p.last_exit.unwrap().status,
+        Some(exit_status::Status::Code(0))
+    );
+}
+
+#[tokio::test]
+async fn on_failure_restarts_a_failed_exit_and_counts_it() {
+    let proxy = Proxy::builder()
+        .chaos("flaky", &["x"], "exit_after: 200ms\nexit_code: 3")
+        .with("restart:\n  policy: on-failure\n  initial_backoff: 1ms\n  max_backoff: 2ms\n  max_starts: 100")
+        .spawn()
+        .await;
+    proxy
+        .wait_pattern("flaky", "restarted twice", |p| p.restarts >= 2)
+        .await;
+}
+
+#[tokio::test]
+async fn the_crash_loop_breaker_fails_the_pattern_until_an_operator_starts_it() {
+    let proxy = Proxy::builder()
+        .chaos("loop", &["x"], "exit_after: 10ms\nexit_code: 1")
+        .with("restart:\n  initial_backoff: 1ms\n  max_backoff: 2ms\n  max_starts: 3\n  start_window: 1h")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("loop", "FAILED by the breaker", failed)
+        .await;
+    assert!(
+        p.last_error.contains("crash loop: 3 starts within 1h"),
+        "{}",
+        p.last_error
+    );
+    assert!(
+        p.last_error.contains("trellis patterns start loop"),
+        "says what to do: {}",
+        p.last_error
+    );
+    assert_eq!(p.restarts, 2, "three starts: the first and two restarts");
+    let r = proxy
+        .admin()
+        .await
+        .start_pattern(action("loop"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.message.contains("starting"), "{}", r.message);
+    proxy
+        .wait_pattern("loop", "restarted by the operator", |p| p.restarts >= 3)
+        .await;
+}
+
+// 5. Health threshold, recovery, and unresponsive patterns --------------------
+
+#[tokio::test]
+async fn not_serving_checks_move_the_pattern_to_not_serving_and_back_without_a_restart() {
+    let proxy = Proxy::builder()
+        .chaos("flap", &["x"], "health: flap\nflap_every: 1500ms")
+        .with("health:\n  interval: 50ms\n  timeout: 1s\n  failure_threshold: 1")
+        .spawn()
+        .await;
+    let first = proxy.wait_pattern("flap", "SERVING", serving).await;
+    let down = proxy
+        .wait_pattern("flap", "NOT_SERVING", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+    assert!(
+        down.last_error.contains("NOT_SERVING"),
+        "{}",
+        down.last_error
+    );
+    let up = proxy.wait_pattern("flap", "SERVING again", serving).await;
+    assert_eq!(
+        up.pid, first.pid,
+        "answering NOT_SERVING is no reason to restart"
+    );
+    assert_eq!(up.restarts, 0);
+}
+
+#[tokio::test]
+async fn an_unresponsive_pattern_is_killed_and_restarted() {
+    let proxy = Proxy::builder()
+        .chaos("hang", &["x"], "hang_after: 300ms")
+        .with("health:\n  interval: 100ms\n  timeout: 100ms\n  failure_threshold: 2\nstop_grace: 100ms\nrestart:\n  initial_backoff: 1ms")
+        .spawn()
+        .await;
+    let first = proxy.wait_pattern("hang", "SERVING", serving).await;
+    let p = proxy
+        .wait_pattern("hang", "restarted after hanging", |p| p.restarts >= 1)
+        .await;
+    assert!(p.last_error.contains("unresponsive"), "{}", p.last_error);
+    assert_eq!(
+        p.last_exit.unwrap().status,
+        Some(exit_status::Status::Signal(9)),
+        "a stopped process only yields to SIGKILL"
+    );
+    assert!(process_gone(first.pid));
+}
+
+// 6. Slow start -----------------------------------------------------------------
+
+#[tokio::test]
+async fn a_start_past_the_startup_timeout_is_killed_and_counted_as_failed() {
+    let proxy = Proxy::builder()
+        .chaos("slow", &["x"], "")
+        .with("env:\n  CHAOS_SLEEP_BEFORE_BIND: \"60000\"\nstartup_timeout: 300ms\nrestart:\n  policy: never")
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("slow", "FAILED", failed).await;
+    assert!(
+        p.last_error.contains("startup_timeout (300ms)"),
+        "{}",
+        p.last_error
+    );
+    assert_eq!(
+        p.last_exit.unwrap().status,
+        Some(exit_status::Status::Signal(9))
+    );
+}
+
+#[tokio::test]
+async fn a_slow_but_successful_start_is_logged_as_slow() {
+    let proxy = Proxy::builder()
+        .chaos("sluggish", &["x"], "init_delay: 300ms")
+        .with("slow_start_warning: 100ms")
+        .start()
+        .await;
+    assert!(
+        proxy.log_text().contains("slow start"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+// 7. Ports ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_taken_fixed_port_fails_naming_the_port_and_its_holder() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let proxy = Proxy::builder()
+        .memstore("fixed", &["x"])
+        .with(&format!("port: {port}"))
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("fixed", "FAILED", failed).await;
+    assert!(
+        p.last_error
+            .contains(&format!("port {port} is already in use")),
+        "{}",
+        p.last_error
+    );
+    // The holder is this test process.
+    assert!(
+        p.last_error
+            .contains(&format!("process {}", std::process::id())),
+        "{}",
+        p.last_error
+    );
+    assert!(p.last_error.contains("port: auto"), "{}", p.last_error);
+}
+
+#[tokio::test]
+async fn a_port_range_uses_the_next_free_port() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let proxy = Proxy::builder()
+        .memstore("ranged", &["x"])
+        .with(&format!("port: \"{port}-{}\"", port.saturating_add(20)))
+        .start()
+        .await;
+    let p = proxy.pattern("ranged").await;
+    let used: u16 = p.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        used > port && used <= port + 20,
+        "{} not in the range past {port}",
+        p.endpoint
+    );
+}
+
+#[tokio::test]
+async fn unix_socket_transport_serves_data() {
+    let proxy = Proxy::builder()
+        .memstore("sock", &["default"])
+        .with("transport: unix")
+        .start()
+        .await;
+    let p = proxy.pattern("sock").await;
+    assert!(p.endpoint.starts_with("unix:///"), "{}", p.endpoint);
+    let mut kv = proxy.kv().await;
+    kv.put(PutRequest {
+        namespace: "default".into(),
+        key: "k".into(),
+        value: b"v".to_vec(),
+        ttl: None,
+    })
+    .await
+    .unwrap();
+    let v = kv
+        .get(GetRequest {
+            namespace: "default".into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.into_inner().value, b"v");
+}
+
+// 8. Stopping escalates to SIGKILL ----------------------------------------------
+
+#[tokio::test]
+async fn a_pattern_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let proxy = Proxy::builder()
+        .chaos("stubborn", &["x"], "ignore_sigterm: true")
+        .with("stop_grace: 200ms")
+        .start()
+        .await;
+    let pid = proxy.pattern("stubborn").await.pid;
+    let r = proxy
+        .admin()
+        .await
+        .stop_pattern(action("stubborn"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.message.contains("stopped"), "{}", r.message);
+    let p = proxy.pattern("stubborn").await;
+    assert_eq!(p.state(), PatternState::Stopped);
+    assert_eq!(
+        p.last_exit.unwrap().status,
+        Some(exit_status::Status::Signal(9))
+    );
+    assert!(process_gone(pid), "no zombie: reaped");
+    assert!(
+        proxy.children().is_empty(),
+        "no child left: {:?}",
+        proxy.children()
+    );
+}
+
+// 10. Concurrent operators -------------------------------------------------------
+
+#[tokio::test]
+async fn concurrent_start_stop_restart_never_duplicate_a_process() {
+    let proxy = Proxy::builder()
+        .memstore("busy", &["default"])
+        .start()
+        .await;
+    let admin = proxy.admin().await;
+    let calls = (0..30).map(|i| {
+        let mut admin = admin.clone();
+        async move {
+            let r = match i % 3 {
+                0 => admin.start_pattern(action("busy")).await,
+                1 => admin.stop_pattern(action("busy")).await,
+                _ => admin.restart_pattern(action("busy")).await,
+            };
+            match r {
+                Ok(resp) => assert!(!resp.into_inner().message.is_empty()),
+                Err(s) => {
+                    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+                    assert!(s.message().contains("already running"), "{}", s.message());
+                }
+            }
+            // At no point does the proxy have more than one child.
+        }
+    });
+    let watcher = async {
+        for _ in 0..200 {
+            assert!(
+                proxy.children().len() <= 1,
+                "duplicate process: {:?}",
+                proxy.children()
+            );
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::join!(futures::future::join_all(calls), watcher);
+    // Whatever the interleaving, one more start leaves exactly one process.
+    let mut admin = proxy.admin().await;
+    let _ = admin.start_pattern(action("busy")).await;
+    let p = proxy.wait_pattern("busy", "SERVING", serving).await;
+    assert_eq!(proxy.children(), vec![p.pid]);
+}
+
+// 11. Limits ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_pattern_over_its_memory_limit_is_restarted_with_that_reason() {
+    let proxy = Proxy::builder()
+        .chaos("hog", &["x"], "grow_bytes_per_sec: 200000000")
+        .with("limits:\n  memory: 64MiB\nhealth:\n  interval: 50ms\nstop_grace: 200ms\nrestart:\n  initial_backoff: 1ms")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("hog", "restarted for memory", |p| p.restarts >= 1)
+        .await;
+    assert!(
+        p.last_error.contains("memory limit exceeded"),
+        "{}",
+        p.last_error
+    );
+}
+
+#[tokio::test]
+async fn rlimits_are_applied_at_spawn() {
+    let proxy = Proxy::builder()
+        .memstore("limited", &["x"])
+        .with("limits:\n  open_files: 123")
+        .start()
+        .await;
+    let pid = proxy.pattern("limited").await.pid;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(line.split_whitespace().nth(3), Some("123"), "{line}");
+}
+
+// 13. Events ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn watch_patterns_sends_every_state_change_with_its_reason() {
+    let proxy = Proxy::builder()
+        .memstore("mem", &["default"])
+        .with("restart:\n  initial_backoff: 1ms")
+        .start()
+        .await;
+    let mut events = proxy
+        .admin()
+        .await
+        .watch_patterns(WatchPatternsRequest {
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.message().await.unwrap().unwrap();
+    let pid = first.pattern.as_ref().unwrap().pid;
+    assert_eq!(first.pattern.unwrap().state(), PatternState::Serving);
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+
+    let mut seen = Vec::new();
+    let mut crash_reason = String::new();
+    let collect = async {
+        while let Some(ev) = events.next().await {
+            let ev = ev.unwrap();
+            let previous = ev.previous_state();
+            let p = ev.pattern.unwrap();
+            if p.state() == PatternState::Crashed {
+                crash_reason = p.last_error.clone();
+            }
+            seen.push((previous, p.state()));
+            if p.state() == PatternState::Serving {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(trellis_tests::PATIENCE, collect)
+        .await
+        .expect("events arrive");
+    assert_eq!(
+        seen,
+        vec![
+            (PatternState::Serving, PatternState::Crashed),
+            (PatternState::Crashed, PatternState::Starting),
+            (PatternState::Starting, PatternState::Serving),
+        ]
+    );
+    assert!(
+        crash_reason.contains("signal 9 (SIGKILL)"),
+        "{crash_reason}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_follows_state_changes() {
+    let proxy = Proxy::builder()
+        .memstore("mem", &["default"])
+        .with("restart:\n  initial_backoff: 1ms")
+        .start()
+        .await;
+    let mut watch = tokio::process::Command::new(bin("trellis"))
+        .args(["patterns", "watch"])
+        .env("TRELLIS_ADDR", &proxy.addr)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    let first = lines.next_line().await.unwrap().unwrap();
+    assert!(
+        first.contains("mem") && first.contains("SERVING"),
+        "{first}"
+    );
+    let pid = proxy.pattern("mem").await.pid;
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let find = async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("SERVING → CRASHED") {
+                return l;
+            }
+        }
+        panic!("the watch ended without a CRASHED line");
+    };
+    let crashed = tokio::time::timeout(trellis_tests::PATIENCE, find)
+        .await
+        .expect("a CRASHED line");
+    assert!(crashed.contains("SIGKILL"), "{crashed}");
+}
