@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run test unit lint fmt clean
+.PHONY: all build run test lint fmt clean bench bench-supervisor
 
 all: build
 
@@ -18,6 +18,14 @@ run: build
 ## test: unit tests and end-to-end tests against the real binaries
 test: build
 	$(CARGO) test --workspace --no-fail-fast
+
+## bench: every benchmark (release build); prints figures beside same-run baselines
+bench: bench-supervisor
+
+## bench-supervisor: crash detection, restart-to-serving, cold start, idle cost
+bench-supervisor:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p trellis-tests --bench supervisor
 
 ## lint: formatting and clippy, as CI would want them
 lint:

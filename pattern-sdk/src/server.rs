@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, timeout_at};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::RoutesBuilder;
+use tonic::transport::server::TcpIncoming;
 use trellis_proto::KEY_VALUE_SERVICE;
 use trellis_proto::data::v1::key_value_server::KeyValueServer;
 use trellis_proto::pattern::v1::lifecycle_server::LifecycleServer;
@@ -182,8 +183,10 @@ impl<P: Pattern> Server<P> {
         };
         let result = match listener {
             Listener::Tcp(l) => {
-                let server =
-                    router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stop_accepting);
+                let server = router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(l).with_nodelay(Some(true)),
+                    stop_accepting,
+                );
                 until_stopped(server, &stop, &slot, &health).await
             }
             Listener::Unix(l, _socket_file) => {

@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::data::v1::key_value_server::KeyValueServer;
@@ -53,9 +53,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(kv)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = drained.wait_for(|down| *down).await;
-        });
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = drained.wait_for(|down| *down).await;
+            },
+        );
     let server = tokio::spawn(server);
 
     shutdown.await;

@@ -95,6 +95,7 @@ pub struct PatternEntry {
 pub struct ProxyBuilder {
     patterns: Vec<PatternEntry>,
     top: String,
+    log_level: Option<String>,
 }
 
 impl ProxyBuilder {
@@ -137,6 +138,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// The proxy's log level (tests default to `debug`).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = Some(level.into());
+        self
+    }
+
     /// Extra top-level YAML, e.g. "request_timeout: 2s".
     pub fn top(mut self, yaml: &str) -> Self {
         self.top.push_str(yaml);
@@ -145,7 +152,11 @@ impl ProxyBuilder {
     }
 
     pub fn yaml(&self) -> String {
-        let mut y = String::from("listen:\n  grpc: 127.0.0.1:0\nlog:\n  level: debug\n");
+        let mut y = format!(
+            // The harness reads the `listening` line, so keep the server at info.
+            "listen:\n  grpc: 127.0.0.1:0\nlog:\n  level: \"{},trellis::server=info\"\n",
+            self.log_level.as_deref().unwrap_or("debug")
+        );
         y.push_str(&self.top);
         y.push_str("patterns:\n");
         for p in &self.patterns {
