@@ -151,7 +151,7 @@ async fn channel(c: &ClientArgs) -> anyhow::Result<Channel> {
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", s.code(), s.message())
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 pub async fn kv(client: ClientArgs, op: KvOp) -> anyhow::Result<()> {

@@ -423,3 +423,30 @@ async fn a_second_proxy_on_the_same_port_says_what_to_do() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_cooperative_pattern_stops_on_lifecycle_stop_not_at_the_end_of_its_grace() {
+    // With an hour of grace, only a prompt Lifecycle Stop lets the proxy
+    // exit within the test's patience; the pattern exits 0 on its own.
+    let mut proxy = Proxy::builder()
+        .memstore("mem", &["default"])
+        .with("stop_grace: 1h")
+        .start()
+        .await;
+    assert_eq!(
+        proxy.terminate().await,
+        Some(0),
+        "log:\n{}",
+        proxy.log_text()
+    );
+    let log = proxy.log_text();
+    let stopped = log
+        .lines()
+        .find(|l| {
+            l.contains("\"message\":\"stopped\"")
+                && l.contains("\"pattern\":\"mem\"")
+                && l.contains("exit")
+        })
+        .unwrap_or_else(|| panic!("no stopped line:\n{log}"));
+    assert!(stopped.contains("exit code 0"), "{stopped}");
+}

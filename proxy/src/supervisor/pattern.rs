@@ -149,6 +149,7 @@ pub fn spawn(
         tail: tail.clone(),
     };
     let owner = Owner {
+        poller: None,
         schedule: RestartSchedule::new(cfg.restart.clone()),
         cfg: Arc::new(cfg),
         program,
@@ -163,6 +164,8 @@ pub fn spawn(
 }
 
 struct Owner {
+    /// The running process's health poller, aborted before a stop.
+    poller: Option<tokio::task::AbortHandle>,
     cfg: Arc<PatternConfig>,
     program: Result<PathBuf, String>,
     socket_dir: PathBuf,
@@ -515,6 +518,7 @@ impl Owner {
             )
             .in_current_span(),
         );
+        self.poller = Some(poller.abort_handle());
         let _poller_guard = AbortOnDrop(poller);
         let mut failures = 0u32;
         let mut no_answers = 0u32;
@@ -662,6 +666,11 @@ impl Owner {
     /// `stop_grace` → SIGKILL. Always reaps.
     async fn stop_process(&mut self, child: &mut Child, pid: u32, channel: Option<Channel>) {
         self.set_state(State::Stopping);
+        // End the health Watch stream first: an open stream is an in-flight
+        // call the pattern would otherwise wait on for its whole grace period.
+        if let Some(poller) = self.poller.take() {
+            poller.abort();
+        }
         let grace = self.cfg.stop_grace;
         if let Some(ch) = channel {
             let req = StopRequest {
