@@ -321,6 +321,25 @@ async fn not_serving_checks_move_the_pattern_to_not_serving_and_back_without_a_r
 }
 
 #[tokio::test]
+async fn a_health_change_is_seen_through_watch_without_waiting_for_a_poll() {
+    // Polling once an hour: only the Health/Watch stream can report the flap.
+    let proxy = Proxy::builder()
+        .chaos("flap", &["x"], "health: flap\nflap_every: 1500ms")
+        .with("health:\n  interval: 1h\n  failure_threshold: 1")
+        .spawn()
+        .await;
+    proxy.wait_pattern("flap", "SERVING", serving).await;
+    proxy
+        .wait_pattern("flap", "NOT_SERVING via Watch", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+    proxy
+        .wait_pattern("flap", "SERVING again via Watch", serving)
+        .await;
+}
+
+#[tokio::test]
 async fn an_unresponsive_pattern_is_killed_and_restarted() {
     let proxy = Proxy::builder()
         .chaos("hang", &["x"], "hang_after: 300ms")
