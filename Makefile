@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run test lint fmt clean bench bench-supervisor
+.PHONY: all build run setup test lint fmt clean bench bench-supervisor
 
 all: build
 
@@ -15,8 +15,13 @@ build:
 run: build
 	./target/debug/trellis
 
+## setup: find or install the backend servers the tests start privately
+## (redis-server, nats-server, PostgreSQL); says exactly what is missing
+setup:
+	./scripts/setup-backends.sh
+
 ## test: unit tests and end-to-end tests against the real binaries
-test: build
+test: setup build
 	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines

@@ -74,6 +74,8 @@
 //! - `options`, `logging`: flags and environment; stderr logging.
 //! - `shutdown`, `server`: the shutdown request; [`Server`], which runs it all.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod config;
 mod error;
 mod handshake;

@@ -9,6 +9,9 @@
 //! Binaries are found in the cargo target directory next to the test
 //! executable; `make test` builds them first (`cargo build --workspace`).
 
+pub mod backends;
+pub mod nats;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};

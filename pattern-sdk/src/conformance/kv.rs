@@ -1,0 +1,1 @@
+//! Key-value conformance suite (to be written).

@@ -1,0 +1,1 @@
+//! Pub/sub conformance suite (to be written).

@@ -1,0 +1,1 @@
+//! Private Redis and PostgreSQL servers for tests (to be written).

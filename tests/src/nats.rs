@@ -1,0 +1,1 @@
+//! Private NATS servers for tests (to be written).
