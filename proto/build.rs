@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "trellis/data/v1/keyvalue.proto",
+    "trellis/data/v1/pubsub.proto",
     "trellis/admin/v1/admin.proto",
     "trellis/pattern/v1/lifecycle.proto",
 ];

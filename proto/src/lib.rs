@@ -36,6 +36,9 @@ pub const PATTERN_PROTOCOL_VERSION: u32 = 1;
 /// Fully qualified name of the key-value data service.
 pub const KEY_VALUE_SERVICE: &str = "trellis.data.v1.KeyValue";
 
+/// Fully qualified name of the publish/subscribe data service.
+pub const PUB_SUB_SERVICE: &str = "trellis.data.v1.PubSub";
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -54,6 +57,7 @@ mod tests {
             .collect();
         for want in [
             "trellis.data.v1.KeyValue",
+            "trellis.data.v1.PubSub",
             "trellis.admin.v1.Admin",
             "trellis.pattern.v1.Lifecycle",
         ] {
