@@ -1,5 +1,5 @@
 //! Write a Trellis pattern in a few lines: implement [`Pattern`] and a data
-//! trait ([`KeyValue`]) with plain Rust types, and the SDK does the rest of
+//! trait ([`KeyValue`], [`PubSub`]) with plain Rust types, and the SDK does the rest of
 //! the pattern protocol (docs/pattern-protocol.md): flags and `TRELLIS_*`
 //! environment, logging to stderr, binding, the handshake line, the
 //! `Lifecycle` and `grpc.health.v1.Health` services, input validation,
@@ -63,20 +63,23 @@
 //! ```
 //!
 //! Layout, one module per noun:
-//! - `pattern`: the [`Pattern`] and [`KeyValue`] traits and their plain types.
+//! - `pattern`: the [`Pattern`], [`KeyValue`] and [`PubSub`] traits and their
+//!   plain types.
 //! - `error`: [`Error`] and its mapping to `tonic::Status`.
 //! - [`validate`]: the request checks and limits every pattern gets.
 //! - `config`: `google.protobuf.Struct` → the pattern's `Config`.
 //! - `lifecycle`: the `Lifecycle` service and the slot holding the pattern.
 //! - `kv`: the `KeyValue` gRPC service, delegating to the trait.
+//! - `pubsub`: the `PubSub` gRPC service: publish, and subscription streams
+//!   that end when the client goes away or the pattern stops.
 //! - `health`: what `grpc.health.v1.Health` answers, and the poller.
 //! - `listen`, `handshake`: binding the listen address; the stdout line.
 //! - `options`, `logging`: flags and environment; stderr logging.
 //! - `shutdown`, `server`: the shutdown request; [`Server`], which runs it all.
 
+mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
-mod config;
 mod error;
 mod handshake;
 mod health;
@@ -86,6 +89,7 @@ mod listen;
 mod logging;
 mod options;
 mod pattern;
+mod pubsub;
 mod server;
 mod shutdown;
 pub mod validate;
@@ -97,5 +101,7 @@ pub use error::{Error, FieldViolation};
 pub use handshake::{Endpoint, format_handshake};
 pub use listen::{BindError, ListenAddr, ListenAddrError, Listener, SocketFile};
 pub use options::{LogFormat, Options};
-pub use pattern::{Health, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+pub use pattern::{
+    Health, InitContext, KeyValue, ListPage, ListQuery, Message, MessageStream, Pattern, PubSub,
+};
 pub use server::{Server, ServerError};

@@ -1,11 +1,14 @@
 //! The traits a pattern implements: [`Pattern`] for its life cycle, and one
-//! trait per data interface ([`KeyValue`]).
+//! trait per data interface ([`KeyValue`], [`PubSub`]).
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::Duration;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use tokio_stream::Stream;
 
 use crate::Error;
 
@@ -138,4 +141,56 @@ pub struct ListPage {
     /// `Some` when more entries may follow; the caller passes it back as
     /// `page_token`. `None` when this is the last page.
     pub next_page_token: Option<String>,
+}
+
+/// The `trellis.data.v1.PubSub` interface, in plain Rust types. Every argument
+/// has been validated by the SDK (see [`crate::validate`]): namespace and
+/// topic are non-empty, topics and queue groups are at most 256 bytes of
+/// ASCII letters, digits and `.` `_` `-` `~`, payloads at most 1 MiB, and
+/// attributes within their limits (no key starts with `trellis-`).
+///
+/// Delivery is at-most-once to live subscribers, with no replay; see
+/// `proto/trellis/data/v1/pubsub.proto` for the whole contract.
+pub trait PubSub: Pattern {
+    /// Sends one message to `topic` and returns the id it was given, once
+    /// the backend has accepted it. Answer [`Error::Unavailable`] when the
+    /// backend cannot take it now, promptly rather than after a long wait.
+    fn publish(
+        &self,
+        namespace: &str,
+        topic: &str,
+        payload: Bytes,
+        attributes: BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<String, Error>> + Send;
+
+    /// Subscribes to `topic`: fan-out when `queue_group` is `None`, otherwise
+    /// load-shared among the group's members. Return once the subscription
+    /// is established (messages published after this returns are
+    /// delivered), with a stream of the messages. The SDK drops the stream
+    /// when the client goes away or the pattern shuts down, and dropping it
+    /// must end the backend subscription. An `Err` item ends the stream
+    /// (e.g. [`Error::Unavailable`] when the backend connection is gone for
+    /// good).
+    fn subscribe(
+        &self,
+        namespace: &str,
+        topic: &str,
+        queue_group: Option<String>,
+    ) -> impl Future<Output = Result<MessageStream, Error>> + Send;
+}
+
+/// The messages of one subscription, as [`PubSub::subscribe`] returns them.
+pub type MessageStream = Pin<Box<dyn Stream<Item = Result<Message, Error>> + Send + 'static>>;
+
+/// One message, as a subscriber receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The id [`PubSub::publish`] returned for it.
+    pub message_id: String,
+    /// The topic it was published to.
+    pub topic: String,
+    pub payload: Bytes,
+    pub attributes: BTreeMap<String, String>,
+    /// When the pattern accepted it.
+    pub publish_time: SystemTime,
 }

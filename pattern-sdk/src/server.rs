@@ -10,16 +10,18 @@ use tokio::time::{Instant, timeout_at};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::RoutesBuilder;
 use tonic::transport::server::TcpIncoming;
-use trellis_proto::KEY_VALUE_SERVICE;
 use trellis_proto::data::v1::key_value_server::KeyValueServer;
+use trellis_proto::data::v1::pub_sub_server::PubSubServer;
 use trellis_proto::pattern::v1::lifecycle_server::LifecycleServer;
+use trellis_proto::{KEY_VALUE_SERVICE, PUB_SUB_SERVICE};
 
 use crate::health::{self, HealthPublisher};
 use crate::kv::KeyValueService;
 use crate::lifecycle::{DEFAULT_GRACE, LifecycleService, Slot};
 use crate::listen::BindError;
+use crate::pubsub::PubSubService;
 use crate::shutdown::Shutdown;
-use crate::{KeyValue, Listener, Options, Pattern, handshake, logging};
+use crate::{KeyValue, Listener, Options, Pattern, PubSub, handshake, logging};
 
 /// Serves pattern `P`. Register its data interfaces, then [`Server::run`]:
 ///
@@ -37,7 +39,7 @@ pub struct Server<P> {
 /// A data service: its gRPC name and how to add it to the router.
 struct Interface<P> {
     name: &'static str,
-    add: fn(&mut RoutesBuilder, Arc<Slot<P>>),
+    add: fn(&mut RoutesBuilder, Arc<Slot<P>>, Shutdown),
 }
 
 /// Why a pattern process could not start or keep serving.
@@ -63,8 +65,17 @@ impl<P: Pattern> Default for Server<P> {
 impl<P: KeyValue> Server<P> {
     /// Serves `trellis.data.v1.KeyValue` from `P`'s [`KeyValue`] impl.
     pub fn key_value(self) -> Self {
-        self.interface(KEY_VALUE_SERVICE, |routes, slot| {
+        self.interface(KEY_VALUE_SERVICE, |routes, slot, _| {
             routes.add_service(KeyValueServer::new(KeyValueService::new(slot)));
+        })
+    }
+}
+
+impl<P: PubSub> Server<P> {
+    /// Serves `trellis.data.v1.PubSub` from `P`'s [`PubSub`] impl.
+    pub fn pub_sub(self) -> Self {
+        self.interface(PUB_SUB_SERVICE, |routes, slot, shutdown| {
+            routes.add_service(PubSubServer::new(PubSubService::new(slot, shutdown)));
         })
     }
 }
@@ -77,7 +88,11 @@ impl<P: Pattern> Server<P> {
         }
     }
 
-    fn interface(mut self, name: &'static str, add: fn(&mut RoutesBuilder, Arc<Slot<P>>)) -> Self {
+    fn interface(
+        mut self,
+        name: &'static str,
+        add: fn(&mut RoutesBuilder, Arc<Slot<P>>, Shutdown),
+    ) -> Self {
         if !self.interfaces.iter().any(|i| i.name == name) {
             self.interfaces.push(Interface { name, add });
         }
@@ -158,7 +173,7 @@ impl<P: Pattern> Server<P> {
             .add_service(LifecycleServer::new(lifecycle))
             .add_service(health_service);
         for interface in &self.interfaces {
-            (interface.add)(&mut routes, Arc::clone(&slot));
+            (interface.add)(&mut routes, Arc::clone(&slot), stop.clone());
         }
         let router = tonic::transport::Server::builder().add_routes(routes.routes());
 

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use prost_types::value::Kind;
@@ -10,7 +11,13 @@ use serde::Deserialize;
 use trellis_proto::PATTERN_PROTOCOL_VERSION;
 use trellis_proto::pattern::v1::InitializeRequest;
 
-use crate::{Error, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::{
+    Error, InitContext, KeyValue, ListPage, ListQuery, Message, MessageStream, Pattern, PubSub,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,6 +39,16 @@ impl Default for TestConfig {
 pub(crate) struct TestPattern {
     pub(crate) name: String,
     map: Mutex<BTreeMap<String, Bytes>>,
+    /// Every published message, whatever its namespace and topic.
+    messages: broadcast::Sender<Message>,
+    next_id: AtomicU64,
+}
+
+impl TestPattern {
+    /// Live subscriptions.
+    pub(crate) fn subscribers(&self) -> usize {
+        self.messages.receiver_count()
+    }
 }
 
 impl Pattern for TestPattern {
@@ -52,6 +69,8 @@ impl Pattern for TestPattern {
         Ok(Self {
             name: ctx.name().to_string(),
             map: Mutex::default(),
+            messages: broadcast::Sender::new(16),
+            next_id: AtomicU64::new(1),
         })
     }
 }
@@ -95,6 +114,48 @@ impl KeyValue for TestPattern {
             entries,
             next_page_token: query.page_token.map(|t| format!("after-{t}")),
         })
+    }
+}
+
+impl PubSub for TestPattern {
+    async fn publish(
+        &self,
+        _namespace: &str,
+        topic: &str,
+        payload: Bytes,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<String, Error> {
+        if topic == "boom" {
+            return Err(Error::internal("secret detail"));
+        }
+        let message_id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        // No subscriber is not an error: the message is simply not delivered.
+        let _ = self.messages.send(Message {
+            message_id: message_id.clone(),
+            topic: topic.to_string(),
+            payload,
+            attributes,
+            publish_time: SystemTime::now(),
+        });
+        Ok(message_id)
+    }
+
+    /// Every message on `topic` (namespaces and queue groups are ignored); a
+    /// message with payload "fail" becomes an `UNAVAILABLE` item.
+    async fn subscribe(
+        &self,
+        _namespace: &str,
+        topic: &str,
+        _queue_group: Option<String>,
+    ) -> Result<MessageStream, Error> {
+        let topic = topic.to_string();
+        let stream = BroadcastStream::new(self.messages.subscribe()).filter_map(move |m| match m {
+            Ok(m) if m.topic != topic => None,
+            Ok(m) if m.payload == "fail" => Some(Err(Error::unavailable("backend failed"))),
+            Ok(m) => Some(Ok(m)),
+            Err(_lagged) => None,
+        });
+        Ok(Box::pin(stream))
     }
 }
 

@@ -8,11 +8,29 @@
 //! | `value` | at most [`MAX_VALUE_BYTES`] bytes |
 //! | `ttl` | absent or zero: never expires; negative: rejected; at most [`MAX_TTL_SECONDS`] |
 //! | `page_size` | negative: rejected; 0: [`DEFAULT_PAGE_SIZE`]; capped at [`MAX_PAGE_SIZE`] |
+//!
+//! Pub/sub (`Publish`, `Subscribe`):
+//!
+//! | field | rule |
+//! |-------|------|
+//! | `namespace` | not empty |
+//! | `topic` | 1 to [`MAX_TOPIC_BYTES`] bytes of [`NAME_CHARS`] |
+//! | `queue_group` | empty: none (fan-out); otherwise like `topic` |
+//! | `payload` | at most [`MAX_PAYLOAD_BYTES`] bytes |
+//! | `attributes` | at most [`MAX_ATTRIBUTES`] entries; keys 1 to [`MAX_ATTRIBUTE_KEY_BYTES`] bytes of [`ATTRIBUTE_KEY_CHARS`], not starting with [`RESERVED_ATTRIBUTE_PREFIX`] (any case); values at most [`MAX_ATTRIBUTE_VALUE_BYTES`] bytes, no control characters; keys and values together at most [`MAX_ATTRIBUTES_BYTES`] bytes |
+//!
+//! The topic alphabet is RFC 3986's unreserved set, so a topic sits in a URL
+//! path without escaping, and backends (NATS subjects, Redis channels, Kafka
+//! topic names) can carry it with a simple escaping. Attribute keys are valid
+//! header names for every backend (NATS headers, HTTP).
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use trellis_proto::data::v1::{DeleteRequest, GetRequest, ListRequest, PutRequest};
+use trellis_proto::data::v1::{
+    DeleteRequest, GetRequest, ListRequest, PublishRequest, PutRequest, SubscribeRequest,
+};
 
 use crate::error::FieldViolation;
 use crate::{Error, ListQuery};
@@ -27,6 +45,26 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// The longest TTL: the range of `google.protobuf.Duration` (10,000 years).
 pub const MAX_TTL_SECONDS: i64 = 315_576_000_000;
+
+/// The longest topic or queue group, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 256;
+/// The characters allowed in topics and queue groups, as said in errors.
+pub const NAME_CHARS: &str = "ASCII letters, digits, '.', '_', '-' and '~'";
+/// The largest message payload, in bytes (1 MiB).
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// The most attributes on one message.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// The longest attribute key, in bytes.
+pub const MAX_ATTRIBUTE_KEY_BYTES: usize = 128;
+/// The characters allowed in attribute keys, as said in errors.
+pub const ATTRIBUTE_KEY_CHARS: &str = "ASCII letters, digits, '.', '_' and '-'";
+/// Attribute keys starting with this (in any case) are reserved for Trellis
+/// and its patterns, e.g. for the message id a backend carries in a header.
+pub const RESERVED_ATTRIBUTE_PREFIX: &str = "trellis-";
+/// The longest attribute value, in bytes of UTF-8.
+pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
+/// The most bytes of attribute keys and values on one message (64 KiB).
+pub const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
 
 /// A valid `Get` or `Delete`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +88,24 @@ pub struct PutArgs {
 pub struct ListArgs {
     pub namespace: String,
     pub query: ListQuery,
+}
+
+/// A valid `Publish`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishArgs {
+    pub namespace: String,
+    pub topic: String,
+    pub payload: Bytes,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A valid `Subscribe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeArgs {
+    pub namespace: String,
+    pub topic: String,
+    /// `None`: fan-out.
+    pub queue_group: Option<String>,
 }
 
 pub fn get(req: GetRequest) -> Result<KeyArgs, Error> {
@@ -88,6 +144,46 @@ pub fn list(req: ListRequest) -> Result<ListArgs, Error> {
             page_token: Some(req.page_token).filter(|t| !t.is_empty()),
         },
     })
+}
+
+pub fn publish(req: PublishRequest) -> Result<PublishArgs, Error> {
+    let mut v = Violations::default();
+    v.namespace(&req.namespace);
+    v.name("topic", &req.topic);
+    v.payload(&req.payload);
+    v.attributes(&req.attributes);
+    v.finish()?;
+    Ok(PublishArgs {
+        namespace: req.namespace,
+        topic: req.topic,
+        payload: Bytes::from(req.payload),
+        attributes: req.attributes.into_iter().collect(),
+    })
+}
+
+pub fn subscribe(req: SubscribeRequest) -> Result<SubscribeArgs, Error> {
+    let mut v = Violations::default();
+    v.namespace(&req.namespace);
+    v.name("topic", &req.topic);
+    if !req.queue_group.is_empty() {
+        v.name("queue_group", &req.queue_group);
+    }
+    v.finish()?;
+    Ok(SubscribeArgs {
+        namespace: req.namespace,
+        topic: req.topic,
+        queue_group: Some(req.queue_group).filter(|g| !g.is_empty()),
+    })
+}
+
+/// Is `c` allowed in a topic or queue group ([`NAME_CHARS`])?
+pub fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '~')
+}
+
+/// Is `c` allowed in an attribute key ([`ATTRIBUTE_KEY_CHARS`])?
+pub fn is_attribute_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
 fn key_args(namespace: String, key: String) -> Result<KeyArgs, Error> {
@@ -155,6 +251,127 @@ impl Violations {
                     value.len()
                 ),
             );
+        }
+    }
+
+    /// A topic or queue group.
+    fn name(&mut self, field: &str, name: &str) {
+        if name.is_empty() {
+            self.add(
+                field,
+                format!("must not be empty; use 1 to {MAX_TOPIC_BYTES} bytes of {NAME_CHARS}"),
+            );
+            return;
+        }
+        if name.len() > MAX_TOPIC_BYTES {
+            self.add(
+                field,
+                format!(
+                    "is {} bytes long, the limit is {MAX_TOPIC_BYTES} bytes; use a shorter name",
+                    name.len()
+                ),
+            );
+        }
+        if let Some((at, c)) = name.char_indices().find(|(_, c)| !is_name_char(*c)) {
+            self.add(
+                field,
+                format!("contains {c:?} at byte {at}; only {NAME_CHARS} are allowed"),
+            );
+        }
+    }
+
+    fn payload(&mut self, payload: &[u8]) {
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            self.add(
+                "payload",
+                format!(
+                    "is {} bytes, the limit is {MAX_PAYLOAD_BYTES} bytes (1 MiB); \
+                     put large objects in a store and publish a reference",
+                    payload.len()
+                ),
+            );
+        }
+    }
+
+    fn attributes(&mut self, attributes: &HashMap<String, String>) {
+        if attributes.len() > MAX_ATTRIBUTES {
+            self.add(
+                "attributes",
+                format!(
+                    "has {} entries, the limit is {MAX_ATTRIBUTES}; move the rest into the payload",
+                    attributes.len()
+                ),
+            );
+        }
+        let total: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if total > MAX_ATTRIBUTES_BYTES {
+            self.add(
+                "attributes",
+                format!(
+                    "keys and values add up to {total} bytes, the limit is \
+                     {MAX_ATTRIBUTES_BYTES} bytes (64 KiB); move data into the payload"
+                ),
+            );
+        }
+        // Sorted, so the violations come out in a stable order.
+        let sorted: BTreeMap<&String, &String> = attributes.iter().collect();
+        for (key, value) in sorted {
+            let field = format!("attributes[{key:?}]");
+            if key.is_empty() {
+                self.add(
+                    "attributes",
+                    "has an empty key; keys must not be empty".into(),
+                );
+            }
+            if key.len() > MAX_ATTRIBUTE_KEY_BYTES {
+                self.add(
+                    &field,
+                    format!(
+                        "key is {} bytes long, the limit is {MAX_ATTRIBUTE_KEY_BYTES} bytes",
+                        key.len()
+                    ),
+                );
+            }
+            if let Some((at, c)) = key.char_indices().find(|(_, c)| !is_attribute_key_char(*c)) {
+                self.add(
+                    &field,
+                    format!(
+                        "key contains {c:?} at byte {at}; only {ATTRIBUTE_KEY_CHARS} are allowed"
+                    ),
+                );
+            }
+            if key
+                .get(..RESERVED_ATTRIBUTE_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_ATTRIBUTE_PREFIX))
+            {
+                self.add(
+                    &field,
+                    format!(
+                        "keys starting with {RESERVED_ATTRIBUTE_PREFIX:?} are reserved for \
+                         Trellis; rename the attribute"
+                    ),
+                );
+            }
+            if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                self.add(
+                    &field,
+                    format!(
+                        "value is {} bytes, the limit is {MAX_ATTRIBUTE_VALUE_BYTES} bytes; \
+                         move it into the payload",
+                        value.len()
+                    ),
+                );
+            }
+            if let Some((at, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
+                self.add(
+                    &field,
+                    format!(
+                        "value contains the control character {c:?} at byte {at}; \
+                         attributes travel as headers, so encode it (e.g. base64) or \
+                         move it into the payload"
+                    ),
+                );
+            }
         }
     }
 
@@ -405,5 +622,127 @@ mod tests {
         assert_eq!(args.query.prefix, "p/");
         let args = list(list_req(0, "abc")).unwrap();
         assert_eq!(args.query.page_token.as_deref(), Some("abc"));
+    }
+
+    fn publish_req(topic: &str, attributes: &[(&str, &str)]) -> PublishRequest {
+        PublishRequest {
+            namespace: "ns".into(),
+            topic: topic.into(),
+            payload: b"hi".to_vec(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn subscribe_req(topic: &str, queue_group: &str) -> SubscribeRequest {
+        SubscribeRequest {
+            namespace: "ns".into(),
+            topic: topic.into(),
+            queue_group: queue_group.into(),
+        }
+    }
+
+    #[test]
+    fn valid_publish_passes_through() {
+        let args = publish(publish_req("orders.created~v1", &[("trace-id", "abc é")])).unwrap();
+        assert_eq!(args.topic, "orders.created~v1");
+        assert_eq!(args.payload, Bytes::from_static(b"hi"));
+        assert_eq!(args.attributes["trace-id"], "abc é");
+    }
+
+    #[test]
+    fn topic_rules() {
+        assert_eq!(
+            fields(publish(publish_req("", &[])).unwrap_err()),
+            ["topic"]
+        );
+        let ok = "t".repeat(MAX_TOPIC_BYTES);
+        assert!(publish(publish_req(&ok, &[])).is_ok());
+        let long = "t".repeat(MAX_TOPIC_BYTES + 1);
+        let v = violations(publish(publish_req(&long, &[])).unwrap_err());
+        assert_eq!(v[0].field, "topic");
+        assert!(v[0].message.contains("257 bytes"), "{}", v[0].message);
+        for bad in ["a b", "a/b", "a*", "a>", "a:b", "é", "a\0"] {
+            let v = violations(publish(publish_req(bad, &[])).unwrap_err());
+            assert_eq!(v[0].field, "topic", "{bad:?}");
+            assert!(
+                v[0].message.contains("only ASCII letters"),
+                "{}",
+                v[0].message
+            );
+        }
+    }
+
+    #[test]
+    fn queue_group_is_optional_and_checked_like_a_topic() {
+        let args = subscribe(subscribe_req("t", "")).unwrap();
+        assert_eq!(args.queue_group, None);
+        let args = subscribe(subscribe_req("t", "workers")).unwrap();
+        assert_eq!(args.queue_group.as_deref(), Some("workers"));
+        let err = subscribe(SubscribeRequest {
+            namespace: String::new(),
+            topic: String::new(),
+            queue_group: "no spaces".into(),
+        })
+        .unwrap_err();
+        assert_eq!(fields(err), ["namespace", "topic", "queue_group"]);
+    }
+
+    #[test]
+    fn payload_limit_is_inclusive() {
+        let mut req = publish_req("t", &[]);
+        req.payload = vec![0; MAX_PAYLOAD_BYTES];
+        assert!(publish(req.clone()).is_ok());
+        req.payload.push(0);
+        let v = violations(publish(req).unwrap_err());
+        assert_eq!(v[0].field, "payload");
+        assert!(v[0].message.contains("1 MiB"));
+    }
+
+    #[test]
+    fn attribute_rules() {
+        let long_key = "k".repeat(MAX_ATTRIBUTE_KEY_BYTES + 1);
+        let long_value = "v".repeat(MAX_ATTRIBUTE_VALUE_BYTES + 1);
+        let cases: &[(&str, &str, &str)] = &[
+            ("", "v", "empty key"),
+            (&long_key, "v", "129 bytes"),
+            ("a:b", "v", "only ASCII letters"),
+            ("Trellis-Message-Id", "v", "reserved"),
+            ("ok", &long_value, "4097 bytes"),
+            ("ok", "line\nbreak", "control character"),
+        ];
+        for (key, value, want) in cases {
+            let v = violations(publish(publish_req("t", &[(key, value)])).unwrap_err());
+            assert!(v[0].field.starts_with("attributes"), "{v:?}");
+            assert!(v[0].message.contains(want), "{key:?}: {}", v[0].message);
+        }
+        let ok_key = "k".repeat(MAX_ATTRIBUTE_KEY_BYTES);
+        let ok_value = "v".repeat(MAX_ATTRIBUTE_VALUE_BYTES);
+        assert!(publish(publish_req("t", &[(&ok_key, &ok_value)])).is_ok());
+    }
+
+    #[test]
+    fn attribute_count_and_total_size_are_limited() {
+        let many: Vec<(String, String)> = (0..=MAX_ATTRIBUTES)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        let mut req = publish_req("t", &[]);
+        req.attributes = many.iter().cloned().collect();
+        let v = violations(publish(req.clone()).unwrap_err());
+        assert_eq!(v[0].field, "attributes");
+        assert!(v[0].message.contains("65 entries"), "{}", v[0].message);
+        req.attributes.remove("k0");
+        assert!(publish(req).is_ok());
+
+        // 17 values of 4000 bytes: each within its limit, together too many.
+        let mut req = publish_req("t", &[]);
+        req.attributes = (0..17)
+            .map(|i| (format!("k{i}"), "v".repeat(4000)))
+            .collect();
+        let v = violations(publish(req).unwrap_err());
+        assert_eq!(v.len(), 1);
+        assert!(v[0].message.contains("64 KiB"), "{}", v[0].message);
     }
 }
