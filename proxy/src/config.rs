@@ -26,7 +26,7 @@ pub const EMBEDDED_NAME: &str = "<embedded default config (deploy/examples/local
 /// Top-level keys that `TRELLIS_*` environment variables may override. Other
 /// `TRELLIS_*` variables (the CLI's `TRELLIS_ADDR`, the pattern protocol's
 /// `TRELLIS_PATTERN_*`) are not configuration and are ignored here.
-const ENV_ROOTS: &[&str] = &["listen", "log", "request_timeout", "shutdown_grace"];
+const ENV_ROOTS: &[&str] = &["listen", "log", "request_timeout", "shutdown_grace", "http"];
 
 /// Largest name length, for patterns and namespaces.
 pub const MAX_NAME_LEN: usize = 63;
@@ -47,6 +47,7 @@ pub struct Config {
     /// Where Unix sockets of `transport: unix` patterns are created;
     /// default `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
     pub socket_dir: Option<PathBuf>,
+    pub http: Http,
     pub patterns: Vec<PatternConfig>,
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -59,6 +60,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
             socket_dir: None,
+            http: Http::default(),
             patterns: Vec::new(),
             namespaces: Vec::new(),
         }
@@ -70,14 +72,86 @@ impl Default for Config {
 pub struct Listen {
     /// The gRPC front door (data API, admin API, health).
     pub grpc: SocketAddr,
+    /// The HTTP/JSON front door (the same API, transcoded); `null` turns it off.
+    pub http: Option<SocketAddr>,
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Listen {
             grpc: SocketAddr::from(([127, 0, 0, 1], 8980)),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 8981))),
         }
     }
+}
+
+/// The HTTP gateway's limits and header mapping.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    pub limits: HttpLimits,
+    pub headers: HeaderMapping,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Largest request body (413 above it).
+    pub max_body: bytesize::ByteSize,
+    /// Largest total size of the request headers (431 above it).
+    pub max_header_bytes: bytesize::ByteSize,
+    /// Longest request target, path and query (414 above it).
+    pub max_uri_bytes: usize,
+    /// Deepest JSON nesting in a body (400 above it).
+    pub max_json_depth: usize,
+    /// Time allowed to receive a request's headers, and again its body
+    /// (slow-loris and stalled uploads get 408 or are closed).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_body: bytesize::ByteSize::mib(4),
+            max_header_bytes: bytesize::ByteSize::kib(16),
+            max_uri_bytes: 8192,
+            max_json_depth: 32,
+            read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Declarative header mapping between HTTP and gRPC metadata, on top of the
+/// built-in rules (X-Request-ID, traceparent/tracestate, Authorization).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeaderMapping {
+    /// Incoming HTTP header → gRPC metadata sent to the pattern.
+    pub request: Vec<HeaderRule>,
+    /// gRPC response metadata → HTTP response header.
+    pub response: Vec<HeaderRule>,
+    /// Request paths (exact) on which no mapping rule applies.
+    pub skip_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRule {
+    pub from: String,
+    pub to: String,
+    /// Used when the header is absent.
+    #[serde(default)]
+    pub default: Option<String>,
+    /// Removed from the front of the value, e.g. "Bearer ".
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Trim surrounding white space.
+    #[serde(default)]
+    pub trim: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -495,6 +569,30 @@ impl Config {
             bad(
                 "request_timeout".into(),
                 "must be greater than zero, e.g. \"5s\"".into(),
+            );
+        }
+        for (side, rules) in [
+            ("request", &self.http.headers.request),
+            ("response", &self.http.headers.response),
+        ] {
+            for (i, r) in rules.iter().enumerate() {
+                let at = |f: &str| format!("http.headers.{side}[{i}].{f}");
+                for (f, name) in [("from", &r.from), ("to", &r.to)] {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        bad(at(f), format!("{name:?} is not a valid header name"));
+                    } else if crate::gateway::headers::is_hop_by_hop(name) {
+                        bad(
+                            at(f),
+                            format!("{name} is a hop-by-hop header and is never forwarded"),
+                        );
+                    }
+                }
+            }
+        }
+        if self.http.limits.max_json_depth == 0 || self.http.limits.max_connections == 0 {
+            bad(
+                "http.limits".into(),
+                "max_json_depth and max_connections must be at least 1".into(),
             );
         }
         let mut seen = BTreeMap::new();

@@ -14,6 +14,8 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod error;
+pub mod gateway;
 pub mod health;
 pub mod logging;
 pub mod server;

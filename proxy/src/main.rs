@@ -89,22 +89,43 @@ async fn serve(args: cli::ServeArgs) -> ExitCode {
         .map(Into::into)
         .unwrap_or(loaded.config.log.format);
     logging::init(format, &loaded.config.log.level);
-    let addr = loaded.config.listen.grpc;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let grpc = match bind(
+        loaded.config.listen.grpc,
+        "listen.grpc",
+        "TRELLIS_LISTEN__GRPC",
+    )
+    .await
+    {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!(
-                "cannot listen on {addr}: {e}; another process (perhaps another trellis) holds \
-                 it — stop it, or set listen.grpc in the config or TRELLIS_LISTEN__GRPC"
-            );
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
-    match server::run(loaded, listener, server::signal()).await {
+    let http = match loaded.config.listen.http {
+        Some(addr) => match bind(addr, "listen.http", "TRELLIS_LISTEN__HTTP").await {
+            Ok(l) => Some(l),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    let listeners = server::Listeners { grpc, http };
+    match server::run(loaded, listeners, server::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the proxy failed");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn bind(
+    addr: std::net::SocketAddr,
+    field: &str,
+    env: &str,
+) -> Result<tokio::net::TcpListener, ExitCode> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        tracing::error!(
+            "cannot listen on {addr}: {e}; another process (perhaps another trellis) holds it — \
+             stop it, or set {field} in the config or {env}"
+        );
+        ExitCode::from(1)
+    })
 }

@@ -22,9 +22,16 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Serves until `shutdown` resolves, then drains the front door (bounded by
 /// `shutdown_grace`) and stops every pattern.
+/// The proxy's bound listeners.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// The HTTP/JSON gateway's; `None` turns the gateway off.
+    pub http: Option<TcpListener>,
+}
+
 pub async fn run(
     loaded: Loaded,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = loaded.config;
@@ -45,16 +52,49 @@ pub async fn run(
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
 
-    let local = listener.local_addr()?;
-    info!(grpc = %local, config = %loaded.source, "listening");
-    let mut drained = stop_rx.clone();
-    let server = tonic::transport::Server::builder()
+    // One set of services behind both front doors: the gRPC listener serves
+    // it, and the HTTP gateway calls it in-process.
+    let mut services = tonic::service::RoutesBuilder::default();
+    services
         .add_service(health_service)
         .add_service(kv)
         .add_service(admin)
+        .add_service(reflection);
+    let services = services.routes();
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = match &listeners.http {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let http_task = match listeners.http {
+        Some(listener) => {
+            let gateway = crate::gateway::Gateway::new(services.clone(), &config.http)
+                .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))?;
+            Some(tokio::spawn(crate::gateway::serve(
+                std::sync::Arc::new(gateway),
+                listener,
+                stop_rx.clone(),
+                config.shutdown_grace,
+            )))
+        }
+        None => None,
+    };
+    info!(
+        grpc = %grpc_addr,
+        http = %http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        config = %loaded.source,
+        "listening"
+    );
+    let mut drained = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .add_routes(services)
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             async move {
                 let _ = drained.wait_for(|down| *down).await;
             },
@@ -69,6 +109,9 @@ pub async fn run(
         Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
         Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
         Err(_) => warn!("requests still in flight after shutdown_grace; closing anyway"),
+    }
+    if let Some(t) = http_task {
+        let _ = t.await;
     }
     supervisor.shutdown().await;
     health_task.abort();

@@ -157,7 +157,7 @@ impl ProxyBuilder {
     pub fn yaml(&self) -> String {
         let mut y = format!(
             // The harness reads the `listening` line, so keep the server at info.
-            "listen:\n  grpc: 127.0.0.1:0\nlog:\n  level: \"{},trellis::server=info\"\n",
+            "listen:\n  grpc: 127.0.0.1:0\n  http: 127.0.0.1:0\nlog:\n  level: \"{},trellis::server=info\"\n",
             self.log_level.as_deref().unwrap_or("debug")
         );
         y.push_str(&self.top);
@@ -206,6 +206,8 @@ impl ProxyBuilder {
 pub struct Proxy {
     pub child: Child,
     pub addr: String,
+    /// The HTTP gateway's base URL, e.g. `http://127.0.0.1:40001`.
+    pub http: Option<String>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -250,7 +252,7 @@ impl Proxy {
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = match tokio::time::timeout(PATIENCE, addr_rx).await {
+        let (addr, http) = match tokio::time::timeout(PATIENCE, addr_rx).await {
             Ok(Ok(a)) => a,
             _ => panic!(
                 "trellis never logged its listening address; its log:\n{}",
@@ -260,6 +262,7 @@ impl Proxy {
         Proxy {
             child,
             addr: format!("http://{addr}"),
+            http: http.map(|h| format!("http://{h}")),
             logs,
             config_path,
             _dir: dir,
@@ -390,14 +393,21 @@ impl Proxy {
     }
 }
 
-/// Finds the address in the proxy's `listening` log line.
-fn listening_addr(line: &str) -> Option<String> {
+/// Finds the gRPC and HTTP addresses in the proxy's `listening` log line.
+fn listening_addr(line: &str) -> Option<(String, Option<String>)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
     if fields.get("message")?.as_str()? != "listening" {
         return None;
     }
-    Some(fields.get("grpc")?.as_str()?.to_string())
+    let http = fields
+        .get("http")
+        .and_then(|h| h.as_str())
+        .filter(|h| *h != "off");
+    Some((
+        fields.get("grpc")?.as_str()?.to_string(),
+        http.map(str::to_string),
+    ))
 }
 
 pub fn state(p: &admin::Pattern) -> admin::PatternState {

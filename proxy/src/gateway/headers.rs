@@ -1,0 +1,196 @@
+//! Header mapping between HTTP and gRPC metadata.
+//!
+//! Built in, always: `X-Request-ID` is accepted (if it is 1–128 visible
+//! ASCII characters) or generated, sent to the pattern as `x-request-id`
+//! metadata and echoed on the response; W3C `traceparent`/`tracestate` pass
+//! through; `Authorization` passes through but is never logged. Configured
+//! rules (`http.headers`) add more, with defaults and simple transforms.
+//! Hop-by-hop headers are never forwarded.
+
+use http::HeaderMap;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+
+use crate::config::{HeaderMapping, HeaderRule};
+
+pub const REQUEST_ID: &str = "x-request-id";
+const PASS_THROUGH: &[&str] = &["traceparent", "tracestate", "authorization"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+];
+
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// The request's id: the client's `X-Request-ID` when usable, else a new UUID.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let tp = headers.get("traceparent")?.to_str().ok()?;
+    let parts: Vec<&str> = tp.split('-').collect();
+    match parts.as_slice() {
+        [_, trace, _, _] if trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(trace.to_string())
+        }
+        _ => None,
+    }
+}
+
+fn apply(rule: &HeaderRule, value: Option<&str>) -> Option<String> {
+    let mut v = value.map(str::to_string).or_else(|| rule.default.clone())?;
+    if rule.trim {
+        v = v.trim().to_string();
+    }
+    if let Some(p) = &rule.strip_prefix
+        && let Some(rest) = v.strip_prefix(p.as_str())
+    {
+        v = rest.to_string();
+    }
+    Some(v)
+}
+
+/// The gRPC metadata for one HTTP request.
+pub fn to_metadata(
+    headers: &HeaderMap,
+    request_id: &str,
+    path: &str,
+    rules: &HeaderMapping,
+) -> MetadataMap {
+    let mut md = MetadataMap::new();
+    if let Ok(v) = MetadataValue::try_from(request_id) {
+        md.insert(REQUEST_ID, v);
+    }
+    for name in PASS_THROUGH {
+        if let Some(v) = headers.get(*name).and_then(|v| v.to_str().ok())
+            && let Ok(v) = MetadataValue::try_from(v)
+        {
+            md.insert(*name, v);
+        }
+    }
+    if rules.skip_paths.iter().any(|p| p == path) {
+        return md;
+    }
+    for rule in &rules.request {
+        let value = headers
+            .get(rule.from.as_str())
+            .and_then(|v| v.to_str().ok());
+        if let Some(v) = apply(rule, value)
+            && let (Ok(k), Ok(v)) = (
+                MetadataKey::from_bytes(rule.to.to_ascii_lowercase().as_bytes()),
+                MetadataValue::try_from(v.as_str()),
+            )
+        {
+            md.insert(k, v);
+        }
+    }
+    md
+}
+
+/// Response headers from the gRPC response metadata.
+pub fn from_metadata(md: &MetadataMap, path: &str, rules: &HeaderMapping, out: &mut HeaderMap) {
+    if rules.skip_paths.iter().any(|p| p == path) {
+        return;
+    }
+    for rule in &rules.response {
+        let value = md
+            .get(rule.from.to_ascii_lowercase().as_str())
+            .and_then(|v| v.to_str().ok());
+        if let Some(v) = apply(rule, value)
+            && let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(rule.to.as_bytes()),
+                http::HeaderValue::from_str(&v),
+            )
+        {
+            out.insert(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn request_id_is_kept_when_sane_and_generated_otherwise() {
+        assert_eq!(request_id(&headers(&[("x-request-id", "abc-1")])), "abc-1");
+        let generated = request_id(&headers(&[("x-request-id", "has space")]));
+        assert_eq!(generated.len(), 36, "a UUID: {generated}");
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn trace_id_comes_from_traceparent() {
+        let h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]);
+        assert_eq!(
+            trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id(&headers(&[("traceparent", "garbage")])), None);
+    }
+
+    #[test]
+    fn rules_map_default_and_transform() {
+        let rules = HeaderMapping {
+            request: vec![
+                HeaderRule {
+                    from: "Authorization".into(),
+                    to: "x-token".into(),
+                    default: None,
+                    strip_prefix: Some("Bearer ".into()),
+                    trim: true,
+                },
+                HeaderRule {
+                    from: "X-Tenant".into(),
+                    to: "tenant".into(),
+                    default: Some("public".into()),
+                    strip_prefix: None,
+                    trim: false,
+                },
+            ],
+            response: vec![],
+            skip_paths: vec!["/skip".into()],
+        };
+        let h = headers(&[
+            ("authorization", " Bearer s3cret "),
+            ("connection", "close"),
+        ]);
+        let md = to_metadata(&h, "rid", "/v1/x", &rules);
+        assert_eq!(md.get("x-token").unwrap(), "s3cret");
+        assert_eq!(md.get("tenant").unwrap(), "public");
+        assert_eq!(md.get("x-request-id").unwrap(), "rid");
+        assert_eq!(md.get("authorization").unwrap(), " Bearer s3cret ");
+        assert!(md.get("connection").is_none(), "hop-by-hop never forwarded");
+        let skipped = to_metadata(&h, "rid", "/skip", &rules);
+        assert!(skipped.get("tenant").is_none());
+    }
+}

@@ -1,0 +1,486 @@
+//! The HTTP/JSON gateway: every `google.api.http`-annotated method of the
+//! proxy's gRPC services, over HTTP/1.1 and h2c, transcoded by one generic
+//! engine. Only this module knows about HTTP.
+//!
+//! - `template`: path templates; `routes`: the table from the descriptors.
+//! - `transcode`: HTTP ↔ protobuf JSON; `codec`: dynamic messages for tonic.
+//! - `headers`: request id, trace context, configured header mapping.
+//! - `problem`: errors as RFC 9457 problem+json.
+//! - `openapi`: the OpenAPI 3 document from the same descriptors.
+//!
+//! A request's path: limits (URI 414, headers 431) → route (404/405/400) →
+//! content type (415) → body with size and time limits (413/408) →
+//! transcode (400) → an in-process gRPC call on the same `Routes` the gRPC
+//! listener serves (so both front doors run exactly the same code) → JSON,
+//! NDJSON or Server-Sent Events.
+
+pub mod codec;
+pub mod headers;
+pub mod openapi;
+pub mod problem;
+pub mod routes;
+pub mod template;
+pub mod transcode;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tonic::Code;
+use tonic::service::Routes;
+use tracing::{info, warn};
+
+use crate::config::{HeaderMapping, Http, HttpLimits};
+use crate::error::ApiError;
+use codec::DynamicCodec;
+use routes::{Lookup, Route, RouteTable};
+
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+/// How a streaming response is framed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum StreamFormat {
+    /// `application/x-ndjson`: `{"result": …}` per line, `{"error": …}` last.
+    NdJson,
+    /// `text/event-stream`: `data:` events, `event: error` last.
+    Sse,
+}
+
+/// Per-request facts carried into every response and log line.
+struct Ctx {
+    request_id: String,
+    trace_id: Option<String>,
+    path: String,
+}
+
+pub struct Gateway {
+    table: RouteTable,
+    grpc: Routes,
+    limits: HttpLimits,
+    headers: HeaderMapping,
+    openapi: Bytes,
+}
+
+impl Gateway {
+    /// `grpc` is the same set of services the gRPC listener serves.
+    pub fn new(grpc: Routes, http: &Http) -> Result<Self, String> {
+        let pool = DescriptorPool::decode(trellis_proto::FILE_DESCRIPTOR_SET)
+            .map_err(|e| format!("the embedded descriptor set does not decode: {e}"))?;
+        let table = RouteTable::from_pool(&pool)?;
+        let openapi =
+            Bytes::from(serde_json::to_vec_pretty(&openapi::document(&table)).unwrap_or_default());
+        Ok(Gateway {
+            table,
+            grpc,
+            limits: http.limits.clone(),
+            headers: http.headers.clone(),
+            openapi,
+        })
+    }
+
+    /// Answers one request. Never panics on input; every failure is a
+    /// problem+json response.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let ctx = Ctx {
+            request_id: headers::request_id(req.headers()),
+            trace_id: headers::trace_id(req.headers()),
+            path: req.uri().path().to_string(),
+        };
+        let method = req.method().clone();
+        let mut resp = match self.dispatch(req, &ctx).await {
+            Ok(r) => r,
+            Err(e) => self.problem(&e, &ctx),
+        };
+        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+            resp.headers_mut().insert(headers::REQUEST_ID, v);
+        }
+        info!(
+            method = %method,
+            path = %ctx.path,
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            request_id = %ctx.request_id,
+            "http request"
+        );
+        resp
+    }
+
+    fn problem(&self, e: &ApiError, ctx: &Ctx) -> Response<Body> {
+        if e.code == Code::Internal || e.code == Code::Unknown {
+            warn!(request_id = %ctx.request_id, reason = %e.reason, detail = %e.message, "internal error");
+        }
+        problem::response(e, &ctx.path, &ctx.request_id, ctx.trace_id.as_deref()).map(full)
+    }
+
+    async fn dispatch<B>(&self, req: Request<B>, ctx: &Ctx) -> Result<Response<Body>, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let uri_len = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().len())
+            .unwrap_or(0);
+        if uri_len > self.limits.max_uri_bytes {
+            return Err(ApiError::http(
+                414,
+                Code::InvalidArgument,
+                "URI_TOO_LONG",
+                format!(
+                    "the request target is {uri_len} bytes; at most {} are allowed (http.limits.max_uri_bytes)",
+                    self.limits.max_uri_bytes
+                ),
+            ));
+        }
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        let max_headers = self.limits.max_header_bytes.as_u64() as usize;
+        if header_bytes > max_headers {
+            return Err(ApiError::http(
+                431,
+                Code::InvalidArgument,
+                "HEADERS_TOO_LARGE",
+                format!(
+                    "the request headers total {header_bytes} bytes; at most {max_headers} are allowed"
+                ),
+            ));
+        }
+        if req.method() == Method::GET && ctx.path == "/openapi.json" {
+            let mut r = Response::new(full(self.openapi.clone()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(r);
+        }
+        let (route, bindings) = match self.table.find(req.method(), &ctx.path) {
+            Lookup::Found(r, b) => (r, b),
+            Lookup::MethodNotAllowed(allowed) => {
+                let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+                let e = ApiError::http(
+                    405,
+                    Code::Unimplemented,
+                    "METHOD_NOT_ALLOWED",
+                    format!(
+                        "{} is not allowed on {}; allowed: {}",
+                        req.method(),
+                        ctx.path,
+                        allow.join(", ")
+                    ),
+                );
+                let mut r = self.problem(&e, ctx);
+                if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+                    r.headers_mut().insert(header::ALLOW, v);
+                }
+                return Ok(r);
+            }
+            Lookup::NotFound => {
+                return Err(ApiError::http(
+                    404,
+                    Code::NotFound,
+                    "ROUTE_NOT_FOUND",
+                    format!(
+                        "no API route matches {} {}; see /openapi.json for the routes",
+                        req.method(),
+                        ctx.path
+                    ),
+                ));
+            }
+            Lookup::BadPath(template::PathError::DotSegment) => {
+                return Err(ApiError::http(
+                    400,
+                    Code::InvalidArgument,
+                    "DOT_SEGMENT",
+                    "the path has a '.' or '..' segment; such keys cannot be addressed over HTTP (clients \
+                     and proxies rewrite them) — use the gRPC API for them",
+                ));
+            }
+            Lookup::BadPath(template::PathError::BadValue { field, problem }) => {
+                return Err(ApiError::invalid_argument(&field, problem));
+            }
+        };
+        let stream_format = match req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(a) if a.contains("text/event-stream") => StreamFormat::Sse,
+            _ => StreamFormat::NdJson,
+        };
+        let query = req.uri().query().map(str::to_string);
+        let metadata =
+            headers::to_metadata(req.headers(), &ctx.request_id, &ctx.path, &self.headers);
+        let body = self.read_body(req).await?;
+        let message = transcode::request(
+            route,
+            &bindings,
+            query.as_deref(),
+            &body,
+            self.limits.max_json_depth,
+        )?;
+        self.call(route, metadata, message, stream_format, ctx)
+            .await
+    }
+
+    async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let max = self.limits.max_body.as_u64() as usize;
+        let too_large = || {
+            ApiError::http(
+                413,
+                Code::InvalidArgument,
+                "BODY_TOO_LARGE",
+                format!("the request body is larger than {max} bytes (http.limits.max_body)"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        if declared != Some(0) && declared.is_some()
+            || req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            let ct = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::http(
+                    415,
+                    Code::InvalidArgument,
+                    "UNSUPPORTED_MEDIA_TYPE",
+                    format!("the body must be JSON (Content-Type: application/json), not {ct:?}"),
+                ));
+            }
+        }
+        let limited = Limited::new(req.into_body(), max);
+        match tokio::time::timeout(self.limits.read_timeout, limited.collect()).await {
+            Err(_) => Err(ApiError::http(
+                408,
+                Code::DeadlineExceeded,
+                "REQUEST_TIMEOUT",
+                format!(
+                    "the request body did not arrive within {} (http.limits.read_timeout)",
+                    humantime::format_duration(self.limits.read_timeout)
+                ),
+            )),
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(too_large())
+            }
+            Ok(Err(e)) => Err(ApiError::http(
+                400,
+                Code::InvalidArgument,
+                "BODY_UNREADABLE",
+                format!("the request body could not be read: {e}"),
+            )),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    async fn call(
+        &self,
+        route: &Route,
+        metadata: tonic::metadata::MetadataMap,
+        message: DynamicMessage,
+        format: StreamFormat,
+        ctx: &Ctx,
+    ) -> Result<Response<Body>, ApiError> {
+        let mut grpc = tonic::client::Grpc::new(self.grpc.clone());
+        grpc.ready().await.map_err(|e| {
+            ApiError::new(
+                Code::Unavailable,
+                "GATEWAY_UNAVAILABLE",
+                format!("the gRPC services are not ready: {e}"),
+            )
+        })?;
+        let path = http::uri::PathAndQuery::from_maybe_shared(route.grpc_path.clone())
+            .map_err(|e| ApiError::new(Code::Internal, "BAD_ROUTE", e.to_string()))?;
+        let codec = DynamicCodec::new(route.method.output());
+        let request = tonic::Request::from_parts(metadata, tonic::Extensions::default(), message);
+
+        if route.method.is_server_streaming() {
+            let resp = grpc
+                .server_streaming(request, path, codec)
+                .await
+                .map_err(|s| ApiError::from_status(&s))?;
+            let mut out_headers = http::HeaderMap::new();
+            headers::from_metadata(resp.metadata(), &ctx.path, &self.headers, &mut out_headers);
+            let stream = resp.into_inner();
+            let route = route.clone();
+            let (rid, tid, instance) = (
+                ctx.request_id.clone(),
+                ctx.trace_id.clone(),
+                ctx.path.clone(),
+            );
+            let frames = futures::stream::unfold(Some(stream), move |state| {
+                let route = route.clone();
+                let (rid, tid, instance) = (rid.clone(), tid.clone(), instance.clone());
+                async move {
+                    let mut stream = state?;
+                    match stream.message().await {
+                        Ok(Some(msg)) => {
+                            let json = transcode::response(&route, &msg);
+                            Some((frame(format, false, &json), Some(stream)))
+                        }
+                        Ok(None) => None,
+                        Err(status) => {
+                            let e = ApiError::from_status(&status);
+                            let (_, doc) = problem::document(&e, &instance, &rid, tid.as_deref());
+                            let json = serde_json::to_vec(&doc).unwrap_or_default();
+                            Some((frame(format, true, &json), None))
+                        }
+                    }
+                }
+            })
+            .map(|b| Ok::<_, Infallible>(http_body::Frame::data(b)));
+            let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+            let ct = match format {
+                StreamFormat::NdJson => "application/x-ndjson",
+                StreamFormat::Sse => "text/event-stream",
+            };
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r.headers_mut().extend(out_headers);
+            return Ok(r);
+        }
+
+        let resp = grpc
+            .unary(request, path, codec)
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        let mut r = Response::new(full(transcode::response(route, resp.get_ref())));
+        *r.status_mut() = StatusCode::OK;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers::from_metadata(resp.metadata(), &ctx.path, &self.headers, r.headers_mut());
+        Ok(r)
+    }
+}
+
+fn frame(format: StreamFormat, error: bool, json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 24);
+    match format {
+        StreamFormat::NdJson => {
+            out.extend_from_slice(if error {
+                b"{\"error\":"
+            } else {
+                b"{\"result\":"
+            });
+            out.extend_from_slice(json);
+            out.extend_from_slice(b"}\n");
+        }
+        StreamFormat::Sse => {
+            if error {
+                out.extend_from_slice(b"event: error\n");
+            }
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(json);
+            out.extend_from_slice(b"\n\n");
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` turns true, then
+/// lets open requests finish for up to `grace`.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    grace: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let limits = gateway.limits.clone();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.wait_for(|down| *down) => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "accepting an HTTP connection failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|down| *down) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gateway.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(gw.handle(req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let header_buf = (limits.max_header_bytes.as_u64() as usize + limits.max_uri_bytes + 8192)
+            .max(16 * 1024);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.read_timeout)
+            .max_buf_size(header_buf);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes.as_u64() as u32);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("HTTP requests still open after the grace period; closing anyway");
+    }
+}
