@@ -1,20 +1,26 @@
-//! memstore: an in-memory key-value pattern, and the model to copy when
-//! writing a new one. [`MemStore`] implements the SDK's traits by delegating
-//! to [`Store`] (the map, in `store.rs`) and runs one background task that
-//! purges expired keys. Everything else — protocol, validation, health,
-//! shutdown — is the SDK's.
+//! memstore: an in-memory key-value and pub/sub pattern, and the model to
+//! copy when writing a new one. [`MemStore`] implements the SDK's traits by
+//! delegating to [`Store`] (the map, in `store.rs`) and [`Topics`] (pub/sub,
+//! in `topics.rs`), and runs one background task that purges expired keys.
+//! Everything else — protocol, validation, health, shutdown — is the SDK's.
 
 mod store;
+mod topics;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pattern_sdk::{Error, FieldViolation, InitContext, KeyValue, ListPage, ListQuery, Pattern};
+use pattern_sdk::{
+    Error, FieldViolation, InitContext, KeyValue, ListPage, ListQuery, MessageStream, Pattern,
+    PubSub,
+};
 use serde::Deserialize;
 use tokio::task::AbortHandle;
 
 pub use store::Store;
+pub use topics::Topics;
 
 /// The `config:` block of a memstore entry in the proxy configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +33,9 @@ pub struct Config {
     /// (Expired keys are invisible at once either way.)
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Pub/sub: messages held for each subscriber before it starts missing
+    /// the oldest (fan-out) or its queue group skips it.
+    pub subscriber_buffer: usize,
 }
 
 impl Default for Config {
@@ -34,12 +43,14 @@ impl Default for Config {
         Self {
             max_keys: 1_000_000,
             sweep_interval: Duration::from_secs(1),
+            subscriber_buffer: 1024,
         }
     }
 }
 
 pub struct MemStore {
     store: Arc<Store>,
+    topics: Arc<Topics>,
     sweeper: AbortHandle,
 }
 
@@ -59,6 +70,12 @@ impl Pattern for MemStore {
                 "must be longer than zero, e.g. \"1s\"",
             ));
         }
+        if config.subscriber_buffer == 0 {
+            problems.push(FieldViolation::new(
+                "config.subscriber_buffer",
+                "must be at least 1, e.g. 1024",
+            ));
+        }
         if !problems.is_empty() {
             return Err(Error::InvalidArgument(problems));
         }
@@ -66,6 +83,7 @@ impl Pattern for MemStore {
         let sweeper = tokio::spawn(sweep(Arc::clone(&store), config.sweep_interval));
         Ok(Self {
             store,
+            topics: Topics::new(config.subscriber_buffer),
             sweeper: sweeper.abort_handle(),
         })
     }
@@ -117,6 +135,27 @@ impl KeyValue for MemStore {
     }
 }
 
+impl PubSub for MemStore {
+    async fn publish(
+        &self,
+        namespace: &str,
+        topic: &str,
+        payload: Bytes,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<String, Error> {
+        Ok(self.topics.publish(namespace, topic, payload, attributes))
+    }
+
+    async fn subscribe(
+        &self,
+        namespace: &str,
+        topic: &str,
+        queue_group: Option<String>,
+    ) -> Result<MessageStream, Error> {
+        Ok(self.topics.subscribe(namespace, topic, queue_group))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,11 +181,19 @@ mod tests {
         let bad = Config {
             max_keys: 0,
             sweep_interval: Duration::ZERO,
+            subscriber_buffer: 0,
         };
         match MemStore::init(bad, InitContext::new("m")).await {
             Err(Error::InvalidArgument(v)) => {
                 let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
-                assert_eq!(fields, ["config.max_keys", "config.sweep_interval"]);
+                assert_eq!(
+                    fields,
+                    [
+                        "config.max_keys",
+                        "config.sweep_interval",
+                        "config.subscriber_buffer"
+                    ]
+                );
             }
             Err(other) => panic!("want InvalidArgument, got {other:?}"),
             Ok(_) => panic!("want InvalidArgument, got a store"),

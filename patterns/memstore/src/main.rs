@@ -4,6 +4,7 @@ use trellis_memstore::MemStore;
 async fn main() -> std::process::ExitCode {
     pattern_sdk::Server::<MemStore>::new()
         .key_value()
+        .pub_sub()
         .run()
         .await
 }

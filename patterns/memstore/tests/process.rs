@@ -98,7 +98,10 @@ impl Pattern {
         };
         let resp = self.lifecycle().initialize(req).await?.into_inner();
         assert_eq!(resp.name, "memstore");
-        assert_eq!(resp.interfaces, ["trellis.data.v1.KeyValue"]);
+        assert_eq!(
+            resp.interfaces,
+            ["trellis.data.v1.KeyValue", "trellis.data.v1.PubSub"]
+        );
         Ok(())
     }
 
