@@ -1,0 +1,373 @@
+//! trellis-redis: a key-value pattern that keeps its data in Redis, written
+//! only against `pattern-sdk` and the `redis` crate.
+//!
+//! - One [`ConnectionManager`] (a multiplexed connection that reconnects by
+//!   itself) is shared by every request; each operation is bounded by
+//!   `connect_timeout + response_timeout`, so a request answers
+//!   `UNAVAILABLE` instead of hanging while Redis is down.
+//! - TTLs are Redis's own key expiry (`SET … PX`).
+//! - `List` pages through a per-namespace sorted-set index in key order
+//!   (`keys.rs` has the layout, `scripts.rs` the Lua that keeps value and
+//!   index in step). See README.md for why.
+//! - Health is a `PING`: `NOT_SERVING` while Redis is unreachable, `SERVING`
+//!   again once it answers. The pattern never exits because Redis is down.
+
+mod keys;
+mod scripts;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pattern_sdk::{
+    Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+use serde::Deserialize;
+
+pub use keys::Namespace;
+
+/// How long a health check may take; below the SDK's 1 s bound on the hook.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
+/// The most index entries one `List` call looks at (dead ones included),
+/// so a page never blocks Redis for long; a page may then be short.
+const LIST_SCAN_BUDGET: usize = 2000;
+/// A page stops growing past this many bytes of keys and values (it always
+/// holds at least one entry), so it fits a default 4 MiB gRPC message.
+const LIST_MAX_BYTES: usize = 3 * 1024 * 1024;
+
+/// The `config:` block of a redis entry in the proxy configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where Redis is: `redis://[:password@]host:port[/db]`, or
+    /// `redis+unix:///path/to/socket`.
+    pub url: String,
+    /// Put in front of every Redis key this pattern writes, so several
+    /// patterns (or other programs) can share one Redis.
+    pub key_prefix: String,
+    /// How long one connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long Redis may take to answer one command.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "trellis:".into(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct RedisKv {
+    conn: ConnectionManager,
+    key_prefix: String,
+    /// Bound on one operation, reconnecting included.
+    op_timeout: Duration,
+    /// `host:port` (never the password), for logs.
+    addr: String,
+}
+
+impl Pattern for RedisKv {
+    type Config = Config;
+    const NAME: &'static str = "redis";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
+        let mut problems = Vec::new();
+        let client = match redis::Client::open(config.url.as_str()) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                problems.push(FieldViolation::new(
+                    "config.url",
+                    format!(
+                        "is not a Redis URL ({}); write e.g. redis://127.0.0.1:6379 or \
+                         redis://:password@host:6379/0",
+                        e.category()
+                    ),
+                ));
+                None
+            }
+        };
+        for (field, value) in [
+            ("config.connect_timeout", config.connect_timeout),
+            ("config.response_timeout", config.response_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(FieldViolation::new(
+                    field,
+                    "must be longer than zero, e.g. \"1s\"",
+                ));
+            }
+        }
+        let Some(client) = client.filter(|_| problems.is_empty()) else {
+            return Err(Error::InvalidArgument(problems));
+        };
+        let addr = client.get_connection_info().addr().to_string();
+        // One connection attempt per command while Redis is down (the next
+        // command tries again), so no request waits out a retry series.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(0);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| Error::internal(format!("cannot create the Redis connection: {e}")))?;
+        let pattern = Self {
+            conn,
+            key_prefix: config.key_prefix,
+            op_timeout: config.connect_timeout + config.response_timeout,
+            addr,
+        };
+        // Reachable at start, or the proxy retries the start later.
+        if let Health::NotServing(why) = pattern.health().await {
+            tracing::warn!(addr = %pattern.addr, "{why}");
+            return Err(Error::unavailable(format!(
+                "Redis is not reachable yet ({why}); start Redis or fix config.url; the proxy \
+                 retries the start"
+            )));
+        }
+        tracing::info!(pattern = ctx.name(), addr = %pattern.addr, prefix = %pattern.key_prefix, "connected to Redis");
+        Ok(pattern)
+    }
+
+    async fn health(&self) -> Health {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        let limit = HEALTH_TIMEOUT.min(self.op_timeout);
+        match tokio::time::timeout(limit, ping.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => Health::Serving,
+            Ok(Err(e)) => Health::NotServing(format!("Redis at {} is unreachable: {e}", self.addr)),
+            Err(_) => Health::NotServing(format!(
+                "Redis at {} did not answer PING within {limit:?}",
+                self.addr
+            )),
+        }
+    }
+}
+
+impl RedisKv {
+    fn namespace(&self, namespace: &str) -> Namespace {
+        Namespace::new(&self.key_prefix, namespace)
+    }
+
+    /// Runs one Redis operation within the operation timeout, converting
+    /// its error.
+    async fn run<T>(
+        &self,
+        what: &str,
+        op: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.op_timeout, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.convert(what, e)),
+            Err(_) => {
+                tracing::warn!(addr = %self.addr, op = what, timeout = ?self.op_timeout, "Redis did not answer in time");
+                Err(Error::unavailable(format!(
+                    "the backend (Redis) did not answer within {:?}; it may be down or \
+                     overloaded; retry later",
+                    self.op_timeout
+                )))
+            }
+        }
+    }
+
+    /// Maps a Redis error to what the caller should do about it; the detail
+    /// (address, server message) goes to the log only.
+    fn convert(&self, what: &str, e: RedisError) -> Error {
+        let retryable = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+            || matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::ClusterDown
+                )
+            )
+            || matches!(e.code(), Some("BUSY"));
+        if retryable {
+            tracing::warn!(addr = %self.addr, op = what, error = %e, "Redis unavailable");
+            return Error::unavailable(
+                "the backend (Redis) is unavailable; retry later (the pattern reconnects by itself)",
+            );
+        }
+        if e.code() == Some("OOM") {
+            tracing::warn!(addr = %self.addr, op = what, error = %e, "Redis is out of memory");
+            return Error::resource_exhausted(
+                "the backend (Redis) is out of memory (maxmemory reached); delete keys, give \
+                 them a ttl, or raise Redis's maxmemory",
+            );
+        }
+        Error::internal(format!("Redis {what} at {} failed: {e}", self.addr))
+    }
+}
+
+/// A TTL in whole milliseconds, rounded up so a tiny TTL still expires
+/// rather than meaning "none".
+fn ttl_millis(ttl: Duration) -> u128 {
+    ttl.as_nanos().div_ceil(1_000_000).max(1)
+}
+
+impl KeyValue for RedisKv {
+    async fn get(&self, namespace: &str, key: &str) -> Result<Option<Bytes>, Error> {
+        let key = self.namespace(namespace).value_key(key);
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = self
+            .run("GET", redis::cmd("GET").arg(&key).query_async(&mut conn))
+            .await?;
+        Ok(value.map(Bytes::from))
+    }
+
+    async fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let ns = self.namespace(namespace);
+        let ttl_ms = ttl.map_or(0, ttl_millis);
+        let mut conn = self.conn.clone();
+        let mut call = scripts::PUT.prepare_invoke();
+        call.key(ns.value_key(key))
+            .key(&ns.index)
+            .key(&ns.expiry)
+            .arg(key)
+            .arg(value.as_ref())
+            .arg(ttl_ms.to_string())
+            .arg(&ns.value_prefix);
+        let _: i64 = self.run("PUT", call.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Error> {
+        let ns = self.namespace(namespace);
+        let mut conn = self.conn.clone();
+        let mut call = scripts::DELETE.prepare_invoke();
+        call.key(ns.value_key(key))
+            .key(&ns.index)
+            .key(&ns.expiry)
+            .arg(key);
+        let removed: i64 = self.run("DELETE", call.invoke_async(&mut conn)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn list(&self, namespace: &str, query: ListQuery) -> Result<ListPage, Error> {
+        let after = query
+            .page_token
+            .as_deref()
+            .map(keys::decode_token)
+            .transpose()?;
+        let ns = self.namespace(namespace);
+        let (min, max) = keys::lex_range(&query.prefix, after.as_deref());
+        let mut conn = self.conn.clone();
+        let mut call = scripts::LIST.prepare_invoke();
+        call.key(&ns.index)
+            .key(&ns.expiry)
+            .arg(&ns.value_prefix)
+            .arg(min)
+            .arg(max)
+            .arg(query.page_size)
+            .arg(LIST_SCAN_BUDGET.max(query.page_size + 1))
+            .arg(LIST_MAX_BYTES);
+        let (more, cursor, flat): (i64, Option<Vec<u8>>, Vec<Vec<u8>>) =
+            self.run("LIST", call.invoke_async(&mut conn)).await?;
+        let mut entries = Vec::with_capacity(flat.len() / 2);
+        let mut flat = flat.into_iter();
+        while let (Some(key), Some(value)) = (flat.next(), flat.next()) {
+            // Keys were written from `&str`, so they are UTF-8 unless
+            // something else wrote into this pattern's keyspace.
+            let key = String::from_utf8(key).map_err(|e| {
+                Error::internal(format!(
+                    "a key in the index {} is not UTF-8 ({e}); something other than \
+                     trellis-redis wrote there",
+                    ns.index
+                ))
+            })?;
+            entries.push((key, Bytes::from(value)));
+        }
+        let next_page_token = match cursor {
+            Some(cursor) if more != 0 => Some(keys::encode_token(&cursor)),
+            _ => None,
+        };
+        Ok(ListPage {
+            entries,
+            next_page_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Result<Config, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn config_defaults_and_durations() {
+        let c = config("{}").unwrap();
+        assert_eq!(c.url, "redis://127.0.0.1:6379");
+        assert_eq!(c.key_prefix, "trellis:");
+        assert_eq!(c.connect_timeout, Duration::from_secs(1));
+        let c = config(r#"{"url": "redis://h:1", "response_timeout": "250ms"}"#).unwrap();
+        assert_eq!(c.response_timeout, Duration::from_millis(250));
+        assert!(config(r#"{"urll": "x"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn init_reports_every_bad_field() {
+        let bad = Config {
+            url: "http://nope".into(),
+            connect_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        match RedisKv::init(bad, InitContext::new("r")).await {
+            Err(Error::InvalidArgument(v)) => {
+                let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+                assert_eq!(fields, ["config.url", "config.connect_timeout"]);
+                assert!(v[0].message.contains("redis://"), "{}", v[0].message);
+            }
+            Err(other) => panic!("want InvalidArgument, got {other:?}"),
+            Ok(_) => panic!("want InvalidArgument, got a pattern"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_redis_at_start_is_unavailable_quickly() {
+        // A port nothing listens on: bind one, note it, close it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let cfg = Config {
+            url: format!("redis://127.0.0.1:{port}"),
+            ..Config::default()
+        };
+        match RedisKv::init(cfg, InitContext::new("r")).await {
+            Err(Error::Unavailable(msg)) => assert!(msg.contains("not reachable"), "{msg}"),
+            Err(other) => panic!("want Unavailable, got {other:?}"),
+            Ok(_) => panic!("want Unavailable, got a pattern"),
+        }
+    }
+
+    #[test]
+    fn ttls_round_up_to_a_millisecond() {
+        assert_eq!(ttl_millis(Duration::from_nanos(1)), 1);
+        assert_eq!(ttl_millis(Duration::from_micros(1500)), 2);
+        assert_eq!(ttl_millis(Duration::from_secs(3)), 3000);
+    }
+}
