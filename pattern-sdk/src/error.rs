@@ -119,16 +119,48 @@ impl Error {
 pub(crate) const INTERNAL_MESSAGE: &str =
     "internal error in the pattern; its log (stderr) has the details";
 
+/// The `ErrorInfo.domain` of errors a pattern built on the SDK returns.
+pub const DOMAIN: &str = "trellis.pattern";
+
+/// The retry delay suggested with UNAVAILABLE and RESOURCE_EXHAUSTED.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A `google.rpc.Status` with details: `ErrorInfo` (a stable reason),
+/// `BadRequest` with every field violation, `RetryInfo` where retrying
+/// helps. Internal details are logged, never sent.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
+        use tonic_types::{ErrorDetails, StatusExt};
         let code = err.code();
-        match err {
+        let reason = match &err {
+            Error::NotFound { .. } => "NOT_FOUND",
+            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Error::Unavailable(_) => "BACKEND_UNAVAILABLE",
+            Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Error::Internal(_) => "INTERNAL",
+        };
+        let mut details = ErrorDetails::new();
+        details.set_error_info(reason, DOMAIN, std::collections::HashMap::new());
+        if let Error::InvalidArgument(violations) = &err {
+            details.set_bad_request(
+                violations
+                    .iter()
+                    .map(|v| tonic_types::FieldViolation::new(v.field.clone(), v.message.clone()))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if matches!(err, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
+            details.set_retry_info(Some(RETRY_AFTER));
+        }
+        let message = match err {
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
-                Status::new(code, INTERNAL_MESSAGE)
+                INTERNAL_MESSAGE.to_string()
             }
-            other => Status::new(code, other.to_string()),
-        }
+            other => other.to_string(),
+        };
+        Status::with_error_details(code, message, details)
     }
 }
 
@@ -149,6 +181,30 @@ mod tests {
         for (err, want) in cases {
             assert_eq!(Status::from(err).code(), want);
         }
+    }
+
+    #[test]
+    fn statuses_carry_error_info_bad_request_and_retry_info() {
+        use tonic_types::StatusExt;
+        let s = Status::from(Error::InvalidArgument(vec![
+            FieldViolation::new("key", "empty"),
+            FieldViolation::new("value", "too big"),
+        ]));
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "INVALID_ARGUMENT"
+        );
+        assert_eq!(
+            s.get_details_bad_request().unwrap().field_violations.len(),
+            2
+        );
+        assert!(s.get_details_retry_info().is_none());
+        let s = Status::from(Error::unavailable("redis down"));
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "BACKEND_UNAVAILABLE"
+        );
+        assert!(s.get_details_retry_info().is_some());
     }
 
     #[test]

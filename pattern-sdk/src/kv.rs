@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use trellis_proto::data::v1::key_value_server;
 use trellis_proto::data::v1::{
     DeleteRequest, DeleteResponse, Entry, GetRequest, GetResponse, ListRequest, ListResponse,
@@ -78,23 +79,39 @@ fn reply<T>(result: Result<T, Error>) -> Result<Response<T>, Status> {
 #[tonic::async_trait]
 impl<P: KeyValue> key_value_server::KeyValue for KeyValueService<P> {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        reply(self.get_value(request.into_inner()).await)
+        let span = request_span(&request, "get");
+        reply(self.get_value(request.into_inner()).instrument(span).await)
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        reply(self.put_value(request.into_inner()).await)
+        let span = request_span(&request, "put");
+        reply(self.put_value(request.into_inner()).instrument(span).await)
     }
 
     async fn delete(
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        reply(self.delete_key(request.into_inner()).await)
+        let span = request_span(&request, "delete");
+        reply(self.delete_key(request.into_inner()).instrument(span).await)
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        reply(self.list_page(request.into_inner()).await)
+        let span = request_span(&request, "list");
+        reply(self.list_page(request.into_inner()).instrument(span).await)
     }
+}
+
+/// A span carrying the caller's `x-request-id` (set by the proxy on every
+/// call), so whatever the pattern logs while serving it can be matched with
+/// the proxy's log and the client's error.
+pub(crate) fn request_span<T>(request: &Request<T>, method: &'static str) -> tracing::Span {
+    let id = request
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method, request_id = id)
 }
 
 #[cfg(test)]

@@ -65,7 +65,12 @@ impl AdminService {
             Err(e @ CommandError::AlreadyRunning(_)) => {
                 Err(Status::failed_precondition(e.to_string()))
             }
-            Err(e @ CommandError::ShuttingDown) => Err(Status::unavailable(e.to_string())),
+            Err(e @ CommandError::ShuttingDown) => Err(crate::error::ApiError::new(
+                tonic::Code::Unavailable,
+                "SHUTTING_DOWN",
+                e.to_string(),
+            )
+            .into()),
         }
     }
 }

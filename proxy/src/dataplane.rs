@@ -12,7 +12,9 @@ use trellis_proto::data::v1::key_value_client::KeyValueClient;
 use trellis_proto::data::v1::key_value_server::KeyValue;
 use trellis_proto::data::v1::*;
 
+use crate::error::ApiError;
 use crate::supervisor::{PatternHandle, State};
+use tonic::Code;
 
 /// Namespace → pattern.
 #[derive(Clone)]
@@ -38,22 +40,30 @@ impl Router {
     /// The pattern serving `namespace`, if it is routable now.
     pub fn route(&self, namespace: &str) -> Result<Target, Status> {
         if namespace.is_empty() {
-            return Err(Status::invalid_argument(
-                "namespace: must not be empty; set it to one of the configured namespaces",
-            ));
+            return Err(ApiError::invalid_argument(
+                "namespace",
+                "must not be empty; set it to one of the configured namespaces",
+            )
+            .into());
         }
         let Some(handle) = self.routes.get(namespace) else {
             let mut known: Vec<&str> = self.routes.keys().map(String::as_str).collect();
             known.sort_unstable();
-            return Err(Status::not_found(format!(
-                "namespace {namespace:?} is not configured; known namespaces: {}. Use one of \
-                 them, or add it under `namespaces:` in the proxy config",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            )));
+            return Err(ApiError::new(
+                Code::NotFound,
+                "NAMESPACE_NOT_FOUND",
+                format!(
+                    "namespace {namespace:?} is not configured; known namespaces: {}. Use one of \
+                     them, or add it under `namespaces:` in the proxy config",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            )
+            .meta("namespace", namespace)
+            .into());
         };
         let status = handle.status();
         match (status.state, status.channel) {
@@ -66,11 +76,19 @@ impl Router {
                     .last_error
                     .map(|e| format!(" (last error: {e})"))
                     .unwrap_or_default();
-                Err(Status::unavailable(format!(
-                    "namespace {namespace:?} is served by pattern {:?}, which is {state}{why}; \
-                     retry with backoff, and see `trellis patterns` for its state",
-                    handle.name()
-                )))
+                Err(ApiError::new(
+                    Code::Unavailable,
+                    "PATTERN_UNAVAILABLE",
+                    format!(
+                        "namespace {namespace:?} is served by pattern {:?}, which is {state}{why}; \
+                         retry with backoff, and see `trellis patterns` for its state",
+                        handle.name()
+                    ),
+                )
+                .meta("namespace", namespace)
+                .meta("pattern", handle.name())
+                .meta("state", state.as_str())
+                .into())
             }
         }
     }
@@ -108,37 +126,100 @@ impl KeyValueProxy {
             .unwrap_or(self.request_timeout);
         let ns = namespace(req.get_ref()).to_string();
         let target = self.router.route(&ns)?;
-        let mut outgoing = Request::new(req.into_inner());
+        let metadata = forwarded_metadata(req.metadata());
+        let mut outgoing =
+            Request::from_parts(metadata, tonic::Extensions::default(), req.into_inner());
         outgoing.set_timeout(deadline);
         let client = KeyValueClient::new(target.channel);
         match tokio::time::timeout(deadline, call(client, outgoing)).await {
             Ok(Ok(resp)) => Ok(Response::new(resp.into_inner())),
             Ok(Err(status)) => Err(annotate(status, &ns, &target.pattern)),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "pattern {:?} did not answer for namespace {ns:?} within {}; retry, or raise \
-                 the client deadline / `request_timeout`",
-                target.pattern,
-                humantime::format_duration(deadline)
-            ))),
+            Err(_) => Err(ApiError::new(
+                Code::DeadlineExceeded,
+                "PATTERN_TIMEOUT",
+                format!(
+                    "pattern {:?} did not answer for namespace {ns:?} within {}; retry, or raise \
+                     the client deadline / `request_timeout`",
+                    target.pattern,
+                    humantime::format_duration(deadline)
+                ),
+            )
+            .meta("pattern", target.pattern.clone())
+            .into()),
         }
     }
 }
 
 /// Errors the pattern produced pass through unchanged; failures to reach it
 /// say which pattern and what to do.
-fn annotate(status: Status, namespace: &str, pattern: &str) -> Status {
-    let transport = status.code() == tonic::Code::Unknown
+pub fn annotate(status: Status, namespace: &str, pattern: &str) -> Status {
+    // A status the pattern built itself (the SDK attaches ErrorInfo) is its
+    // answer and passes through untouched.
+    if tonic_types::StatusExt::get_details_error_info(&status).is_some() {
+        return status;
+    }
+    let transport = status.code() == Code::Unknown
         && ["transport", "connection", "broken pipe", "h2 protocol"]
             .iter()
             .any(|w| status.message().to_ascii_lowercase().contains(w));
-    if status.code() == tonic::Code::Unavailable || transport {
-        Status::unavailable(format!(
-            "pattern {pattern:?} (namespace {namespace:?}) is unavailable: {}; retry with backoff",
-            status.message()
-        ))
+    if status.code() == Code::Unavailable || transport {
+        ApiError::new(
+            Code::Unavailable,
+            "PATTERN_UNAVAILABLE",
+            format!(
+                "pattern {pattern:?} (namespace {namespace:?}) is unavailable: {}; retry with backoff",
+                status.message()
+            ),
+        )
+        .meta("namespace", namespace)
+        .meta("pattern", pattern)
+        .into()
     } else {
         status
     }
+}
+
+/// Metadata passed on to the pattern: the caller's own (request id, trace
+/// context, authorization, custom keys), never transport or gRPC-internal
+/// headers. A request without `x-request-id` gets one, so every call a
+/// pattern sees can be found in the proxy's log.
+pub fn forwarded_metadata(incoming: &tonic::metadata::MetadataMap) -> tonic::metadata::MetadataMap {
+    use tonic::metadata::KeyAndValueRef;
+    const DROP: &[&str] = &[
+        "te",
+        "content-type",
+        "user-agent",
+        "host",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "transfer-encoding",
+        "trailer",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ];
+    let mut out = tonic::metadata::MetadataMap::new();
+    for kv in incoming.iter() {
+        match kv {
+            KeyAndValueRef::Ascii(k, v) => {
+                let name = k.as_str();
+                if !name.starts_with("grpc-") && !DROP.contains(&name) {
+                    out.append(k.clone(), v.clone());
+                }
+            }
+            KeyAndValueRef::Binary(k, v) => {
+                if !k.as_str().starts_with("grpc-") {
+                    out.append_bin(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    if !out.contains_key(crate::gateway::headers::REQUEST_ID)
+        && let Ok(v) = uuid::Uuid::new_v4().to_string().parse()
+    {
+        out.insert(crate::gateway::headers::REQUEST_ID, v);
+    }
+    out
 }
 
 /// The deadline a gRPC client sent, from its `grpc-timeout` header.
