@@ -26,6 +26,8 @@ pub struct Router {
 pub struct Target {
     pub pattern: String,
     pub channel: Channel,
+    /// The data services the pattern said it implements.
+    pub interfaces: Vec<String>,
 }
 
 impl Router {
@@ -70,6 +72,7 @@ impl Router {
             (State::Serving, Some(channel)) => Ok(Target {
                 pattern: handle.name().to_string(),
                 channel,
+                interfaces: status.interfaces,
             }),
             (state, _) => {
                 let why = status
@@ -223,7 +226,7 @@ pub fn forwarded_metadata(incoming: &tonic::metadata::MetadataMap) -> tonic::met
 }
 
 /// The deadline a gRPC client sent, from its `grpc-timeout` header.
-fn client_deadline<T>(req: &Request<T>) -> Option<Duration> {
+pub fn client_deadline<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     parse_grpc_timeout(v)
 }

@@ -5,6 +5,7 @@
 //! - [`supervisor`]: spawning, watching, restarting and stopping patterns.
 //! - [`health`]: the proxy's `grpc.health.v1` reporter.
 //! - [`dataplane`]: namespace routing and forwarding of data calls.
+//! - [`pubsub`]: forwarding of `PubSub` calls, subscriptions as streams.
 //! - [`admin`]: the admin API over the supervisor's handles.
 //! - [`server`]: everything assembled on a listener, with shutdown.
 //! - [`cli`]: the command line and its client subcommands.
@@ -18,5 +19,6 @@ pub mod error;
 pub mod gateway;
 pub mod health;
 pub mod logging;
+pub mod pubsub;
 pub mod server;
 pub mod supervisor;

@@ -14,6 +14,7 @@ use crate::admin::AdminService;
 use crate::config::Loaded;
 use crate::dataplane::{KeyValueProxy, Router};
 use crate::health;
+use crate::pubsub::PubSubProxy;
 use crate::supervisor::Supervisor;
 
 /// Largest gRPC message the proxy accepts or sends (4 MiB, tonic's default
@@ -51,6 +52,11 @@ pub async fn run(
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let pubsub = PubSubProxy::server(
+        Router::new(&patterns),
+        config.request_timeout,
+        stop_rx.clone(),
+    );
     let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
@@ -62,6 +68,7 @@ pub async fn run(
     services
         .add_service(health_service)
         .add_service(kv)
+        .add_service(pubsub)
         .add_service(admin)
         .add_service(reflection);
     let services = services.routes();
