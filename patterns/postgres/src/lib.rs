@@ -1,0 +1,641 @@
+//! trellis-postgres: a durable key-value pattern on PostgreSQL, written
+//! only against `pattern-sdk`, `tokio-postgres` and `deadpool-postgres`.
+//!
+//! - Every write is one statement in its own transaction (autocommit), so
+//!   an acknowledged Put is committed (durable with the server's default
+//!   `synchronous_commit = on`).
+//! - Put is an upsert (`INSERT … ON CONFLICT DO UPDATE`); TTL is a column,
+//!   `expires_at`, checked by every read and purged by a background task.
+//! - List is keyset pagination on the primary key (`namespace`, `key`
+//!   COLLATE "C"), so pages are in byte order with no duplicates or gaps
+//!   while keys are added.
+//! - A bounded connection pool: when every connection is busy for longer
+//!   than `pool.acquire_timeout`, the caller gets `RESOURCE_EXHAUSTED`
+//!   saying so, not a hang.
+//! - Health is `SELECT 1` through the pool: `NOT_SERVING` while the database
+//!   is unreachable; the pool reconnects by itself once it is back.
+//!
+//! `schema.rs` has the table and its migrations, `errors.rs` the mapping of
+//! failures to what the caller should do. See README.md.
+
+mod errors;
+mod keys;
+mod schema;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts, tokio_postgres,
+};
+use pattern_sdk::{
+    Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
+};
+use serde::Deserialize;
+use tokio::task::AbortHandle;
+use tokio_postgres::NoTls;
+
+pub use schema::{MAX_TABLE_NAME, Queries, migrations, validate_table};
+
+/// How long a health check may take; below the SDK's 1 s bound on the hook.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
+/// A page stops growing past this many bytes of keys and values (it always
+/// holds at least one entry), so it fits a default 4 MiB gRPC message.
+const LIST_MAX_BYTES: usize = 3 * 1024 * 1024;
+
+/// The `config:` block of a postgres entry in the proxy configuration.
+/// Give either `url` or the separate connection fields, not both.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://user:password@host:port/dbname` or
+    /// `host=… port=… user=… dbname=…`.
+    pub url: Option<String>,
+    /// Default 127.0.0.1.
+    pub host: Option<String>,
+    /// Default 5432.
+    pub port: Option<u16>,
+    /// Default `postgres`.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Default `postgres`.
+    pub dbname: Option<String>,
+    /// The table holding the data; created on start if missing.
+    pub table: String,
+    pub pool: PoolConfig,
+    /// How long opening one connection may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The server-side bound on each statement (`statement_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// How often expired rows are deleted. (Expired keys are invisible at
+    /// once either way.)
+    #[serde(with = "humantime_serde")]
+    pub purge_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The most connections open at once.
+    pub max_size: usize,
+    /// How long a request waits for a free connection before it fails with
+    /// `RESOURCE_EXHAUSTED`.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            url: None,
+            host: None,
+            port: None,
+            user: None,
+            password: None,
+            dbname: None,
+            table: "trellis_kv".into(),
+            pool: PoolConfig::default(),
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            purge_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 16,
+            acquire_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Config {
+    /// The connection settings, or every problem with the config.
+    fn pg_config(&self) -> Result<tokio_postgres::Config, Vec<FieldViolation>> {
+        let mut problems = Vec::new();
+        let separate = self.host.is_some()
+            || self.port.is_some()
+            || self.user.is_some()
+            || self.password.is_some()
+            || self.dbname.is_some();
+        let mut pg = match &self.url {
+            Some(url) => {
+                if separate {
+                    problems.push(FieldViolation::new(
+                        "config.url",
+                        "give either url or host/port/user/password/dbname, not both",
+                    ));
+                }
+                match url.parse::<tokio_postgres::Config>() {
+                    Ok(pg) => pg,
+                    Err(e) => {
+                        problems.push(FieldViolation::new(
+                            "config.url",
+                            format!(
+                                "is not a PostgreSQL connection string ({e}); write e.g. \
+                                 postgres://user:password@127.0.0.1:5432/dbname"
+                            ),
+                        ));
+                        tokio_postgres::Config::new()
+                    }
+                }
+            }
+            None => {
+                let mut pg = tokio_postgres::Config::new();
+                pg.host(self.host.as_deref().unwrap_or("127.0.0.1"))
+                    .port(self.port.unwrap_or(5432))
+                    .user(self.user.as_deref().unwrap_or("postgres"))
+                    .dbname(self.dbname.as_deref().unwrap_or("postgres"));
+                if let Some(password) = &self.password {
+                    pg.password(password.as_bytes());
+                }
+                pg
+            }
+        };
+        if pg.get_hosts().is_empty() {
+            pg.host("127.0.0.1");
+        }
+        if pg.get_user().is_none() {
+            pg.user("postgres");
+        }
+        if let Err(v) = schema::validate_table(&self.table) {
+            problems.push(v);
+        }
+        if self.pool.max_size == 0 {
+            problems.push(FieldViolation::new(
+                "config.pool.max_size",
+                "must be at least 1",
+            ));
+        }
+        for (field, value) in [
+            ("config.pool.acquire_timeout", self.pool.acquire_timeout),
+            ("config.connect_timeout", self.connect_timeout),
+            ("config.statement_timeout", self.statement_timeout),
+            ("config.purge_interval", self.purge_interval),
+        ] {
+            if value.is_zero() {
+                problems.push(FieldViolation::new(
+                    field,
+                    "must be longer than zero, e.g. \"1s\"",
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        pg.connect_timeout(self.connect_timeout)
+            .application_name("trellis-postgres")
+            .options(format!(
+                "-c statement_timeout={}",
+                self.statement_timeout.as_millis().max(1)
+            ));
+        Ok(pg)
+    }
+}
+
+pub struct Postgres {
+    pool: Pool,
+    queries: Queries,
+    acquire_timeout: Duration,
+    /// Bound on one whole operation: waiting for a connection, connecting,
+    /// and the statement.
+    op_timeout: Duration,
+    purger: AbortHandle,
+    /// `host:port/dbname` (never the password), for logs.
+    target: String,
+}
+
+impl Pattern for Postgres {
+    type Config = Config;
+    const NAME: &'static str = "postgres";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
+        let pg = config.pg_config().map_err(Error::InvalidArgument)?;
+        let target = describe(&pg);
+        let pool = Pool::builder(Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        ))
+        .max_size(config.pool.max_size)
+        .wait_timeout(Some(config.pool.acquire_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .recycle_timeout(Some(config.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::internal(format!("cannot build the connection pool: {e}")))?;
+
+        // The table must exist before the first request: create or migrate it now.
+        let setup = async {
+            let mut client = pool.get().await.map_err(|e| match &e {
+                deadpool_postgres::PoolError::Backend(pe) => config_mistake(pe, &target)
+                    .unwrap_or_else(|| start_error(&target, errors::convert(pe, "connect"))),
+                _ => start_error(
+                    &target,
+                    errors::pool(&e, pool.status(), config.pool.acquire_timeout),
+                ),
+            })?;
+            schema::migrate(&mut client, &config.table)
+                .await
+                .map_err(|e| match &e {
+                    schema::MigrateError::Db(pe) => config_mistake(pe, &target)
+                        .unwrap_or_else(|| start_error(&target, e.into())),
+                    schema::MigrateError::TooNew { .. } => e.into(),
+                })
+        };
+        let limit = config.connect_timeout + config.statement_timeout + config.pool.acquire_timeout;
+        let found = tokio::time::timeout(limit, setup).await.map_err(|_| {
+            Error::unavailable(format!(
+                "PostgreSQL at {target} did not answer within {limit:?} at start; check that \
+                 it is running and config.url/host/port; the proxy retries the start"
+            ))
+        })??;
+        let latest = schema::migrations(&config.table).len();
+        tracing::info!(
+            pattern = ctx.name(),
+            target = %target,
+            table = %config.table,
+            from_version = found,
+            version = latest,
+            pool_max_size = config.pool.max_size,
+            "connected to PostgreSQL; table ready"
+        );
+
+        let queries = Queries::new(&config.table);
+        let purger = tokio::spawn(purge(
+            pool.clone(),
+            queries.purge.clone(),
+            config.purge_interval,
+        ));
+        Ok(Self {
+            pool,
+            queries,
+            acquire_timeout: config.pool.acquire_timeout,
+            op_timeout: config.pool.acquire_timeout
+                + config.connect_timeout
+                + config.statement_timeout
+                + Duration::from_secs(1),
+            purger: purger.abort_handle(),
+            target,
+        })
+    }
+
+    async fn health(&self) -> Health {
+        let limit = HEALTH_TIMEOUT;
+        let timeouts = Timeouts {
+            wait: Some(limit.min(self.acquire_timeout)),
+            create: Some(limit),
+            recycle: Some(limit),
+        };
+        let check = async {
+            let client = match self.pool.timeout_get(&timeouts).await {
+                Ok(client) => client,
+                // Every connection is checked out and busy: the database
+                // answered them, so this is load, not an outage. Requests
+                // that cannot get one are told RESOURCE_EXHAUSTED.
+                Err(deadpool_postgres::PoolError::Timeout(
+                    deadpool_postgres::TimeoutType::Wait,
+                )) => {
+                    tracing::debug!(status = ?self.pool.status(), "health: pool busy");
+                    return Health::Serving;
+                }
+                Err(e) => {
+                    return Health::NotServing(format!(
+                        "PostgreSQL at {} is unreachable: {e}",
+                        self.target
+                    ));
+                }
+            };
+            match client.simple_query("SELECT 1").await {
+                Ok(_) => Health::Serving,
+                Err(e) => Health::NotServing(format!(
+                    "PostgreSQL at {} failed SELECT 1: {e}",
+                    self.target
+                )),
+            }
+        };
+        tokio::time::timeout(limit, check)
+            .await
+            .unwrap_or_else(|_| {
+                Health::NotServing(format!(
+                    "PostgreSQL at {} did not answer SELECT 1 within {limit:?}",
+                    self.target
+                ))
+            })
+    }
+
+    async fn stop(&self) {
+        self.purger.abort();
+        self.pool.close();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.purger.abort();
+    }
+}
+
+/// A failure at start that a restart cannot fix — wrong password, no such
+/// database, no permission to create the table — is `INVALID_ARGUMENT`, so
+/// the proxy marks the pattern FAILED instead of restarting it in vain.
+fn config_mistake(e: &tokio_postgres::Error, target: &str) -> Option<Error> {
+    let code = e.code()?.code();
+    let (field, what) = match code {
+        "28000" | "28P01" => (
+            "config.user",
+            "PostgreSQL rejected the user or password; check config.user/password (or url)",
+        ),
+        "3D000" => (
+            "config.dbname",
+            "that database does not exist; create it, or fix config.dbname (or url)",
+        ),
+        "42501" => (
+            "config.table",
+            "the user may not create or use the table; grant it CREATE on the schema (or \
+             create the table yourself, see the README), or use another user",
+        ),
+        _ => return None,
+    };
+    tracing::error!(error = %e, target = %target, sqlstate = code, "PostgreSQL refused the start");
+    Some(Error::invalid_argument(field, what))
+}
+
+/// An `UNAVAILABLE` at start says where it tried and that the proxy retries.
+fn start_error(target: &str, e: Error) -> Error {
+    match e {
+        Error::Unavailable(_) => Error::unavailable(format!(
+            "cannot reach PostgreSQL at start ({target}); check that it is running and \
+             config.url/host/port; the proxy retries the start"
+        )),
+        other => other,
+    }
+}
+
+/// `host:port/dbname` for logs.
+fn describe(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "?".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", pg.get_dbname().unwrap_or("?"))
+}
+
+/// Deletes expired rows every `every`, in batches, until aborted.
+async fn purge(pool: Pool, sql: String, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "purge skipped: no connection");
+                continue;
+            }
+        };
+        let mut purged = 0u64;
+        // Bounded, so a huge backlog never holds a connection for long.
+        for _ in 0..100 {
+            match client.execute(sql.as_str(), &[]).await {
+                Ok(n) => {
+                    purged += n;
+                    if n < schema::PURGE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging expired rows failed; retrying next interval");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::debug!(purged, "purged expired rows");
+        }
+    }
+}
+
+impl Postgres {
+    /// Runs `op` with a pooled connection, bounded by the operation timeout.
+    async fn with_client<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let run = async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| errors::pool(&e, self.pool.status(), self.acquire_timeout))?;
+            op(client).await.map_err(|e| errors::convert(&e, what))
+        };
+        tokio::time::timeout(self.op_timeout, run)
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(op = what, timeout = ?self.op_timeout, target = %self.target, "PostgreSQL did not answer in time");
+                Err(Error::unavailable(format!(
+                    "the backend (PostgreSQL) did not answer within {:?}; retry later",
+                    self.op_timeout
+                )))
+            })
+    }
+}
+
+/// A TTL in whole microseconds (rounded up), as the SQL expects.
+fn ttl_micros(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_nanos().div_ceil(1000).max(1)).unwrap_or(i64::MAX)
+}
+
+impl KeyValue for Postgres {
+    async fn get(&self, namespace: &str, key: &str) -> Result<Option<Bytes>, Error> {
+        let sql = self.queries.get.as_str();
+        self.with_client("get", |client| async move {
+            let stmt = client.prepare_cached(sql).await?;
+            let row = client.query_opt(&stmt, &[&namespace, &key]).await?;
+            row.map(|r| r.try_get::<_, Vec<u8>>(0).map(Bytes::from))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let sql = self.queries.put.as_str();
+        let ttl = ttl.map(ttl_micros);
+        self.with_client("put", |client| async move {
+            let stmt = client.prepare_cached(sql).await?;
+            client
+                .execute(&stmt, &[&namespace, &key, &value.as_ref(), &ttl])
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Error> {
+        let sql = self.queries.delete.as_str();
+        self.with_client("delete", |client| async move {
+            let stmt = client.prepare_cached(sql).await?;
+            let row = client.query_opt(&stmt, &[&namespace, &key]).await?;
+            row.map(|r| r.try_get::<_, bool>(0))
+                .transpose()
+                .map(|live| live.unwrap_or(false))
+        })
+        .await
+    }
+
+    async fn list(&self, namespace: &str, query: ListQuery) -> Result<ListPage, Error> {
+        let after = query
+            .page_token
+            .as_deref()
+            .map(keys::decode_token)
+            .transpose()?
+            .unwrap_or_default();
+        // No key contains NUL (the SDK rejects them, PostgreSQL text cannot
+        // hold one), so such a prefix matches nothing.
+        if query.prefix.contains('\0') {
+            return Ok(ListPage::default());
+        }
+        let upper = keys::successor(&query.prefix);
+        let limit = i64::try_from(query.page_size + 1).unwrap_or(i64::MAX);
+        let sql = self.queries.list.as_str();
+        let prefix = query.prefix.as_str();
+        let rows = self
+            .with_client("list", |client| async move {
+                let stmt = client.prepare_cached(sql).await?;
+                let rows = client
+                    .query(&stmt, &[&namespace, &prefix, &upper, &after, &limit])
+                    .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Vec<u8>>(1)?)))
+                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            })
+            .await?;
+        let mut entries = Vec::with_capacity(rows.len().min(query.page_size));
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (key, value) in rows {
+            let size = key.len() + value.len();
+            if entries.len() == query.page_size
+                || (!entries.is_empty() && bytes + size > LIST_MAX_BYTES)
+            {
+                more = true;
+                break;
+            }
+            bytes += size;
+            entries.push((key, Bytes::from(value)));
+        }
+        let next_page_token = match entries.last() {
+            Some((last, _)) if more => Some(keys::encode_token(last)),
+            _ => None,
+        };
+        Ok(ListPage {
+            entries,
+            next_page_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Result<Config, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn config_defaults_and_durations() {
+        let c = config("{}").unwrap();
+        assert_eq!(c.table, "trellis_kv");
+        assert_eq!(c.pool.max_size, 16);
+        assert_eq!(c.pool.acquire_timeout, Duration::from_secs(1));
+        let c = config(r#"{"pool": {"max_size": 2, "acquire_timeout": "200ms"}}"#).unwrap();
+        assert_eq!(c.pool.max_size, 2);
+        assert_eq!(c.pool.acquire_timeout, Duration::from_millis(200));
+        assert!(config(r#"{"pool": {"maxsize": 2}}"#).is_err());
+    }
+
+    #[test]
+    fn connection_settings_from_fields_or_url() {
+        let pg = config(r#"{"host": "db", "port": 6000, "dbname": "kv"}"#)
+            .unwrap()
+            .pg_config()
+            .unwrap();
+        assert_eq!(describe(&pg), "db:6000/kv");
+        assert_eq!(pg.get_user(), Some("postgres"));
+        assert_eq!(pg.get_options(), Some("-c statement_timeout=5000"));
+        let pg = config(r#"{"url": "postgres://u:secret@h:7000/d"}"#)
+            .unwrap()
+            .pg_config()
+            .unwrap();
+        assert_eq!(describe(&pg), "h:7000/d");
+        assert!(!describe(&pg).contains("secret"));
+    }
+
+    #[test]
+    fn every_config_problem_is_reported() {
+        let c = config(
+            r#"{"url": "postgres://h/d", "host": "x", "table": "Bad-Name",
+                "pool": {"max_size": 0, "acquire_timeout": "0s"}, "purge_interval": "0s"}"#,
+        )
+        .unwrap();
+        let fields: Vec<String> = c
+            .pg_config()
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "config.url",
+                "config.table",
+                "config.pool.max_size",
+                "config.pool.acquire_timeout",
+                "config.purge_interval"
+            ]
+        );
+    }
+
+    #[test]
+    fn ttls_round_up_to_a_microsecond() {
+        assert_eq!(ttl_micros(Duration::from_nanos(1)), 1);
+        assert_eq!(ttl_micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(ttl_micros(Duration::MAX), i64::MAX);
+    }
+
+    #[tokio::test]
+    async fn unreachable_database_at_start_is_unavailable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let c = Config {
+            port: Some(port),
+            ..Config::default()
+        };
+        match Postgres::init(c, InitContext::new("p")).await {
+            Err(Error::Unavailable(msg)) => assert!(msg.contains("cannot reach"), "{msg}"),
+            Err(other) => panic!("want Unavailable, got {other:?}"),
+            Ok(_) => panic!("want Unavailable, got a pattern"),
+        }
+    }
+}
