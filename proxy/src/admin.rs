@@ -42,14 +42,20 @@ impl AdminService {
             .map(|&i| &self.patterns[i])
             .ok_or_else(|| {
                 let known: Vec<&str> = self.patterns.iter().map(|p| p.name()).collect();
-                Status::not_found(format!(
-                    "no pattern is named {name:?}; known patterns: {}",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ))
+                crate::error::ApiError::new(
+                    tonic::Code::NotFound,
+                    "PATTERN_NOT_FOUND",
+                    format!(
+                        "no pattern is named {name:?}; known patterns: {}",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+                .meta("pattern", name)
+                .into()
             })
     }
 
@@ -62,9 +68,12 @@ impl AdminService {
                 message,
                 pattern: Some(to_proto(handle, &handle.status())),
             })),
-            Err(e @ CommandError::AlreadyRunning(_)) => {
-                Err(Status::failed_precondition(e.to_string()))
-            }
+            Err(e @ CommandError::AlreadyRunning(_)) => Err(crate::error::ApiError::new(
+                tonic::Code::FailedPrecondition,
+                "ALREADY_RUNNING",
+                e.to_string(),
+            )
+            .into()),
             Err(e @ CommandError::ShuttingDown) => Err(crate::error::ApiError::new(
                 tonic::Code::Unavailable,
                 "SHUTTING_DOWN",

@@ -195,7 +195,11 @@ fn summarize(what: &str, violations: &[(String, String)]) -> String {
     format!("{what}: {}", parts.join("; "))
 }
 
+/// The field name in prost-reflect's (or serde's) unknown-field error.
 fn unknown_field(text: &str) -> Option<String> {
+    if let Some(rest) = text.strip_prefix("unrecognized field name '") {
+        return Some(rest.split('\'').next()?.to_string());
+    }
     let rest = text.strip_prefix("unknown field `")?;
     Some(rest.split('`').next()?.to_string())
 }
@@ -256,8 +260,27 @@ fn scalar(field: &FieldDescriptor, raw: &str) -> Result<Value, String> {
         Kind::String | Kind::Bytes | Kind::Enum(_) | Kind::Message(_) => {
             Ok(Value::String(raw.to_string()))
         }
-        // Proto3 JSON accepts every number as a string, parsed by the type.
-        _ => Ok(Value::String(raw.to_string())),
+        Kind::Int32
+        | Kind::Sint32
+        | Kind::Sfixed32
+        | Kind::Int64
+        | Kind::Sint64
+        | Kind::Sfixed64 => raw
+            .parse::<i64>()
+            .map(|_| Value::String(raw.to_string()))
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        Kind::Uint32 | Kind::Fixed32 | Kind::Uint64 | Kind::Fixed64 => raw
+            .parse::<u64>()
+            .map(|_| Value::String(raw.to_string()))
+            .map_err(|_| format!("{raw:?} is not a non-negative integer")),
+        // Proto3 JSON takes numbers as strings too, "NaN" and "Infinity" included.
+        Kind::Float | Kind::Double => match raw {
+            "NaN" | "Infinity" | "-Infinity" => Ok(Value::String(raw.to_string())),
+            _ => raw
+                .parse::<f64>()
+                .map(|_| Value::String(raw.to_string()))
+                .map_err(|_| format!("{raw:?} is not a number")),
+        },
     }
 }
 
@@ -432,7 +455,7 @@ mod tests {
             r#"{"vaule":"aGk="}"#,
         )
         .unwrap_err();
-        assert_eq!(e.reason, "UNKNOWN_FIELD");
+        assert_eq!(e.reason, "UNKNOWN_FIELD", "{}", e.message);
         assert_eq!(e.violations[0].0, "vaule");
     }
 

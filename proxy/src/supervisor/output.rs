@@ -115,6 +115,27 @@ fn reemit(line: &str) -> String {
                         .join(" ")
                 })
                 .unwrap_or_default();
+            // The span the pattern logged in (the SDK puts the caller's
+            // request_id there) rides along too.
+            let span = v
+                .get("span")
+                .and_then(|f| f.as_object())
+                .map(|f| {
+                    f.iter()
+                        .filter(|(k, _)| k.as_str() != "name")
+                        .map(|(k, v)| match v.as_str() {
+                            Some(s) => format!("{k}={s}"),
+                            None => format!("{k}={v}"),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            let extra = [extra, span]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             let text = if extra.is_empty() {
                 message
             } else {

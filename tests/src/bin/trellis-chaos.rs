@@ -145,6 +145,7 @@ impl Pattern for Chaos {
 
 impl KeyValue for Chaos {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Bytes>, Error> {
+        tracing::info!(key, "chaos get");
         let map = self.map.lock().map_err(Error::internal)?;
         Ok(map.get(&(ns.into(), key.into())).cloned())
     }

@@ -1,0 +1,462 @@
+//! The HTTP/JSON gateway end to end (issue 4): the real proxy, the real
+//! memstore, plain HTTP requests.
+
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_types::StatusExt;
+use trellis_proto::data::v1::GetRequest;
+use trellis_tests::http::{get, put_json, send};
+use trellis_tests::{PATIENCE, Proxy, eventually};
+
+async fn proxy() -> (Proxy, String) {
+    let p = Proxy::builder().memstore("mem", &["default"]).start().await;
+    let base = p.http.clone().expect("the gateway is on");
+    (p, base)
+}
+
+fn problem(r: &trellis_tests::http::Reply) -> serde_json::Value {
+    assert_eq!(
+        r.headers["content-type"],
+        "application/problem+json",
+        "{}",
+        r.text()
+    );
+    r.json()
+}
+
+#[tokio::test]
+async fn kv_over_http_with_a_slash_in_the_key() {
+    let (_p, base) = proxy().await;
+    let put = put_json(
+        &format!("{base}/v1/namespaces/default/keys/a%2Fb"),
+        r#"{"value":"aGk=","ttl":"30s"}"#,
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    assert_eq!(put.json(), serde_json::json!({}));
+    // %2F and / address the same key.
+    for url in [
+        "/v1/namespaces/default/keys/a%2Fb",
+        "/v1/namespaces/default/keys/a/b",
+    ] {
+        let r = get(&format!("{base}{url}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{url}: {}", r.text());
+        assert_eq!(r.json(), serde_json::json!({"value": "aGk="}));
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    let list = get(&format!(
+        "{base}/v1/namespaces/default/keys?prefix=a%2F&pageSize=10"
+    ))
+    .await;
+    assert_eq!(
+        list.json(),
+        serde_json::json!({"entries": [{"key": "a/b", "value": "aGk="}], "nextPageToken": ""})
+    );
+    let del = send(
+        Method::DELETE,
+        &format!("{base}/v1/namespaces/default/keys/a%2Fb"),
+        &[],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(del.json(), serde_json::json!({"deleted": true}));
+    let again = send(
+        Method::DELETE,
+        &format!("{base}/v1/namespaces/default/keys/a%2Fb"),
+        &[],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(again.json(), serde_json::json!({"deleted": false}));
+    let gone = get(&format!("{base}/v1/namespaces/default/keys/a/b")).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn h2c_works_too() {
+    let (_p, base) = proxy().await;
+    let r = send(Method::GET, &format!("{base}/v1/patterns"), &[], "", true).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["patterns"][0]["name"], "mem");
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer_over_http() {
+    let (p, base) = proxy().await;
+    let list = get(&format!("{base}/v1/patterns")).await.json();
+    assert_eq!(list["patterns"][0]["state"], "PATTERN_STATE_SERVING");
+    let one = get(&format!("{base}/v1/patterns/mem")).await.json();
+    assert_eq!(one["namespaces"], serde_json::json!(["default"]));
+    let pid = one["pid"].as_u64().unwrap();
+    let restart = send(
+        Method::POST,
+        &format!("{base}/v1/patterns/mem:restart"),
+        &[],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(restart.status, StatusCode::OK, "{}", restart.text());
+    let back = p
+        .wait_pattern("mem", "restarted", |x| {
+            x.pid != 0 && u64::from(x.pid) != pid && x.state == 2
+        })
+        .await;
+    assert_eq!(back.restarts, 1);
+    let missing = get(&format!("{base}/v1/patterns/nope")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(problem(&missing)["reason"], "PATTERN_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn errors_are_problem_json_with_the_request_id() {
+    let (_p, base) = proxy().await;
+    let r = send(
+        Method::GET,
+        &format!("{base}/v1/namespaces/default/keys/nope"),
+        &[("x-request-id", "rid-42")],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.headers["x-request-id"], "rid-42");
+    let doc = problem(&r);
+    assert_eq!(doc["status"], 404);
+    assert_eq!(doc["code"], "NOT_FOUND");
+    assert_eq!(doc["instance"], "/v1/namespaces/default/keys/nope");
+    assert_eq!(doc["request_id"], "rid-42");
+    assert!(doc["title"].is_string() && doc["type"].is_string() && doc["detail"].is_string());
+
+    let ns = get(&format!("{base}/v1/namespaces/nope/keys/k")).await;
+    let doc = problem(&ns);
+    assert_eq!(doc["reason"], "NAMESPACE_NOT_FOUND");
+    assert!(doc["detail"].as_str().unwrap().contains("default"), "{doc}");
+    assert_eq!(
+        ns.headers["x-request-id"].len(),
+        36,
+        "generated when absent"
+    );
+
+    let traced = send(
+        Method::GET,
+        &format!("{base}/v1/namespaces/default/keys/nope"),
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(
+        problem(&traced)["trace_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}
+
+#[tokio::test]
+async fn invalid_input_lists_every_violation() {
+    let (_p, base) = proxy().await;
+    let big = "A".repeat(1_500_000); // base64 of more than the 1 MiB value limit
+    let r = put_json(
+        &format!("{base}/v1/namespaces/default/keys/k"),
+        &format!(r#"{{"value":"{big}","ttl":"-5s"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    let doc = problem(&r);
+    let fields: Vec<&str> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"value") && fields.contains(&"ttl"),
+        "{doc}"
+    );
+
+    let unknown = put_json(
+        &format!("{base}/v1/namespaces/default/keys/k"),
+        r#"{"vaule":"aGk="}"#,
+    )
+    .await;
+    let doc = problem(&unknown);
+    assert_eq!(doc["reason"], "UNKNOWN_FIELD");
+    assert_eq!(doc["errors"][0]["field"], "vaule");
+
+    let malformed = put_json(
+        &format!("{base}/v1/namespaces/default/keys/k"),
+        "{\"value\": }",
+    )
+    .await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+    assert!(
+        problem(&malformed)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("column"),
+        "{}",
+        malformed.text()
+    );
+}
+
+#[tokio::test]
+async fn protocol_errors_get_their_http_status() {
+    let p = Proxy::builder()
+        .top("http:\n  limits:\n    max_body: 1KiB\n    max_header_bytes: 2KiB\n    max_uri_bytes: 512\n    max_json_depth: 8")
+        .memstore("mem", &["default"])
+        .start()
+        .await;
+    let base = p.http.clone().unwrap();
+    let key = format!("{base}/v1/namespaces/default/keys/k");
+
+    let r = send(
+        Method::PUT,
+        &key,
+        &[("content-type", "text/plain")],
+        "hello",
+        false,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", r.text());
+
+    let r = send(Method::POST, &key, &[], "", false).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    let allow = r.headers["allow"].to_str().unwrap();
+    for m in ["GET", "PUT", "DELETE"] {
+        assert!(allow.contains(m), "{allow}");
+    }
+
+    let r = get(&format!("{base}/v2/nothing")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(problem(&r)["reason"], "ROUTE_NOT_FOUND");
+
+    let r = put_json(&key, &format!(r#"{{"value":"{}"}}"#, "A".repeat(2048))).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+
+    let long = "x".repeat(1024);
+    let r = send(
+        Method::GET,
+        &key,
+        &[("x-filler", long.as_str()), ("x-filler-2", long.as_str())],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+
+    let r = get(&format!(
+        "{base}/v1/namespaces/default/keys/{}",
+        "k".repeat(600)
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::URI_TOO_LONG);
+
+    let deep = format!("{}{}", "[".repeat(20), "]".repeat(20));
+    let r = put_json(&key, &format!(r#"{{"value":{deep}}}"#)).await;
+    assert_eq!(problem(&r)["reason"], "JSON_TOO_DEEP");
+
+    for bad in [
+        "/v1/namespaces/default/keys/a/../b",
+        "/v1/namespaces/default/keys/%2e%2e",
+        "/v1/namespaces/default/keys/a%00b",
+        "/v1/namespaces/default/keys/%FF",
+    ] {
+        let r = get(&format!("{base}{bad}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.text());
+    }
+}
+
+#[tokio::test]
+async fn an_unavailable_pattern_is_503_with_retry_after_and_retry_info() {
+    let (p, base) = proxy().await;
+    p.admin()
+        .await
+        .stop_pattern(trellis_proto::admin::v1::PatternActionRequest { name: "mem".into() })
+        .await
+        .unwrap();
+    let r = get(&format!("{base}/v1/namespaces/default/keys/k")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(problem(&r)["reason"], "PATTERN_UNAVAILABLE");
+
+    // The same error over gRPC carries ErrorInfo and RetryInfo.
+    let s = p
+        .kv()
+        .await
+        .get(GetRequest {
+            namespace: "default".into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "PATTERN_UNAVAILABLE"
+    );
+    assert!(s.get_details_retry_info().is_some());
+    let s = p
+        .kv()
+        .await
+        .get(GetRequest {
+            namespace: "nope".into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "NAMESPACE_NOT_FOUND"
+    );
+}
+
+#[tokio::test]
+async fn the_request_id_reaches_the_pattern_and_authorization_is_never_logged() {
+    let p = Proxy::builder().chaos("chaos", &["c"], "").start().await;
+    let base = p.http.clone().unwrap();
+    let r = send(
+        Method::GET,
+        &format!("{base}/v1/namespaces/c/keys/k"),
+        &[
+            ("x-request-id", "trace-me-7"),
+            ("authorization", "Bearer supersecret-token"),
+        ],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    eventually("the pattern logs the request id", || async {
+        p.log_text()
+            .lines()
+            .any(|l| l.contains("chaos get") && l.contains("trace-me-7"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !p.log_text().contains("supersecret"),
+        "the token leaked into the log"
+    );
+}
+
+#[tokio::test]
+async fn server_streams_are_ndjson_or_sse() {
+    let (_p, base) = proxy().await;
+    let url = format!("{base}/v1/patterns:watch");
+    for (accept, want_ct, prefix) in [
+        ("application/json", "application/x-ndjson", "{\"result\":"),
+        ("text/event-stream", "text/event-stream", "data: "),
+    ] {
+        let addr = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let req =
+            format!("GET /v1/patterns:watch HTTP/1.1\r\nhost: {addr}\r\naccept: {accept}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let read = async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(
+                    n > 0,
+                    "stream closed early: {}",
+                    String::from_utf8_lossy(&buf)
+                );
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf);
+                if text.contains("PATTERN_STATE_SERVING") {
+                    return text.to_string();
+                }
+            }
+        };
+        let text = tokio::time::timeout(PATIENCE, read)
+            .await
+            .expect("first event");
+        assert!(text.contains(&format!("content-type: {want_ct}")), "{text}");
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        // Chunked: skip the chunk-size line.
+        let first = body.lines().nth(1).unwrap();
+        assert!(first.starts_with(prefix), "{accept}: {first}");
+    }
+}
+
+#[tokio::test]
+async fn openapi_and_reflection_describe_the_api() {
+    let (p, base) = proxy().await;
+    let doc = get(&format!("{base}/openapi.json")).await.json();
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/v1/namespaces/{namespace}/keys/{key}"]["put"].is_object());
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(p.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["trellis.data.v1.KeyValue", "trellis.admin.v1.Admin"] {
+        assert!(names.iter().any(|n| n == want), "{names:?}");
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let p = Proxy::builder()
+        .top("http:\n  limits:\n    read_timeout: 300ms")
+        .memstore("mem", &["default"])
+        .start()
+        .await;
+    let addr = p
+        .http
+        .clone()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+
+    // Slow-loris: headers that never finish. The server closes the connection.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /v1/patterns HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("the server hangs up");
+    assert!(closed.is_ok());
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+
+    // A body that never finishes: 408 problem+json.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"PUT /v1/namespaces/default/keys/k HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"va").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
+}
