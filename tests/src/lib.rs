@@ -10,6 +10,7 @@
 //! executable; `make test` builds them first (`cargo build --workspace`).
 
 pub mod backends;
+pub mod http;
 pub mod nats;
 
 use std::path::{Path, PathBuf};
