@@ -1,6 +1,6 @@
 //! The `trellis` command line: `serve` (the default) runs the proxy;
-//! `check-config` validates a file; `kv`, `patterns` and `health` are gRPC
-//! clients of a running proxy.
+//! `check-config` validates a file; `kv`, `pubsub`, `patterns` and `health`
+//! are gRPC clients of a running proxy.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use trellis_proto::admin::v1 as admin;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::data::v1 as data;
 use trellis_proto::data::v1::key_value_client::KeyValueClient;
+use trellis_proto::data::v1::pub_sub_client::PubSubClient;
 
 use crate::config::LogFormat;
 
@@ -68,6 +69,13 @@ pub enum Command {
         #[command(subcommand)]
         op: KvOp,
     },
+    /// Publish to and subscribe on topics through a running proxy.
+    Pubsub {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        op: PubsubOp,
+    },
     /// Show or control the supervised patterns (a table when no action is given).
     Patterns {
         #[command(flatten)]
@@ -117,6 +125,37 @@ pub enum KvOp {
         #[arg(long, default_value_t = 100)]
         page_size: i32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PubsubOp {
+    /// Publish PAYLOAD to TOPIC; prints the message id.
+    Publish {
+        namespace: String,
+        topic: String,
+        payload: String,
+        /// An attribute, KEY=VALUE (repeatable).
+        #[arg(long = "attr", value_parser = parse_attribute)]
+        attributes: Vec<(String, String)>,
+    },
+    /// Print each message's payload, one per line, as it arrives (until
+    /// interrupted, or --count messages). --timeout bounds only the connect.
+    Subscribe {
+        namespace: String,
+        topic: String,
+        /// Share the topic's messages with the other subscribers of this group.
+        #[arg(long)]
+        queue_group: Option<String>,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+fn parse_attribute(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +261,69 @@ pub async fn kv(client: ClientArgs, op: KvOp) -> anyhow::Result<()> {
                     break;
                 }
                 page_token = r.next_page_token;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn pubsub(client: ClientArgs, op: PubsubOp) -> anyhow::Result<()> {
+    match op {
+        PubsubOp::Publish {
+            namespace,
+            topic,
+            payload,
+            attributes,
+        } => {
+            let mut ps = PubSubClient::new(channel(&client).await?);
+            let r = ps
+                .publish(data::PublishRequest {
+                    namespace,
+                    topic,
+                    payload: payload.into_bytes(),
+                    attributes: attributes.into_iter().collect(),
+                })
+                .await
+                .map_err(status_err)?;
+            println!("{}", r.into_inner().message_id);
+        }
+        PubsubOp::Subscribe {
+            namespace,
+            topic,
+            queue_group,
+            count,
+        } => {
+            // A stream lives on: no request timeout on this channel.
+            let ch = tonic::transport::Endpoint::from_shared(client.addr.clone())?
+                .connect_timeout(client.timeout)
+                .connect()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot reach the proxy at {} ({e}); is `trellis` running? Pass --addr \
+                         or set TRELLIS_ADDR",
+                        client.addr
+                    )
+                })?;
+            let mut messages = PubSubClient::new(ch)
+                .subscribe(data::SubscribeRequest {
+                    namespace,
+                    topic,
+                    queue_group: queue_group.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut seen = 0u64;
+            while count.is_none_or(|n| seen < n) {
+                let Some(m) = messages.message().await.map_err(status_err)? else {
+                    break;
+                };
+                let mut out = std::io::stdout().lock();
+                out.write_all(&m.payload)?;
+                writeln!(out)?;
+                out.flush()?;
+                seen += 1;
             }
         }
     }

@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
             };
         }
         Some(Command::Kv { client, op }) => cli::kv(client, op).await,
+        Some(Command::Pubsub { client, op }) => cli::pubsub(client, op).await,
         Some(Command::Patterns { client, op }) => cli::patterns(client, op).await,
         Some(Command::Health { client, service }) => match cli::health(client, service).await {
             Ok(true) => Ok(()),

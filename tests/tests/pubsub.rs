@@ -112,3 +112,48 @@ async fn proxy_shutdown_ends_subscriptions_and_does_not_wait_for_them() {
     // The stream ended with a status (or the connection closed under it).
     assert!(sub.next(PATIENCE).await.is_err());
 }
+
+#[tokio::test]
+async fn cli_publish_and_subscribe() {
+    let proxy = Proxy::builder().memstore("mem", &["default"]).start().await;
+    let trellis = trellis_tests::bin("trellis");
+    let subscriber = tokio::process::Command::new(&trellis)
+        .args(["pubsub", "--addr", &proxy.addr])
+        .args(["subscribe", "default", "news", "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn trellis pubsub subscribe");
+    let subscriber_pid = subscriber.id().expect("pid");
+    // Publish until the subscriber (exiting after one message) has one:
+    // there is no replay, so what is published before it is live is lost.
+    trellis_tests::eventually("the CLI subscriber to get a message", || {
+        let trellis = trellis.clone();
+        let addr = proxy.addr.clone();
+        async move {
+            let out = tokio::process::Command::new(&trellis)
+                .args(["pubsub", "--addr", &addr])
+                .args(["publish", "default", "news", "hello", "--attr", "k=v"])
+                .output()
+                .await
+                .ok()?;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+                "prints the id"
+            );
+            trellis_tests::process_gone(subscriber_pid).then_some(())
+        }
+    })
+    .await;
+    let out = tokio::time::timeout(PATIENCE, subscriber.wait_with_output())
+        .await
+        .expect("subscriber exits")
+        .expect("subscriber output");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+}
