@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run setup test lint fmt clean bench bench-supervisor
+.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway
 
 all: build
 
@@ -25,12 +25,17 @@ test: setup build
 	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines
-bench: bench-supervisor
+bench: bench-supervisor bench-gateway
 
 ## bench-supervisor: crash detection, restart-to-serving, cold start, idle cost
 bench-supervisor:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p trellis-tests --bench supervisor
+
+## bench-gateway: the same KV workload over HTTP/JSON and gRPC, side by side
+bench-gateway:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p trellis-tests --bench gateway
 
 ## lint: formatting and clippy, as CI would want them
 lint:
