@@ -83,12 +83,33 @@ pub fn postgres_bin_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, chosen *below* the
+/// kernel's ephemeral range (`ip_local_port_range`): a server restarted on
+/// the same port must not find it taken meanwhile by an outgoing connection
+/// or by another process binding port 0.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_001));
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + (seed.wrapping_add(n.wrapping_mul(104_729)) % (high - low));
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port found between {low} and {high}");
 }
 
 /// Keeps the last lines a server printed, for failure messages.

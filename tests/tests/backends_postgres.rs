@@ -1,0 +1,331 @@
+//! trellis-postgres against a real, private PostgreSQL that dies (immediate
+//! shutdown, then a restart on the same port and data directory) or runs out
+//! of pool connections. Measured times are printed (run with --nocapture),
+//! not asserted: they depend on the machine.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use trellis_proto::admin::v1::PatternState;
+use trellis_proto::data::v1::*;
+use trellis_tests::backends::{PostgresServer, postgres_pattern};
+use trellis_tests::{Proxy, eventually};
+
+const REQUEST_TIMEOUT: &str = "request_timeout: 5s";
+const PG_CONFIG: &str =
+    "connect_timeout: 500ms\nstatement_timeout: 2s\npool:\n  max_size: 4\n  acquire_timeout: 500ms";
+const FAST_HEALTH: &str = "health:\n  interval: 250ms";
+
+fn put(ns: &str, key: &str, value: &[u8]) -> PutRequest {
+    PutRequest {
+        namespace: ns.into(),
+        key: key.into(),
+        value: value.to_vec(),
+        ttl: None,
+    }
+}
+
+fn get(ns: &str, key: &str) -> GetRequest {
+    GetRequest {
+        namespace: ns.into(),
+        key: key.into(),
+    }
+}
+
+async fn health(proxy: &Proxy, service: &str) -> Option<ServingStatus> {
+    let mut h = proxy.health().await;
+    h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner().status())
+}
+
+/// Writes `w/<n>` keys one after another until told to stop; returns every
+/// write that was acknowledged, and how many failed.
+fn spawn_writer(
+    proxy: &Proxy,
+    ns: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(BTreeMap<String, Vec<u8>>, usize)> {
+    let addr = proxy.addr.clone();
+    tokio::spawn(async move {
+        let channel = tonic::transport::Endpoint::from_shared(addr)
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut kv = key_value_client::KeyValueClient::new(channel);
+        let mut acked = BTreeMap::new();
+        let mut failed = 0;
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let key = format!("w/{n:08}");
+            let value = format!("value {n}").into_bytes();
+            match kv.put(put(ns, &key, &value)).await {
+                Ok(_) => {
+                    acked.insert(key, value);
+                }
+                Err(_) => {
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        (acked, failed)
+    })
+}
+
+#[tokio::test]
+async fn postgres_stopped_and_restarted_serves_again_without_losing_acknowledged_writes() {
+    let mut pg = PostgresServer::start().await;
+    let proxy = Proxy::builder()
+        .top(REQUEST_TIMEOUT)
+        .pattern(postgres_pattern("db", &["db"], &pg.url(), PG_CONFIG))
+        .with(FAST_HEALTH)
+        .start()
+        .await;
+    let before = proxy.pattern("db").await;
+    let mut kv = proxy.kv().await;
+    kv.put(put("db", "seed", b"planted before the crash"))
+        .await
+        .expect("put before the crash");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&proxy, "db", Arc::clone(&stop));
+    let mut probe = proxy.kv().await;
+    eventually("the writer's 100th write", || {
+        let mut probe = probe.clone();
+        async move { probe.get(get("db", "w/00000100")).await.ok().map(|_| ()) }
+    })
+    .await;
+
+    pg.stop_immediate().await;
+    let stopped = Instant::now();
+
+    eventually("the proxy to report the pattern NOT_SERVING", || async {
+        (health(&proxy, "db").await != Some(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    let detected = stopped.elapsed();
+    proxy
+        .wait_pattern("db", "pattern NOT_SERVING", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+
+    // Every kind of request answers UNAVAILABLE, not a hang.
+    let started = Instant::now();
+    let answers = [
+        probe.get(get("db", "seed")).await.map(|_| ()),
+        probe.put(put("db", "during", b"x")).await.map(|_| ()),
+        probe
+            .delete(DeleteRequest {
+                namespace: "db".into(),
+                key: "seed".into(),
+            })
+            .await
+            .map(|_| ()),
+        probe
+            .list(ListRequest {
+                namespace: "db".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    ];
+    let outage_answers = started.elapsed();
+    for a in &answers {
+        let err = a
+            .as_ref()
+            .expect_err("no request succeeds while PostgreSQL is down");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(
+            !err.message().contains("127.0.0.1"),
+            "no address leaks: {err:?}"
+        );
+        assert!(!err.message().contains("SELECT"), "no SQL leaks: {err:?}");
+    }
+
+    pg.restart().await;
+    let restarted = Instant::now();
+    proxy.wait_serving("db").await;
+    let serving_again = restarted.elapsed();
+    eventually("a Get to succeed again", || {
+        let mut probe = probe.clone();
+        async move { probe.get(get("db", "seed")).await.ok().map(|_| ()) }
+    })
+    .await;
+    let first_success = restarted.elapsed();
+
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = writer.await.expect("writer");
+    let mut lost = Vec::new();
+    for (key, value) in &acked {
+        match kv.get(get("db", key)).await {
+            Ok(r) if r.get_ref().value == *value => {}
+            other => lost.push((key.clone(), other.map(|r| r.into_inner().value))),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes were lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert_eq!(
+        kv.get(get("db", "seed")).await.unwrap().into_inner().value,
+        b"planted before the crash"
+    );
+
+    // The pool recovered inside the same process.
+    let after = proxy.pattern("db").await;
+    assert_eq!(after.pid, before.pid, "the pattern process was replaced");
+    assert_eq!(after.restarts, before.restarts);
+
+    println!(
+        "postgres outage: NOT_SERVING seen {detected:?} after the immediate stop; 4 requests \
+         answered UNAVAILABLE in {outage_answers:?}; SERVING {serving_again:?} and first Get \
+         OK {first_success:?} after the restart; {} writes acknowledged, {failed} refused, 0 lost",
+        acked.len()
+    );
+}
+
+#[tokio::test]
+async fn memstore_keeps_serving_while_postgres_is_down() {
+    let mut pg = PostgresServer::start().await;
+    let proxy = Proxy::builder()
+        .top(REQUEST_TIMEOUT)
+        .pattern(postgres_pattern("db", &["db"], &pg.url(), PG_CONFIG))
+        .with(FAST_HEALTH)
+        .memstore("mem", &["local"])
+        .start()
+        .await;
+    pg.stop_immediate().await;
+    proxy
+        .wait_pattern("db", "postgres pattern NOT_SERVING", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+
+    let mut kv = proxy.kv().await;
+    for i in 0..200 {
+        let key = format!("k{i}");
+        kv.put(put("local", &key, key.as_bytes()))
+            .await
+            .unwrap_or_else(|e| panic!("memstore put {i} failed while postgres is down: {e:?}"));
+        let got = kv
+            .get(get("local", &key))
+            .await
+            .unwrap_or_else(|e| panic!("memstore get {i} failed while postgres is down: {e:?}"));
+        assert_eq!(got.into_inner().value, key.as_bytes());
+    }
+    assert_eq!(health(&proxy, "mem").await, Some(ServingStatus::Serving));
+    assert_eq!(
+        kv.get(get("db", "any")).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert_ne!(health(&proxy, "db").await, Some(ServingStatus::Serving));
+}
+
+/// Two pooled connections, both held by Gets blocked behind a table lock
+/// taken from another session: three more concurrent Gets wait
+/// `acquire_timeout` and get RESOURCE_EXHAUSTED saying what is full and what
+/// to change. Once the lock goes, the held Gets finish and the pool serves
+/// everything again.
+#[tokio::test]
+async fn postgres_pool_exhaustion_is_resource_exhausted_and_recovers() {
+    let pg = PostgresServer::start().await;
+    let proxy = Proxy::builder()
+        .top("request_timeout: 60s")
+        .pattern(postgres_pattern(
+            "db",
+            &["db"],
+            &pg.url(),
+            // No purge during the test: it would take a connection too.
+            "statement_timeout: 60s\npurge_interval: 1h\npool:\n  max_size: 2\n  acquire_timeout: 200ms",
+        ))
+        .start()
+        .await;
+    let mut kv = proxy.kv().await;
+    kv.put(put("db", "k", b"v")).await.expect("put");
+
+    let mut locker = pg.connect().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE trellis_kv IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the table");
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..5 {
+        let mut kv = kv.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = kv.get(get("db", "k")).await;
+            let _ = tx.send((i, r.map(|r| r.into_inner().value)));
+        });
+    }
+    drop(tx);
+
+    // The three that find no connection answer while the lock is held.
+    let mut exhausted = Vec::new();
+    while exhausted.len() < 3 {
+        let (i, r) = tokio::time::timeout(trellis_tests::PATIENCE, rx.recv())
+            .await
+            .expect("three Gets answer while the table is locked")
+            .expect("a result");
+        match r {
+            Err(s) if s.code() == Code::ResourceExhausted => exhausted.push(s),
+            other => panic!(
+                "Get {i} answered {other:?} while both connections were held; the pattern's \
+                 stderr:\n{}",
+                proxy.pattern("db").await.stderr_tail.join("\n")
+            ),
+        }
+    }
+    for s in &exhausted {
+        let m = s.message();
+        assert!(m.contains("all 2 connections are in use"), "{m}");
+        assert!(m.contains("waiting"), "{m}");
+        assert!(m.contains("pool.max_size"), "{m}");
+        assert!(m.contains("pool.acquire_timeout"), "{m}");
+        assert!(!m.contains("SELECT"), "{m}");
+    }
+
+    lock.rollback().await.expect("release the lock");
+    let mut held = Vec::new();
+    while let Some((i, r)) = rx.recv().await {
+        match r {
+            Ok(v) => held.push(v),
+            Err(s) => panic!(
+                "held Get {i} failed after the lock was released: {s:?}; the pattern's \
+                 stderr:\n{}",
+                proxy.pattern("db").await.stderr_tail.join("\n")
+            ),
+        }
+    }
+    assert_eq!(held, vec![b"v".to_vec(), b"v".to_vec()]);
+
+    // Recovered: a burst as large as before all succeeds now.
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let mut kv = kv.clone();
+        burst.spawn(async move { kv.get(get("db", "k")).await.map(|r| r.into_inner().value) });
+    }
+    while let Some(r) = burst.join_next().await {
+        assert_eq!(r.expect("task").expect("Get after recovery"), b"v");
+    }
+    assert_eq!(
+        proxy.pattern("db").await.state(),
+        PatternState::Serving,
+        "a busy pool is load, not an outage"
+    );
+}
