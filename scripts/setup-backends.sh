@@ -1,5 +1,86 @@
 #!/usr/bin/env bash
-# Finds (or installs from the system package manager) the backend servers
-# the tests start privately. To be completed with the backend patterns.
+# Finds the backend servers the end-to-end tests start privately (each test
+# runs its own instance on a free port, in a temporary directory):
+#   redis-server, nats-server, and PostgreSQL's initdb + postgres.
+# If some are missing and this runs as root with apt-get, installs them
+# (apt-get update; apt-get install -y redis-server nats-server postgresql).
+# Otherwise it stops and says exactly what to install. Run by `make setup`
+# (and so by `make test`). The tests look in the same places.
 set -euo pipefail
-echo "setup-backends: nothing required yet"
+
+# PostgreSQL's server binaries are not on PATH on Debian/Ubuntu.
+pg_bindirs() {
+    if command -v pg_config >/dev/null 2>&1; then
+        pg_config --bindir 2>/dev/null || true
+    fi
+    # Newest version first.
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -V -r || true
+}
+
+# find_bin NAME [DIR...]: prints the first executable NAME on PATH, in the
+# usual sbin/bin folders, or in the DIRs.
+find_bin() {
+    local name=$1
+    shift
+    local found
+    found=$(command -v "$name" 2>/dev/null || true)
+    if [ -n "$found" ] && [ -x "$found" ]; then
+        echo "$found"
+        return 0
+    fi
+    local dir
+    for dir in /usr/sbin /usr/bin /usr/local/sbin /usr/local/bin "$@"; do
+        if [ -x "$dir/$name" ]; then
+            echo "$dir/$name"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# missing_packages: prints the Debian package for each server not found.
+missing_packages() {
+    local dirs
+    mapfile -t dirs < <(pg_bindirs)
+    find_bin redis-server >/dev/null || echo redis-server
+    find_bin nats-server >/dev/null || echo nats-server
+    if ! find_bin initdb "${dirs[@]}" >/dev/null || ! find_bin postgres "${dirs[@]}" >/dev/null; then
+        echo postgresql
+    fi
+}
+
+mapfile -t missing < <(missing_packages)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup-backends: missing: ${missing[*]}"
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup-backends: installing with apt-get: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        apt-get install -y --no-install-recommends "${missing[@]}"
+        mapfile -t missing < <(missing_packages)
+    fi
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    cat >&2 <<EOF
+setup-backends: these servers are needed by the end-to-end tests and were not found:
+  ${missing[*]}
+Install them, e.g. on Debian/Ubuntu (as root):
+  apt-get update && apt-get install -y ${missing[*]}
+(looked on PATH, in /usr/sbin, /usr/bin, /usr/local/{s,}bin, \`pg_config --bindir\`
+and /usr/lib/postgresql/*/bin). The tests start their own private instances; the
+machine's services need not run.
+EOF
+    exit 1
+fi
+
+mapfile -t dirs < <(pg_bindirs)
+echo "setup-backends: redis-server $(find_bin redis-server)"
+echo "setup-backends: nats-server  $(find_bin nats-server)"
+echo "setup-backends: initdb       $(find_bin initdb "${dirs[@]}")"
+echo "setup-backends: postgres     $(find_bin postgres "${dirs[@]}")"
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+    echo "setup-backends: running as root, the tests start PostgreSQL as the 'postgres' user, which does not exist; install the postgresql package (it creates the user)" >&2
+    exit 1
+fi
