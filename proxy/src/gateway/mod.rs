@@ -279,7 +279,13 @@ impl Gateway {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
-            if essence != "application/json" && !essence.ends_with("+json") {
+            // JSON, or no type, or curl's `-d` default (form-urlencoded),
+            // which grpc-gateway also reads as JSON; anything else is 415.
+            let json_like = essence.is_empty()
+                || essence == "application/json"
+                || essence.ends_with("+json")
+                || essence == "application/x-www-form-urlencoded";
+            if !json_like {
                 return Err(ApiError::http(
                     415,
                     Code::InvalidArgument,

@@ -25,7 +25,8 @@ pub fn document(
         .map(|(field, detail)| json!({"field": field, "detail": detail}))
         .collect();
     let mut doc = json!({
-        "type": format!("https://trellis.dev/problems/{}", e.reason.to_ascii_lowercase().replace('_', "-")),
+        // A stable identifier per reason; RFC 9457 allows a non-resolvable URI.
+        "type": format!("urn:trellis:problem:{}", e.reason.to_ascii_lowercase().replace('_', "-")),
         "title": status.canonical_reason().unwrap_or("Error"),
         "status": status.as_u16(),
         "detail": e.message,
