@@ -460,3 +460,57 @@ async fn slow_clients_are_cut_off() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
 }
+
+#[tokio::test]
+async fn subscribe_over_http_streams_published_messages() {
+    let (_p, base) = proxy().await;
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut sub = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "GET /v1/namespaces/default/topics/news:subscribe HTTP/1.1\r\nhost: {addr}\r\n\r\n"
+    );
+    sub.write_all(req.as_bytes()).await.unwrap();
+    // The subscription is live once a probe published after it arrives;
+    // publish probes until one does (no fixed sleep).
+    let mut seen = String::new();
+    let got = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let r = put_publish(&base, "cHJvYmU=").await; // "probe"
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            assert!(
+                r.json()["messageId"]
+                    .as_str()
+                    .is_some_and(|id| !id.is_empty()),
+                "{}",
+                r.text()
+            );
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), sub.read(&mut chunk))
+                    .await
+            {
+                assert!(n > 0, "stream closed: {seen}");
+                seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+                if seen.contains("cHJvYmU=") {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, got)
+        .await
+        .expect("a probe arrives");
+    assert!(seen.contains("application/x-ndjson"), "{seen}");
+    assert!(seen.contains("{\"result\":{"), "{seen}");
+}
+
+async fn put_publish(base: &str, payload_b64: &str) -> trellis_tests::http::Reply {
+    send(
+        Method::POST,
+        &format!("{base}/v1/namespaces/default/topics/news:publish"),
+        &[("content-type", "application/json")],
+        &format!(r#"{{"payload":"{payload_b64}","attributes":{{"k":"v"}}}}"#),
+        false,
+    )
+    .await
+}
