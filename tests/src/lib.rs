@@ -95,6 +95,20 @@ pub struct PatternEntry {
     pub config: String,
 }
 
+impl PatternEntry {
+    /// An entry running `command` for `namespaces`, with no args or config.
+    pub fn new(name: &str, command: impl Into<PathBuf>, namespaces: &[&str]) -> Self {
+        PatternEntry {
+            name: name.into(),
+            command: command.into(),
+            args: vec![],
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            extra: String::new(),
+            config: String::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct ProxyBuilder {
     patterns: Vec<PatternEntry>,
@@ -105,26 +119,15 @@ pub struct ProxyBuilder {
 impl ProxyBuilder {
     /// A memstore pattern serving `namespaces`.
     pub fn memstore(self, name: &str, namespaces: &[&str]) -> Self {
-        self.pattern(PatternEntry {
-            name: name.into(),
-            command: bin("trellis-memstore"),
-            args: vec![],
-            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-            extra: String::new(),
-            config: String::new(),
-        })
+        self.pattern(PatternEntry::new(name, bin("trellis-memstore"), namespaces))
     }
 
     /// A `trellis-chaos` pattern (see its source for the misbehaviours)
     /// serving `namespaces`, configured by `config` (YAML for its `config:`).
     pub fn chaos(self, name: &str, namespaces: &[&str], config: &str) -> Self {
         self.pattern(PatternEntry {
-            name: name.into(),
-            command: bin("trellis-chaos"),
-            args: vec![],
-            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-            extra: String::new(),
             config: config.into(),
+            ..PatternEntry::new(name, bin("trellis-chaos"), namespaces)
         })
     }
 

@@ -30,14 +30,11 @@ fn serving(p: &trellis_proto::admin::v1::Pattern) -> bool {
 async fn spawn_failure_missing_binary_fails_that_pattern_only() {
     let proxy = Proxy::builder()
         .memstore("good", &["default"])
-        .pattern(PatternEntry {
-            name: "ghost".into(),
-            command: "/nonexistent/trellis-ghost".into(),
-            args: vec![],
-            namespaces: vec!["ghostly".into()],
-            extra: String::new(),
-            config: String::new(),
-        })
+        .pattern(PatternEntry::new(
+            "ghost",
+            "/nonexistent/trellis-ghost",
+            &["ghostly"],
+        ))
         .spawn()
         .await;
     let p = proxy.wait_pattern("ghost", "ghost FAILED", failed).await;
@@ -76,14 +73,7 @@ async fn spawn_failure_not_executable_names_the_os_error() {
     std::fs::write(&file, "#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let proxy = Proxy::builder()
-        .pattern(PatternEntry {
-            name: "noexec".into(),
-            command: file.clone(),
-            args: vec![],
-            namespaces: vec!["x".into()],
-            extra: String::new(),
-            config: String::new(),
-        })
+        .pattern(PatternEntry::new("noexec", file.clone(), &["x"]))
         .spawn()
         .await;
     let p = proxy.wait_pattern("noexec", "FAILED", failed).await;
@@ -166,14 +156,7 @@ async fn a_rejected_config_fails_at_once_without_restarts() {
 async fn a_pattern_that_never_started_reports_and_stops_idempotently() {
     let proxy = Proxy::builder()
         .memstore("good", &["default"])
-        .pattern(PatternEntry {
-            name: "ghost".into(),
-            command: "/nonexistent/x".into(),
-            args: vec![],
-            namespaces: vec![],
-            extra: String::new(),
-            config: String::new(),
-        })
+        .pattern(PatternEntry::new("ghost", "/nonexistent/x", &[]))
         .spawn()
         .await;
     proxy.wait_pattern("ghost", "FAILED", failed).await;
