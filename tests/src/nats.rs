@@ -1,37 +1,17 @@
 //! A private `nats-server` for tests: on a free loopback port, started,
 //! SIGKILLed and restarted on the same port by the test. Nothing here
 //! touches a server the machine itself runs. A missing `nats-server` fails
-//! the test with what to install: tests never skip a backend silently.
+//! the test with what to install (see `backends::find_binary`): tests never
+//! skip a backend silently.
 
-use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
+use crate::backends::{find_binary, free_port};
 use crate::{PATIENCE, PatternEntry, bin, eventually};
-
-/// `nats-server` from `PATH` or the usual system directories (Debian puts it
-/// in /usr/sbin, often not on a user's `PATH`).
-pub fn nats_server_binary() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.extend(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from));
-    for dir in &dirs {
-        let p = dir.join("nats-server");
-        if std::fs::metadata(&p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0) {
-            return p;
-        }
-    }
-    panic!(
-        "nats-server was not found on PATH or in /usr/sbin, /usr/bin, /usr/local/bin; run \
-         `make setup` (as root it installs it with apt-get), or install the Debian/Ubuntu \
-         package `nats-server` yourself"
-    );
-}
 
 /// A `nats-server` of the test's own. Killed when dropped.
 pub struct NatsServer {
@@ -41,16 +21,12 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a server on a free loopback port and waits until it greets a
-    /// client.
+    /// Starts a server on a free loopback port (below the ephemeral range,
+    /// so it is still free for a restart) and waits until it greets a client.
     pub async fn start() -> NatsServer {
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            l.local_addr().expect("local addr").port()
-        };
         let mut server = NatsServer {
             child: None,
-            port,
+            port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
         };
         server.spawn().await;
@@ -59,7 +35,7 @@ impl NatsServer {
 
     async fn spawn(&mut self) {
         let log = self.dir.path().join("nats-server.log");
-        let child = Command::new(nats_server_binary())
+        let child = Command::new(find_binary("nats-server", &[]))
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-l"])
             .arg(&log)
             .stdin(Stdio::null())
@@ -136,11 +112,7 @@ async fn greets(port: u16) -> Option<()> {
 /// `url`, with a short connect timeout so tests see outages quickly.
 pub fn nats_pattern(name: &str, namespaces: &[&str], url: &str) -> PatternEntry {
     PatternEntry {
-        name: name.into(),
-        command: bin("trellis-nats"),
-        args: vec![],
-        namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-        extra: String::new(),
         config: format!("url: {url:?}\nconnect_timeout: 2s\n"),
+        ..PatternEntry::new(name, bin("trellis-nats"), namespaces)
     }
 }
