@@ -47,3 +47,9 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+.PHONY: bench-backends
+## bench-backends: KV Get/Put straight to Redis/PostgreSQL vs through proxy → pattern
+bench-backends:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p trellis-tests --bench backends

@@ -170,6 +170,8 @@ async fn signal_and_reap(child: &mut Child, signal: Signal) {
 /// none of them.
 pub struct RedisServer {
     port: u16,
+    /// `appendonly yes` + `appendfsync always`, or no persistence at all.
+    durable: bool,
     dir: tempfile::TempDir,
     child: Option<Child>,
     output: Output,
@@ -179,10 +181,20 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one on a free port and waits until it answers PING.
     pub async fn start() -> RedisServer {
+        Self::start_with(true).await
+    }
+
+    /// One without persistence (for benchmarks: no fsync per write).
+    pub async fn start_in_memory() -> RedisServer {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(durable: bool) -> RedisServer {
         let binary = find_binary("redis-server", &[]);
         let dir = tempfile::tempdir().expect("tempdir for redis");
         let mut server = RedisServer {
             port: free_port(),
+            durable,
             dir,
             child: None,
             output: Output::default(),
@@ -198,7 +210,11 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(if self.durable {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
             .args(["--save", ""])
             .args(["--daemonize", "no", "--protected-mode", "no"])
             .args(["--loglevel", "notice"])
@@ -289,11 +305,19 @@ pub struct PostgresServer {
     postgres: PathBuf,
     /// `(uid, gid)` to run as, when running as root.
     user: Option<(u32, u32)>,
+    /// Extra `-c name=value` server settings.
+    settings: Vec<String>,
 }
 
 impl PostgresServer {
     /// initdb, then start, then wait until `SELECT 1` answers.
     pub async fn start() -> PostgresServer {
+        Self::start_with(&[]).await
+    }
+
+    /// [`PostgresServer::start`] with extra server settings, e.g.
+    /// `("synchronous_commit", "off")`.
+    pub async fn start_with(settings: &[(&str, &str)]) -> PostgresServer {
         let dirs = postgres_bin_dirs();
         let initdb = find_binary("initdb", &dirs);
         let postgres = find_binary("postgres", &dirs);
@@ -361,6 +385,7 @@ impl PostgresServer {
             output: Output::default(),
             postgres,
             user,
+            settings: settings.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         };
         server.launch().await;
         server
@@ -378,6 +403,7 @@ impl PostgresServer {
                 self.dir.path().join("run").display()
             ))
             .args(["-c", "max_connections=50", "-c", "fsync=on"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
