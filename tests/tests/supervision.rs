@@ -377,6 +377,35 @@ async fn a_slow_but_successful_start_is_logged_as_slow() {
     );
 }
 
+#[tokio::test]
+async fn a_pattern_that_answers_not_serving_past_startup_is_kept_not_killed() {
+    // Like a pattern whose database is down at boot: alive, answering, not
+    // ready. It stays up (same pid, no restart), just not routable.
+    let proxy = Proxy::builder()
+        .chaos("waiting", &["x"], "health: not_serving")
+        .with("startup_timeout: 500ms\nrestart:\n  max_starts: 1")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("waiting", "NOT_SERVING after start-up", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+    assert!(p.pid > 0 && !process_gone(p.pid));
+    assert!(p.last_error.contains("NOT_SERVING"), "{}", p.last_error);
+    assert_eq!(p.restarts, 0);
+    let err = proxy
+        .kv()
+        .await
+        .get(GetRequest {
+            namespace: "x".into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
 // 7. Ports ----------------------------------------------------------------------
 
 #[tokio::test]

@@ -219,10 +219,20 @@ enum Wait {
 
 /// A process that answered its handshake, Initialize, Start and a first
 /// SERVING health check.
+#[derive(Clone)]
 struct Up {
     endpoint: Endpoint,
     channel: Channel,
     info: InitializeResponse,
+}
+
+/// How far a start got, shared with the owner so that a start-up timeout
+/// can tell "never answered" (hung: kill it) from "answers, but NOT_SERVING"
+/// (alive, its backend is not ready: keep it, not routable).
+#[derive(Default)]
+struct Progress {
+    started: Option<Up>,
+    answered_not_serving: bool,
 }
 
 impl Owner {
@@ -412,7 +422,8 @@ impl Owner {
         });
         info!(pid, program = %program.display(), "spawned");
 
-        let bring_up = bring_up(self.cfg.clone(), stdout).in_current_span();
+        let progress = Arc::new(std::sync::Mutex::new(Progress::default()));
+        let bring_up = bring_up(self.cfg.clone(), stdout, progress.clone()).in_current_span();
         let bring_up = tokio::time::timeout(self.cfg.startup_timeout, bring_up);
         tokio::pin!(bring_up);
         enum Starting {
@@ -428,7 +439,7 @@ impl Owner {
                 r = &mut bring_up => Starting::Ready(r),
             };
             match event {
-                Starting::Ready(Ok(Ok(up))) => break up,
+                Starting::Ready(Ok(Ok(up))) => break (up, true),
                 Starting::Ready(Ok(Err(e))) => {
                     // Give a child that is exiting a moment to do so, so the
                     // error can say how it ended rather than that we killed it.
@@ -448,6 +459,24 @@ impl Owner {
                     };
                 }
                 Starting::Ready(Err(_elapsed)) => {
+                    let alive = {
+                        let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                        p.started.clone().filter(|_| p.answered_not_serving)
+                    };
+                    if let Some(up) = alive {
+                        warn!(
+                            pid,
+                            "started, but still NOT_SERVING after startup_timeout; keeping it \
+                             (not routable) until its health check passes"
+                        );
+                        self.update(|s| {
+                            s.last_error = Some(
+                                "answers its health check with NOT_SERVING since start-up (is its backend reachable?)"
+                                    .into(),
+                            )
+                        });
+                        break (up, false);
+                    }
                     let exit = process::kill(&mut child, pid).await;
                     self.record_exit(exit);
                     return End::StartFailed {
@@ -480,11 +509,14 @@ impl Owner {
             }
         };
 
-        let Up {
-            endpoint,
-            channel,
-            info,
-        } = up;
+        let (
+            Up {
+                endpoint,
+                channel,
+                info,
+            },
+            serving,
+        ) = up;
         let took = spawned_at.elapsed();
         if took > self.cfg.slow_start_warning {
             warn!(
@@ -498,10 +530,15 @@ impl Owner {
             endpoint = %endpoint,
             version = %info.version,
             startup_ms = took.as_millis() as u64,
-            "serving"
+            serving,
+            "started"
         );
         self.update(|s| {
-            s.state = State::Serving;
+            s.state = if serving {
+                State::Serving
+            } else {
+                State::NotServing
+            };
             s.endpoint = Some(endpoint);
             s.channel = Some(channel.clone());
             s.version = info.version.clone();
@@ -804,7 +841,11 @@ impl StartError {
 /// Handshake → connect → Initialize → Start → first SERVING. Owns nothing
 /// but the child's stdout, so the owner can keep waiting on the child and
 /// its commands while this runs.
-async fn bring_up(cfg: Arc<PatternConfig>, stdout: Option<ChildStdout>) -> Result<Up, StartError> {
+async fn bring_up(
+    cfg: Arc<PatternConfig>,
+    stdout: Option<ChildStdout>,
+    progress: Arc<std::sync::Mutex<Progress>>,
+) -> Result<Up, StartError> {
     let stdout = stdout.ok_or_else(|| StartError::retry("the child's stdout was not piped"))?;
     let mut reader = BufReader::new(stdout);
     let endpoint = handshake::read(&mut reader)
@@ -839,6 +880,12 @@ async fn bring_up(cfg: Arc<PatternConfig>, stdout: Option<ChildStdout>) -> Resul
         .await
         .map_err(|s| StartError::retry(format!("Start failed: {s}")))?;
 
+    progress.lock().unwrap_or_else(|e| e.into_inner()).started = Some(Up {
+        endpoint: endpoint.clone(),
+        channel: channel.clone(),
+        info: info.clone(),
+    });
+
     // The first SERVING answer makes the pattern routable. Poll briskly: a
     // pattern built on the SDK is SERVING as soon as Start returns.
     let mut health = HealthClient::new(channel.clone());
@@ -847,6 +894,12 @@ async fn bring_up(cfg: Arc<PatternConfig>, stdout: Option<ChildStdout>) -> Resul
         match check(&mut health, cfg.health.timeout).await {
             Ok(()) => break,
             Err(why) => {
+                if matches!(why, Unhealthy::NotServing(_)) {
+                    progress
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .answered_not_serving = true;
+                }
                 debug!(%why, "not serving yet");
                 tokio::time::sleep(pause).await;
             }
