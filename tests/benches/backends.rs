@@ -338,6 +338,24 @@ async fn main() {
         VALUE.len()
     );
 
+    // Reference: the proxy path alone, to an in-memory pattern (no backend).
+    let proxy = Proxy::builder()
+        .log_level("warn")
+        .memstore("memstore", &[NS])
+        .start()
+        .await;
+    let mut clients = grpc_clients(&proxy).await;
+    fill(&mut clients).await;
+    let (rps, clients) = throughput(clients).await;
+    let (p50, p99, n) = latency(clients).await;
+    println!("reference: proxy → memstore (no backend server)");
+    println!(
+        "  throughput {rps:>9.0} req/s; at {RATE} req/s (n={n}) p50 {:.3} ms  p99 {:.3} ms\n",
+        ms(p50),
+        ms(p99)
+    );
+    drop(proxy);
+
     let redis = RedisServer::start_in_memory().await;
     let proxy = Proxy::builder()
         .log_level("warn")
