@@ -329,3 +329,36 @@ async fn postgres_pool_exhaustion_is_resource_exhausted_and_recovers() {
         "a busy pool is load, not an outage"
     );
 }
+
+#[tokio::test]
+async fn postgres_down_at_boot_starts_not_serving_then_creates_the_table_and_serves() {
+    let mut pg = PostgresServer::start().await;
+    pg.stop_immediate().await;
+    let proxy = Proxy::builder()
+        .top(REQUEST_TIMEOUT)
+        .pattern(postgres_pattern("db", &["db"], &pg.url(), PG_CONFIG))
+        .with("startup_timeout: 1s\nhealth:\n  interval: 250ms")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("db", "NOT_SERVING after start-up", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+    let mut kv = proxy.kv().await;
+    let err = kv.get(get("db", "k")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    pg.restart().await;
+    proxy.wait_serving("db").await;
+    kv.put(put("db", "k", b"v"))
+        .await
+        .expect("put once PostgreSQL is up");
+    assert_eq!(
+        kv.get(get("db", "k")).await.unwrap().into_inner().value,
+        b"v"
+    );
+    let after = proxy.pattern("db").await;
+    assert_eq!(after.pid, p.pid, "the pattern process was replaced");
+    assert_eq!(after.restarts, 0);
+}

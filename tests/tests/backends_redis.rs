@@ -256,3 +256,42 @@ async fn memstore_keeps_serving_while_redis_is_down() {
     // Still down: the outage covered the whole loop.
     assert_ne!(health(&proxy, "cache").await, Some(ServingStatus::Serving));
 }
+
+#[tokio::test]
+async fn redis_down_at_boot_starts_not_serving_then_serves_once_redis_is_up() {
+    let mut redis = RedisServer::start().await;
+    redis.kill().await;
+    let proxy = Proxy::builder()
+        .top(REQUEST_TIMEOUT)
+        .pattern(redis_pattern(
+            "cache",
+            &["cache"],
+            &redis.url(),
+            REDIS_CONFIG,
+        ))
+        .with("startup_timeout: 1s\nhealth:\n  interval: 250ms")
+        .spawn()
+        .await;
+    // Kept as NOT_SERVING (alive, answering), not killed and restarted.
+    let p = proxy
+        .wait_pattern("cache", "NOT_SERVING after start-up", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+    let mut kv = proxy.kv().await;
+    let err = kv.get(get("cache", "k")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    redis.restart().await;
+    proxy.wait_serving("cache").await;
+    kv.put(put("cache", "k", b"v"))
+        .await
+        .expect("put once Redis is up");
+    assert_eq!(
+        kv.get(get("cache", "k")).await.unwrap().into_inner().value,
+        b"v"
+    );
+    let after = proxy.pattern("cache").await;
+    assert_eq!(after.pid, p.pid, "the pattern process was replaced");
+    assert_eq!(after.restarts, 0);
+}

@@ -23,6 +23,8 @@ mod keys;
 mod schema;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -206,6 +208,9 @@ pub struct Postgres {
     /// and the statement.
     op_timeout: Duration,
     purger: AbortHandle,
+    /// Retries creating the table when PostgreSQL was down at start.
+    migrator: Option<AbortHandle>,
+    schema: Arc<SchemaState>,
     /// `host:port/dbname` (never the password), for logs.
     target: String,
 }
@@ -233,47 +238,51 @@ impl Pattern for Postgres {
         .build()
         .map_err(|e| Error::internal(format!("cannot build the connection pool: {e}")))?;
 
-        // The table must exist before the first request: create or migrate it now.
-        let setup = async {
-            let mut client = pool.get().await.map_err(|e| match &e {
-                deadpool_postgres::PoolError::Backend(pe) => config_mistake(pe, &target)
-                    .unwrap_or_else(|| start_error(&target, errors::convert(pe, "connect"))),
-                _ => start_error(
-                    &target,
-                    errors::pool(&e, pool.status(), config.pool.acquire_timeout),
-                ),
-            })?;
-            schema::migrate(&mut client, &config.table)
-                .await
-                .map_err(|e| match &e {
-                    schema::MigrateError::Db(pe) => config_mistake(pe, &target)
-                        .unwrap_or_else(|| start_error(&target, e.into())),
-                    schema::MigrateError::TooNew { .. } => e.into(),
-                })
+        // Create or migrate the table now. A server that refuses for good
+        // (wrong password, no such database, a newer schema) fails the
+        // start; one that is merely down does not: the pattern starts
+        // NOT_SERVING (the proxy keeps it, not routable) and a task keeps
+        // trying until the table is ready.
+        let setup = Setup {
+            pool: pool.clone(),
+            table: config.table.clone(),
+            target: target.clone(),
+            limit: config.connect_timeout + config.statement_timeout + config.pool.acquire_timeout,
         };
-        let limit = config.connect_timeout + config.statement_timeout + config.pool.acquire_timeout;
-        let found = tokio::time::timeout(limit, setup).await.map_err(|_| {
-            Error::unavailable(format!(
-                "PostgreSQL at {target} did not answer within {limit:?} at start; check that \
-                 it is running and config.url/host/port; the proxy retries the start"
-            ))
-        })??;
-        let latest = schema::migrations(&config.table).len();
-        tracing::info!(
-            pattern = ctx.name(),
-            target = %target,
-            table = %config.table,
-            from_version = found,
-            version = latest,
-            pool_max_size = config.pool.max_size,
-            "connected to PostgreSQL; table ready"
-        );
+        let schema = Arc::new(SchemaState::default());
+        let migrator = match setup.attempt().await {
+            Ok(found) => {
+                schema.ready.store(true, Ordering::Release);
+                tracing::info!(
+                    pattern = ctx.name(),
+                    target = %target,
+                    table = %config.table,
+                    from_version = found,
+                    version = schema::migrations(&config.table).len(),
+                    pool_max_size = config.pool.max_size,
+                    "connected to PostgreSQL; table ready"
+                );
+                None
+            }
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Retry(why)) => {
+                tracing::warn!(
+                    pattern = ctx.name(),
+                    target = %target,
+                    "{why}; starting anyway, NOT_SERVING until PostgreSQL answers (is it \
+                     running? are config.url/host/port right?)"
+                );
+                schema.set_problem(why);
+                Some(tokio::spawn(setup.retry(Arc::clone(&schema))).abort_handle())
+            }
+        };
 
         let queries = Queries::new(&config.table);
         let purger = tokio::spawn(purge(
             pool.clone(),
             queries.purge.clone(),
             config.purge_interval,
+            Arc::clone(&schema),
         ));
         Ok(Self {
             pool,
@@ -284,11 +293,19 @@ impl Pattern for Postgres {
                 + config.statement_timeout
                 + Duration::from_secs(1),
             purger: purger.abort_handle(),
+            migrator,
+            schema,
             target,
         })
     }
 
     async fn health(&self) -> Health {
+        if !self.schema.is_ready() {
+            return Health::NotServing(format!(
+                "the table is not ready yet: {}",
+                self.schema.problem()
+            ));
+        }
         let limit = HEALTH_TIMEOUT;
         let timeouts = Timeouts {
             wait: Some(limit.min(self.acquire_timeout)),
@@ -334,6 +351,9 @@ impl Pattern for Postgres {
 
     async fn stop(&self) {
         self.purger.abort();
+        if let Some(m) = &self.migrator {
+            m.abort();
+        }
         self.pool.close();
     }
 }
@@ -341,6 +361,121 @@ impl Pattern for Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.purger.abort();
+        if let Some(m) = &self.migrator {
+            m.abort();
+        }
+    }
+}
+
+/// Whether the table has been created/migrated, and if not, why.
+#[derive(Default)]
+struct SchemaState {
+    ready: AtomicBool,
+    problem: std::sync::Mutex<String>,
+}
+
+impl SchemaState {
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn problem(&self) -> String {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_problem(&self, why: String) {
+        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+}
+
+/// One way a table set-up attempt fails.
+enum Attempt {
+    /// A retry cannot fix it: fail the start (or stay NOT_SERVING, saying so).
+    Fatal(Error),
+    /// PostgreSQL is unreachable or not answering: try again later.
+    Retry(String),
+}
+
+/// What it takes to create or migrate the table.
+struct Setup {
+    pool: Pool,
+    table: String,
+    target: String,
+    limit: Duration,
+}
+
+impl Setup {
+    /// One bounded attempt; returns the version found before.
+    async fn attempt(&self) -> Result<i32, Attempt> {
+        let run = async {
+            let mut client = self.pool.get().await.map_err(|e| match &e {
+                deadpool_postgres::PoolError::Backend(pe) => match config_mistake(pe, &self.target)
+                {
+                    Some(fatal) => Attempt::Fatal(fatal),
+                    None => Attempt::Retry(format!(
+                        "PostgreSQL at {} is unreachable: {pe}",
+                        self.target
+                    )),
+                },
+                _ => Attempt::Retry(format!("PostgreSQL at {} is unreachable: {e}", self.target)),
+            })?;
+            schema::migrate(&mut client, &self.table)
+                .await
+                .map_err(|e| {
+                    if let schema::MigrateError::Db(pe) = &e
+                        && let Some(fatal) = config_mistake(pe, &self.target)
+                    {
+                        return Attempt::Fatal(fatal);
+                    }
+                    let detail = e.to_string();
+                    match Error::from(e) {
+                        Error::Unavailable(_) | Error::ResourceExhausted(_) => {
+                            Attempt::Retry(format!(
+                                "creating the table in PostgreSQL at {} failed: {detail}",
+                                self.target
+                            ))
+                        }
+                        other => Attempt::Fatal(other),
+                    }
+                })
+        };
+        tokio::time::timeout(self.limit, run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Attempt::Retry(format!(
+                    "PostgreSQL at {} did not answer within {:?}",
+                    self.target, self.limit
+                )))
+            })
+    }
+
+    /// Tries every second until the table is ready (or a retry cannot help).
+    async fn retry(self, schema: Arc<SchemaState>) {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            match self.attempt().await {
+                Ok(found) => {
+                    schema.ready.store(true, Ordering::Release);
+                    tracing::info!(target = %self.target, table = %self.table, from_version = found, "PostgreSQL reachable; table ready");
+                    return;
+                }
+                Err(Attempt::Retry(why)) => {
+                    tracing::debug!("{why}; retrying");
+                    schema.set_problem(why);
+                }
+                Err(Attempt::Fatal(e)) => {
+                    tracing::error!(error = %e, "cannot create the table; fix it and restart the pattern");
+                    schema.set_problem(format!("{e}; fix it and restart the pattern"));
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -369,17 +504,6 @@ fn config_mistake(e: &tokio_postgres::Error, target: &str) -> Option<Error> {
     Some(Error::invalid_argument(field, what))
 }
 
-/// An `UNAVAILABLE` at start says where it tried and that the proxy retries.
-fn start_error(target: &str, e: Error) -> Error {
-    match e {
-        Error::Unavailable(_) => Error::unavailable(format!(
-            "cannot reach PostgreSQL at start ({target}); check that it is running and \
-             config.url/host/port; the proxy retries the start"
-        )),
-        other => other,
-    }
-}
-
 /// `host:port/dbname` for logs.
 fn describe(pg: &tokio_postgres::Config) -> String {
     let host = match pg.get_hosts().first() {
@@ -392,11 +516,14 @@ fn describe(pg: &tokio_postgres::Config) -> String {
 }
 
 /// Deletes expired rows every `every`, in batches, until aborted.
-async fn purge(pool: Pool, sql: String, every: Duration) {
+async fn purge(pool: Pool, sql: String, every: Duration, schema: Arc<SchemaState>) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        if !schema.is_ready() {
+            continue;
+        }
         let client = match pool.get().await {
             Ok(c) => c,
             Err(e) => {
@@ -433,6 +560,12 @@ impl Postgres {
         F: FnOnce(deadpool_postgres::Object) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
+        if !self.schema.is_ready() {
+            return Err(Error::unavailable(
+                "the backend (PostgreSQL) has not been reachable since the pattern started; \
+                 retry later",
+            ));
+        }
         let run = async {
             let client = self
                 .pool
@@ -623,7 +756,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_database_at_start_is_unavailable() {
+    async fn unreachable_database_at_start_starts_not_serving() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -632,10 +765,21 @@ mod tests {
             port: Some(port),
             ..Config::default()
         };
-        match Postgres::init(c, InitContext::new("p")).await {
-            Err(Error::Unavailable(msg)) => assert!(msg.contains("cannot reach"), "{msg}"),
-            Err(other) => panic!("want Unavailable, got {other:?}"),
-            Ok(_) => panic!("want Unavailable, got a pattern"),
+        let pattern = match Postgres::init(c, InitContext::new("p")).await {
+            Ok(p) => p,
+            Err(e) => panic!("PostgreSQL being down must not fail the start: {e:?}"),
+        };
+        match pattern.health().await {
+            Health::NotServing(why) => assert!(why.contains("not ready"), "{why}"),
+            Health::Serving => panic!("SERVING with PostgreSQL down"),
         }
+        match pattern.get("ns", "k").await {
+            Err(Error::Unavailable(msg)) => {
+                assert!(msg.contains("retry later"), "{msg}");
+                assert!(!msg.contains("127.0.0.1"), "no address leaks: {msg}");
+            }
+            other => panic!("want Unavailable, got {other:?}"),
+        }
+        pattern.stop().await;
     }
 }

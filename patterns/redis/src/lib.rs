@@ -125,15 +125,22 @@ impl Pattern for RedisKv {
             op_timeout: config.connect_timeout + config.response_timeout,
             addr,
         };
-        // Reachable at start, or the proxy retries the start later.
-        if let Health::NotServing(why) = pattern.health().await {
-            tracing::warn!(addr = %pattern.addr, "{why}");
-            return Err(Error::unavailable(format!(
-                "Redis is not reachable yet ({why}); start Redis or fix config.url; the proxy \
-                 retries the start"
-            )));
+        // Redis down at start is not a reason to fail: the pattern starts,
+        // answers NOT_SERVING (the proxy keeps it, not routable) and serves
+        // as soon as Redis answers.
+        match pattern.health().await {
+            Health::Serving => {
+                tracing::info!(pattern = ctx.name(), addr = %pattern.addr, prefix = %pattern.key_prefix, "connected to Redis");
+            }
+            Health::NotServing(why) => {
+                tracing::warn!(
+                    pattern = ctx.name(),
+                    addr = %pattern.addr,
+                    "{why}; starting anyway, NOT_SERVING until Redis answers (is it running? \
+                     is config.url right?)"
+                );
+            }
         }
-        tracing::info!(pattern = ctx.name(), addr = %pattern.addr, prefix = %pattern.key_prefix, "connected to Redis");
         Ok(pattern)
     }
 
@@ -347,7 +354,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_redis_at_start_is_unavailable_quickly() {
+    async fn unreachable_redis_at_start_starts_not_serving() {
         // A port nothing listens on: bind one, note it, close it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -357,10 +364,20 @@ mod tests {
             url: format!("redis://127.0.0.1:{port}"),
             ..Config::default()
         };
-        match RedisKv::init(cfg, InitContext::new("r")).await {
-            Err(Error::Unavailable(msg)) => assert!(msg.contains("not reachable"), "{msg}"),
-            Err(other) => panic!("want Unavailable, got {other:?}"),
-            Ok(_) => panic!("want Unavailable, got a pattern"),
+        let pattern = match RedisKv::init(cfg, InitContext::new("r")).await {
+            Ok(p) => p,
+            Err(e) => panic!("Redis being down must not fail the start: {e:?}"),
+        };
+        match pattern.health().await {
+            Health::NotServing(why) => assert!(why.contains("unreachable"), "{why}"),
+            Health::Serving => panic!("SERVING with Redis down"),
+        }
+        match pattern.get("ns", "k").await {
+            Err(Error::Unavailable(msg)) => {
+                assert!(msg.contains("retry later"), "{msg}");
+                assert!(!msg.contains("127.0.0.1"), "no address leaks: {msg}");
+            }
+            other => panic!("want Unavailable, got {other:?}"),
         }
     }
 
