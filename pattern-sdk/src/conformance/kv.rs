@@ -37,6 +37,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::run_checks;
+pub use super::{CheckResult, Outcome, Report};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -50,9 +52,6 @@ use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
 use trellis_proto::pattern::v1::{InitializeRequest, StartRequest, StopRequest};
 
 use crate::validate::MAX_VALUE_BYTES;
-
-/// What a check returns: `Err` says what was expected and what came back.
-pub type CheckResult = Result<(), String>;
 
 /// Where the suite runs: a KeyValue client and two namespaces served by the
 /// endpoint under test (the second one for the isolation check).
@@ -754,71 +753,10 @@ pub async fn run_one(kit: &Kit, name: &str) -> CheckResult {
     }
 }
 
-/// One check's outcome.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub name: &'static str,
-    pub result: CheckResult,
-    pub elapsed: Duration,
-}
-
-/// What [`run_all`] found.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub outcomes: Vec<Outcome>,
-}
-
-impl Report {
-    pub fn passed(&self) -> impl Iterator<Item = &Outcome> {
-        self.outcomes.iter().filter(|o| o.result.is_ok())
-    }
-
-    pub fn failed(&self) -> impl Iterator<Item = &Outcome> {
-        self.outcomes.iter().filter(|o| o.result.is_err())
-    }
-
-    pub fn all_passed(&self) -> bool {
-        self.failed().next().is_none()
-    }
-
-    /// Panics with the whole report unless every check passed: for tests.
-    #[track_caller]
-    pub fn assert_all_passed(&self) {
-        assert!(self.all_passed(), "conformance checks failed:\n{self}");
-    }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for o in &self.outcomes {
-            match &o.result {
-                Ok(()) => writeln!(f, "  ok    {:<28} {:>8.1?}", o.name, o.elapsed)?,
-                Err(why) => writeln!(f, "  FAIL  {:<28} {:>8.1?}  {why}", o.name, o.elapsed)?,
-            }
-        }
-        let failed = self.failed().count();
-        write!(
-            f,
-            "kv conformance: {} passed, {failed} failed",
-            self.outcomes.len() - failed
-        )
-    }
-}
-
 /// Runs every check in [`CHECKS`], one after another, and reports each.
 /// A check that fails does not stop the others.
 pub async fn run_all(kit: &Kit) -> Report {
-    let mut report = Report::default();
-    for name in CHECKS {
-        let started = Instant::now();
-        let result = run_one(kit, name).await;
-        report.outcomes.push(Outcome {
-            name,
-            result,
-            elapsed: started.elapsed(),
-        });
-    }
-    report
+    run_checks("kv", CHECKS, |name| run_one(kit, name)).await
 }
 
 // Running a bare pattern -----------------------------------------------------
@@ -1061,6 +999,7 @@ mod tests {
     #[test]
     fn report_counts_and_lists_failures() {
         let report = Report {
+            suite: "kv",
             outcomes: vec![
                 Outcome {
                     name: "round_trip",

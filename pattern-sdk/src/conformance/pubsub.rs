@@ -42,20 +42,18 @@
 //! the machine's speed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::run_checks;
+pub use super::{CheckResult, Outcome, Report};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use trellis_proto::data::v1::pub_sub_client::PubSubClient;
 use trellis_proto::data::v1::{Message, PublishRequest, SubscribeRequest};
-
-/// What a check returns: `Err` says what was expected and what came back.
-pub type CheckResult = Result<(), String>;
 
 /// The attribute that marks a probe message; its value is unique per probe.
 pub const PROBE_ATTRIBUTE: &str = "conformance-probe";
@@ -796,67 +794,10 @@ pub async fn run_one(kit: &Kit, name: &str) -> CheckResult {
     }
 }
 
-/// One check's outcome.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub name: &'static str,
-    pub result: CheckResult,
-    pub elapsed: Duration,
-}
-
-/// What [`run_all`] found.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub outcomes: Vec<Outcome>,
-}
-
-impl Report {
-    pub fn failed(&self) -> impl Iterator<Item = &Outcome> {
-        self.outcomes.iter().filter(|o| o.result.is_err())
-    }
-
-    pub fn all_passed(&self) -> bool {
-        self.failed().next().is_none()
-    }
-
-    /// Panics with the whole report unless every check passed: for tests.
-    #[track_caller]
-    pub fn assert_all_passed(&self) {
-        assert!(self.all_passed(), "conformance checks failed:\n{self}");
-    }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for o in &self.outcomes {
-            match &o.result {
-                Ok(()) => writeln!(f, "  ok    {:<30} {:>8.1?}", o.name, o.elapsed)?,
-                Err(why) => writeln!(f, "  FAIL  {:<30} {:>8.1?}  {why}", o.name, o.elapsed)?,
-            }
-        }
-        let failed = self.failed().count();
-        write!(
-            f,
-            "pubsub conformance: {} passed, {failed} failed",
-            self.outcomes.len() - failed
-        )
-    }
-}
-
 /// Runs every check in [`CHECKS`], one after another, and reports each.
 /// A check that fails does not stop the others.
 pub async fn run_all(kit: &Kit) -> Report {
-    let mut report = Report::default();
-    for name in CHECKS {
-        let started = Instant::now();
-        let result = run_one(kit, name).await;
-        report.outcomes.push(Outcome {
-            name,
-            result,
-            elapsed: started.elapsed(),
-        });
-    }
-    report
+    run_checks("pubsub", CHECKS, |name| run_one(kit, name)).await
 }
 
 #[cfg(test)]
