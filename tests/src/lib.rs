@@ -11,6 +11,7 @@
 
 pub mod backends;
 pub mod http;
+pub mod kv;
 pub mod nats;
 
 use std::path::{Path, PathBuf};
@@ -345,6 +346,18 @@ impl Proxy {
                 self.log_text()
             );
         }
+    }
+
+    /// The proxy's health for `service` right now (`None` when the check fails).
+    pub async fn health_of(&self, service: &str) -> Option<ServingStatus> {
+        self.health()
+            .await
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner().status())
     }
 
     pub async fn pattern(&self, name: &str) -> admin::Pattern {

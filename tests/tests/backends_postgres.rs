@@ -3,85 +3,22 @@
 //! of pool connections. Measured times are printed (run with --nocapture),
 //! not asserted: they depend on the machine.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use trellis_proto::admin::v1::PatternState;
 use trellis_proto::data::v1::*;
 use trellis_tests::backends::{PostgresServer, postgres_pattern};
+use trellis_tests::kv::{get, put, spawn_writer};
 use trellis_tests::{Proxy, eventually};
 
 const REQUEST_TIMEOUT: &str = "request_timeout: 5s";
 const PG_CONFIG: &str =
     "connect_timeout: 500ms\nstatement_timeout: 2s\npool:\n  max_size: 4\n  acquire_timeout: 500ms";
 const FAST_HEALTH: &str = "health:\n  interval: 250ms";
-
-fn put(ns: &str, key: &str, value: &[u8]) -> PutRequest {
-    PutRequest {
-        namespace: ns.into(),
-        key: key.into(),
-        value: value.to_vec(),
-        ttl: None,
-    }
-}
-
-fn get(ns: &str, key: &str) -> GetRequest {
-    GetRequest {
-        namespace: ns.into(),
-        key: key.into(),
-    }
-}
-
-async fn health(proxy: &Proxy, service: &str) -> Option<ServingStatus> {
-    let mut h = proxy.health().await;
-    h.check(HealthCheckRequest {
-        service: service.into(),
-    })
-    .await
-    .ok()
-    .map(|r| r.into_inner().status())
-}
-
-/// Writes `w/<n>` keys one after another until told to stop; returns every
-/// write that was acknowledged, and how many failed.
-fn spawn_writer(
-    proxy: &Proxy,
-    ns: &'static str,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(BTreeMap<String, Vec<u8>>, usize)> {
-    let addr = proxy.addr.clone();
-    tokio::spawn(async move {
-        let channel = tonic::transport::Endpoint::from_shared(addr)
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut kv = key_value_client::KeyValueClient::new(channel);
-        let mut acked = BTreeMap::new();
-        let mut failed = 0;
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            let key = format!("w/{n:08}");
-            let value = format!("value {n}").into_bytes();
-            match kv.put(put(ns, &key, &value)).await {
-                Ok(_) => {
-                    acked.insert(key, value);
-                }
-                Err(_) => {
-                    failed += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        }
-        (acked, failed)
-    })
-}
 
 #[tokio::test]
 async fn postgres_stopped_and_restarted_serves_again_without_losing_acknowledged_writes() {
@@ -111,7 +48,7 @@ async fn postgres_stopped_and_restarted_serves_again_without_losing_acknowledged
     let stopped = Instant::now();
 
     eventually("the proxy to report the pattern NOT_SERVING", || async {
-        (health(&proxy, "db").await != Some(ServingStatus::Serving)).then_some(())
+        (proxy.health_of("db").await != Some(ServingStatus::Serving)).then_some(())
     })
     .await;
     let detected = stopped.elapsed();
@@ -228,12 +165,12 @@ async fn memstore_keeps_serving_while_postgres_is_down() {
             .unwrap_or_else(|e| panic!("memstore get {i} failed while postgres is down: {e:?}"));
         assert_eq!(got.into_inner().value, key.as_bytes());
     }
-    assert_eq!(health(&proxy, "mem").await, Some(ServingStatus::Serving));
+    assert_eq!(proxy.health_of("mem").await, Some(ServingStatus::Serving));
     assert_eq!(
         kv.get(get("db", "any")).await.unwrap_err().code(),
         Code::Unavailable
     );
-    assert_ne!(health(&proxy, "db").await, Some(ServingStatus::Serving));
+    assert_ne!(proxy.health_of("db").await, Some(ServingStatus::Serving));
 }
 
 /// Two pooled connections, both held by Gets blocked behind a table lock

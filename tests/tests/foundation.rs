@@ -8,23 +8,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use trellis_proto::admin::v1::{ListPatternsRequest, PatternState, exit_status};
 use trellis_proto::data::v1::*;
+use trellis_tests::kv::{get, put};
 use trellis_tests::{Proxy, bin, eventually, process_gone};
-
-fn put(ns: &str, key: &str, value: &[u8]) -> PutRequest {
-    PutRequest {
-        namespace: ns.into(),
-        key: key.into(),
-        value: value.to_vec(),
-        ttl: None,
-    }
-}
-
-fn get(ns: &str, key: &str) -> GetRequest {
-    GetRequest {
-        namespace: ns.into(),
-        key: key.into(),
-    }
-}
 
 #[tokio::test]
 async fn kv_round_trip_through_the_proxy() {
