@@ -26,10 +26,20 @@ pub const EMBEDDED_NAME: &str = "<embedded default config (deploy/examples/local
 /// Top-level keys that `TRELLIS_*` environment variables may override. Other
 /// `TRELLIS_*` variables (the CLI's `TRELLIS_ADDR`, the pattern protocol's
 /// `TRELLIS_PATTERN_*`) are not configuration and are ignored here.
-const ENV_ROOTS: &[&str] = &["listen", "log", "request_timeout", "shutdown_grace", "http"];
+const ENV_ROOTS: &[&str] = &[
+    "listen",
+    "log",
+    "request_timeout",
+    "shutdown_grace",
+    "worker_threads",
+    "http",
+];
 
 /// Largest name length, for patterns and namespaces.
 pub const MAX_NAME_LEN: usize = 63;
+
+/// The most `worker_threads` accepted.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +57,12 @@ pub struct Config {
     /// Where Unix sockets of `transport: unix` patterns are created;
     /// default `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
     pub socket_dir: Option<PathBuf>,
+    /// Threads that run the proxy's requests: absent = one per core (tokio's
+    /// default); `1` = a single-threaded runtime, which on a small machine
+    /// shared with its patterns and backends answers with less latency (see
+    /// docs/configuration.md for the measurement). Like Envoy's
+    /// `--concurrency` or linkerd2-proxy's `CORES`.
+    pub worker_threads: Option<usize>,
     pub http: Http,
     pub patterns: Vec<PatternConfig>,
     pub namespaces: Vec<NamespaceConfig>,
@@ -60,6 +76,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
             socket_dir: None,
+            worker_threads: None,
             http: Http::default(),
             patterns: Vec::new(),
             namespaces: Vec::new(),
@@ -571,6 +588,17 @@ impl Config {
                 "must be greater than zero, e.g. \"5s\"".into(),
             );
         }
+        if let Some(n) = self.worker_threads
+            && !(1..=MAX_WORKER_THREADS).contains(&n)
+        {
+            bad(
+                "worker_threads".into(),
+                format!(
+                    "{n} is out of range; allowed: 1 to {MAX_WORKER_THREADS}, or leave it out \
+                     for one thread per core"
+                ),
+            );
+        }
         for (side, rules) in [
             ("request", &self.http.headers.request),
             ("response", &self.http.headers.response),
@@ -931,6 +959,24 @@ mod tests {
         let c = parse(MINIMAL, &Source::Embedded, env).expect("parses");
         assert_eq!(c.listen.grpc.port(), 9999);
         assert_eq!(c.request_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn worker_threads_is_optional_bounded_and_settable_from_the_environment() {
+        assert_eq!(parse_ok(MINIMAL).worker_threads, None);
+        assert_eq!(
+            parse_ok(&format!("{MINIMAL}worker_threads: 1\n")).worker_threads,
+            Some(1)
+        );
+        for bad in ["0", "1025"] {
+            let ps = problems(&format!("{MINIMAL}worker_threads: {bad}\n"));
+            assert_eq!(ps.len(), 1, "{ps:?}");
+            assert_eq!(ps[0].field, "worker_threads");
+            assert!(ps[0].message.contains("1 to 1024"), "{ps:?}");
+        }
+        let env = vec![("TRELLIS_WORKER_THREADS".to_string(), "2".to_string())];
+        let c = parse(MINIMAL, &Source::Embedded, env).expect("parses");
+        assert_eq!(c.worker_threads, Some(2));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `trellis`: load config → bind → serve until SIGINT/SIGTERM → stop patterns.
+//! `trellis`: load config → build the runtime it asks for → bind → serve
+//! until SIGINT/SIGTERM → stop patterns.
 
 use std::process::ExitCode;
 
@@ -6,13 +7,62 @@ use clap::Parser;
 use trellis::cli::{self, Cli, Command};
 use trellis::{config, logging, server};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        None | Some(Command::Serve) => return serve(cli.serve).await,
-        Some(Command::CheckConfig { file }) => {
-            let file = file.or(cli.serve.config);
+    let command = match cli.command {
+        None | Some(Command::Serve) => None,
+        Some(c) => Some(c),
+    };
+    let Some(command) = command else {
+        // The config decides the runtime (`worker_threads`), so it is read
+        // before there is one.
+        let loaded = match config::load(cli.serve.config.as_deref(), std::env::vars()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        return match runtime(loaded.config.worker_threads) {
+            Ok(rt) => rt.block_on(serve(loaded, cli.serve)),
+            Err(e) => {
+                eprintln!("cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    };
+    // The client commands make a call or two: one thread is plenty.
+    match runtime(Some(1)) {
+        Ok(rt) => rt.block_on(client(command, cli.serve.config)),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One thread → tokio's current-thread scheduler (no cross-thread wake-ups);
+/// more → the multi-thread scheduler with that many workers; `None` → one
+/// worker per core.
+fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}
+
+/// The commands that are not `serve`; `config` is the global `--config`.
+async fn client(command: Command, config: Option<std::path::PathBuf>) -> ExitCode {
+    let result = match command {
+        Command::Serve => return ExitCode::SUCCESS, // handled in main
+        Command::CheckConfig { file } => {
+            let file = file.or(config);
             return match config::load(file.as_deref(), std::env::vars()) {
                 Ok(loaded) => match check_commands(&loaded) {
                     Ok(()) => {
@@ -30,10 +80,10 @@ async fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Kv { client, op }) => cli::kv(client, op).await,
-        Some(Command::Pubsub { client, op }) => cli::pubsub(client, op).await,
-        Some(Command::Patterns { client, op }) => cli::patterns(client, op).await,
-        Some(Command::Health { client, service }) => match cli::health(client, service).await {
+        Command::Kv { client, op } => cli::kv(client, op).await,
+        Command::Pubsub { client, op } => cli::pubsub(client, op).await,
+        Command::Patterns { client, op } => cli::patterns(client, op).await,
+        Command::Health { client, service } => match cli::health(client, service).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
@@ -77,14 +127,7 @@ fn check_commands(loaded: &config::Loaded) -> Result<(), String> {
     }
 }
 
-async fn serve(args: cli::ServeArgs) -> ExitCode {
-    let loaded = match config::load(args.config.as_deref(), std::env::vars()) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+async fn serve(loaded: config::Loaded, args: cli::ServeArgs) -> ExitCode {
     let format = args
         .log_format
         .map(Into::into)

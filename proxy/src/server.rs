@@ -95,6 +95,7 @@ pub async fn run(
         grpc = %grpc_addr,
         http = %http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         config = %loaded.source,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"
     );
     let mut drained = stop_rx.clone();

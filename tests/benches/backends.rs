@@ -1,26 +1,40 @@
 //! `make bench-backends`: what the proxy and a backend pattern cost over
 //! talking to the backend directly, measured in one run against the same
-//! private server:
+//! private server. Each section measures these paths, in this order:
 //!
+//! - client → server directly (redis crate / tokio-postgres);
+//! - client → pattern, over gRPC to the pattern's own endpoint: the pattern's
+//!   share of the cost;
+//! - client → trellis → pattern → server, the proxy on its default runtime
+//!   (a worker thread per core);
+//! - the same with `worker_threads: 1` (a single-threaded proxy).
+//!
+//! A reference section does the same with memstore, which has no backend:
+//! its "client → memstore" line is the cost of one gRPC hop on this machine.
+//!
+//! For each path:
 //! 1. throughput: `CLIENTS` clients, each with its own connection and one
 //!    request in flight (no pipelining), 50% Get / 50% Put over 1,000 keys
-//!    of 100 bytes, for `PHASE` — directly (redis crate / tokio-postgres) and
-//!    through proxy → pattern;
+//!    of 100 bytes, for `PHASE`;
 //! 2. latency at a fixed, moderate rate (`RATE` requests/s, open loop: each
-//!    request starts on schedule whatever the others do), p50 and p99 both
-//!    ways; the difference is what the proxy path adds.
+//!    request starts on schedule whatever the others do), p50 and p99. The
+//!    differences from the first line are what each extra hop adds.
 //!
 //! Redis runs without persistence and PostgreSQL with
 //! `synchronous_commit = off`, so the figures show the request path rather
 //! than the disk. "Directly" runs the equivalent commands: for Redis plain
 //! GET / SET (the pattern's Put also updates the namespace's List index in
 //! one Lua script); for PostgreSQL the same SELECT and upsert as the pattern.
-//! Client, proxy, pattern and server share this machine's cores, so the
-//! absolute figures depend on it; the ratios travel better. Every phase is
-//! bounded in time; the run takes under a minute.
+//! The load generator runs on a current-thread runtime, which adds less of
+//! its own latency than a multi-thread one. Client, proxy, pattern and
+//! server share this machine's cores, so the absolute figures depend on it;
+//! the differences within one run travel better. Every phase is bounded in
+//! time; the run takes about three minutes.
 //!
-//! Run with release binaries: `cargo build --release --workspace --bins &&
-//! cargo bench -p trellis-tests --bench backends`.
+//! `cargo bench -p trellis-tests --bench backends -- redis` runs one section
+//! (`memstore`, `redis`, `postgres`). Run with release binaries:
+//! `cargo build --release --workspace --bins` first (`make bench-backends`
+//! does).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,8 +45,8 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use trellis_proto::data::v1::key_value_client::KeyValueClient;
 use trellis_proto::data::v1::{GetRequest, PutRequest};
-use trellis_tests::Proxy;
 use trellis_tests::backends::{PostgresServer, RedisServer, postgres_pattern, redis_pattern};
+use trellis_tests::{PatternEntry, Proxy};
 
 const CLIENTS: usize = 16;
 const KEYS: usize = 1000;
@@ -96,11 +110,13 @@ impl Client for Grpc {
     }
 }
 
-async fn grpc_clients(proxy: &Proxy) -> Vec<Grpc> {
+/// `CLIENTS` gRPC clients of `addr` (`http://host:port`): the proxy, or a
+/// pattern's own endpoint to measure the pattern without the proxy.
+async fn grpc_clients(addr: &str) -> Vec<Grpc> {
     let mut v = Vec::new();
     for _ in 0..CLIENTS {
         // A channel each: its own HTTP/2 connection, like separate clients.
-        let channel = tonic::transport::Endpoint::from_shared(proxy.addr.clone())
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
             .expect("uri")
             .tcp_nodelay(true)
             .connect()
@@ -282,55 +298,83 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-struct Figures {
-    direct_rps: f64,
-    proxy_rps: f64,
-    direct: (Duration, Duration, usize),
-    proxied: (Duration, Duration, usize),
+/// The gRPC address of pattern `name`, to reach it without the proxy.
+async fn pattern_addr(proxy: &Proxy, name: &str) -> String {
+    let endpoint = proxy.pattern(name).await.endpoint;
+    let hostport = endpoint
+        .strip_prefix("tcp://")
+        .unwrap_or_else(|| panic!("bench patterns listen on TCP, got {endpoint:?}"));
+    format!("http://{hostport}")
 }
 
-fn report(backend: &str, f: &Figures) {
-    println!("{backend}");
-    println!(
-        "  throughput, {CLIENTS} clients, 1 in flight each   direct {:>9.0} req/s   via proxy {:>9.0} req/s   proxy/direct {:>5.2}",
-        f.direct_rps,
-        f.proxy_rps,
-        f.proxy_rps / f.direct_rps
-    );
-    println!(
-        "  latency at {RATE} req/s (n={:>5})            direct p50 {:>6.3} ms  p99 {:>6.3} ms",
-        f.direct.2,
-        ms(f.direct.0),
-        ms(f.direct.1)
-    );
-    println!(
-        "                                             via proxy p50 {:>6.3} ms  p99 {:>6.3} ms",
-        ms(f.proxied.0),
-        ms(f.proxied.1)
-    );
-    println!(
-        "  added by proxy + pattern                   p50 {:>+7.3} ms   p99 {:>+7.3} ms",
-        ms(f.proxied.0) - ms(f.direct.0),
-        ms(f.proxied.1) - ms(f.direct.1)
-    );
+/// One path's figures: closed-loop throughput, then (p50, p99, n) at `RATE`.
+struct Path {
+    rps: f64,
+    lat: (Duration, Duration, usize),
 }
 
-async fn measure<D: Client, P: Client>(mut direct: Vec<D>, mut proxied: Vec<P>) -> Figures {
-    fill(&mut direct).await;
-    fill(&mut proxied).await;
-    let (direct_rps, direct) = throughput(direct).await;
-    let (proxy_rps, proxied) = throughput(proxied).await;
-    let direct = latency(direct).await;
-    let proxied = latency(proxied).await;
-    Figures {
-        direct_rps,
-        proxy_rps,
-        direct,
-        proxied,
+async fn path<C: Client>(mut clients: Vec<C>) -> Path {
+    fill(&mut clients).await;
+    let (rps, clients) = throughput(clients).await;
+    let lat = latency(clients).await;
+    Path { rps, lat }
+}
+
+/// Prints one section: every path's throughput and latency, then what each
+/// step adds over the one before it (`paths[0]` is the baseline).
+fn report(title: &str, paths: &[(&str, &Path)]) {
+    println!("{title}");
+    println!(
+        "  {:<44} {:>10}   at {RATE} req/s: {:>9} {:>9}",
+        "", "req/s", "p50", "p99"
+    );
+    for (what, p) in paths {
+        println!(
+            "  {what:<44} {:>10.0}   {:>18.3} {:>6.3} ms",
+            p.rps,
+            ms(p.lat.0),
+            ms(p.lat.1)
+        );
     }
+    let (base_name, base) = paths[0];
+    println!("  added over \"{base_name}\":");
+    for (what, p) in &paths[1..] {
+        println!(
+            "    {what:<42} p50 {:>+7.3} ms  p99 {:>+7.3} ms",
+            ms(p.lat.0) - ms(base.lat.0),
+            ms(p.lat.1) - ms(base.lat.1)
+        );
+    }
+    println!();
 }
 
-#[tokio::main]
+/// A proxy serving `NS` from `pattern`, with `worker_threads` if given.
+async fn proxy_with(pattern: PatternEntry, worker_threads: Option<usize>) -> Proxy {
+    let mut b = Proxy::builder().log_level("warn").pattern(pattern);
+    if let Some(n) = worker_threads {
+        b = b.top(&format!("worker_threads: {n}"));
+    }
+    b.start().await
+}
+
+/// The pattern alone, then through the proxy with its default runtime (a
+/// worker per core) and with `worker_threads: 1`.
+async fn pattern_paths(entry: impl Fn() -> PatternEntry) -> Vec<(String, Path)> {
+    let name = entry().name;
+    let mut out = Vec::new();
+    let proxy = proxy_with(entry(), None).await;
+    let alone = path(grpc_clients(&pattern_addr(&proxy, &name).await).await).await;
+    let proxied = path(grpc_clients(&proxy.addr).await).await;
+    drop(proxy);
+    let proxy = proxy_with(entry(), Some(1)).await;
+    let one_thread = path(grpc_clients(&proxy.addr).await).await;
+    out.push((format!("client → {name}"), alone));
+    out.push((format!("client → trellis → {name}"), proxied));
+    out.push((format!("client → trellis (1 thread) → {name}"), one_thread));
+    out
+}
+
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     println!(
         "backends: direct vs client → trellis → pattern → server; {CLIENTS} clients, 50% Get / \
@@ -338,58 +382,62 @@ async fn main() {
         VALUE.len()
     );
 
-    // Reference: the proxy path alone, to an in-memory pattern (no backend).
-    let proxy = Proxy::builder()
-        .log_level("warn")
-        .memstore("memstore", &[NS])
-        .start()
-        .await;
-    let mut clients = grpc_clients(&proxy).await;
-    fill(&mut clients).await;
-    let (rps, clients) = throughput(clients).await;
-    let (p50, p99, n) = latency(clients).await;
-    println!("reference: proxy → memstore (no backend server)");
-    println!(
-        "  throughput {rps:>9.0} req/s; at {RATE} req/s (n={n}) p50 {:.3} ms  p99 {:.3} ms\n",
-        ms(p50),
-        ms(p99)
-    );
-    drop(proxy);
+    // `cargo bench --bench backends -- redis` runs only the sections named.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |section: &str| only.is_empty() || only.iter().any(|o| o == section);
 
-    let redis = RedisServer::start_in_memory().await;
-    let proxy = Proxy::builder()
-        .log_level("warn")
-        .pattern(redis_pattern("redis", &[NS], &redis.url(), ""))
-        .start()
-        .await;
-    let figures = measure(
-        redis_clients(&redis.url()).await,
-        grpc_clients(&proxy).await,
-    )
+    if run("memstore") {
+        memstore_section().await;
+    }
+    if run("redis") {
+        redis_section().await;
+    }
+    if run("postgres") {
+        postgres_section().await;
+    }
+}
+
+async fn memstore_section() {
+    let paths = pattern_paths(|| {
+        PatternEntry::new("memstore", trellis_tests::bin("trellis-memstore"), &[NS])
+    })
     .await;
-    report(
-        "Redis (no persistence; direct = GET/SET, the pattern's Put also keeps the List index)",
-        &figures,
-    );
-    drop(proxy);
-    drop(redis);
-    println!();
+    let paths: Vec<(&str, &Path)> = paths.iter().map(|(n, p)| (n.as_str(), p)).collect();
+    report("reference: memstore, no backend server", &paths);
+}
 
+async fn redis_section() {
+    let redis = RedisServer::start_in_memory().await;
+    let direct = path(redis_clients(&redis.url()).await).await;
+    let via = pattern_paths(|| redis_pattern("redis", &[NS], &redis.url(), "")).await;
+    let mut paths = vec![("client → redis-server", &direct)];
+    paths.extend(via.iter().map(|(n, p)| (n.as_str(), p)));
+    report(
+        "Redis (no persistence; direct = GET/SET; the pattern's Put also keeps the List index)",
+        &paths,
+    );
+}
+
+async fn postgres_section() {
     let pg = PostgresServer::start_with(&[("synchronous_commit", "off")]).await;
-    let proxy = Proxy::builder()
-        .log_level("warn")
-        .pattern(postgres_pattern(
+    let entry = || {
+        postgres_pattern(
             "postgres",
             &[NS],
             &pg.url(),
             &format!("pool:\n  max_size: {CLIENTS}"),
-        ))
-        .start()
-        .await;
-    // The pattern created the table; the direct clients use it too.
-    let figures = measure(pg_clients(&pg).await, grpc_clients(&proxy).await).await;
+        )
+    };
+    // The first proxy's pattern creates the table the direct clients use.
+    let via = pattern_paths(entry).await;
+    let direct = path(pg_clients(&pg).await).await;
+    let mut paths = vec![("client → postgres", &direct)];
+    paths.extend(via.iter().map(|(n, p)| (n.as_str(), p)));
     report(
         "PostgreSQL (synchronous_commit off; direct = the pattern's SELECT and upsert)",
-        &figures,
+        &paths,
     );
 }

@@ -213,11 +213,34 @@ async fn health_reports_the_proxy_and_each_pattern() {
 
 #[tokio::test]
 async fn a_sigkilled_pattern_is_noticed_recorded_and_restarted() {
-    let proxy = Proxy::builder()
+    sigkilled_pattern_is_restarted(None).await;
+}
+
+/// `worker_threads: 1` puts the whole proxy — supervisor, health polling,
+/// both front doors — on one thread; it must still notice a crash, restart,
+/// serve, and stop cleanly.
+#[tokio::test]
+async fn a_single_threaded_proxy_restarts_serves_and_stops_cleanly() {
+    let mut proxy = sigkilled_pattern_is_restarted(Some(1)).await;
+    let log = proxy.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"listening\"") && l.contains("\"worker_threads\":1")),
+        "{log}"
+    );
+    let pid = proxy.pattern("mem").await.pid;
+    assert_eq!(proxy.terminate().await, Some(0), "{}", proxy.log_text());
+    assert!(process_gone(pid), "pattern pid {pid} outlived the proxy");
+}
+
+async fn sigkilled_pattern_is_restarted(worker_threads: Option<usize>) -> Proxy {
+    let mut builder = Proxy::builder()
         .memstore("mem", &["default"])
-        .with("restart:\n  initial_backoff: 10ms")
-        .start()
-        .await;
+        .with("restart:\n  initial_backoff: 10ms");
+    if let Some(n) = worker_threads {
+        builder = builder.top(&format!("worker_threads: {n}"));
+    }
+    let proxy = builder.start().await;
     let before = proxy.pattern("mem").await;
     assert_eq!(before.state(), PatternState::Serving);
     assert!(before.pid > 0);
@@ -248,6 +271,7 @@ async fn a_sigkilled_pattern_is_noticed_recorded_and_restarted() {
         .put(put("default", "k", b"v"))
         .await
         .unwrap();
+    proxy
 }
 
 #[tokio::test]
