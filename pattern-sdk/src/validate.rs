@@ -9,6 +9,9 @@
 //! | `ttl` | absent or zero: never expires; negative: rejected; at most [`MAX_TTL_SECONDS`] |
 //! | `page_size` | negative: rejected; 0: [`DEFAULT_PAGE_SIZE`]; capped at [`MAX_PAGE_SIZE`] |
 //!
+//! A `List` page also ends early once it holds [`MAX_PAGE_BYTES`] of keys and
+//! values; that is the pattern's job, not a request check.
+//!
 //! Pub/sub (`Publish`, `Subscribe`):
 //!
 //! | field | rule |
@@ -43,6 +46,12 @@ pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// The largest page a `List` returns; bigger requests are capped to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// A `List` page stops growing once its keys and values pass this many bytes
+/// (it always holds at least one entry), so a page fits gRPC's default
+/// 4 MiB message limit even with [`MAX_PAGE_SIZE`] values of
+/// [`MAX_VALUE_BYTES`]. Every pattern's `list` must honour it; the
+/// conformance kit's `list_large_values` check holds them to it.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 /// The longest TTL: the range of `google.protobuf.Duration` (10,000 years).
 pub const MAX_TTL_SECONDS: i64 = 315_576_000_000;
 

@@ -368,8 +368,8 @@ async fn pattern_paths(entry: impl Fn() -> PatternEntry) -> Vec<(String, Path)> 
     drop(proxy);
     let proxy = proxy_with(entry(), Some(1)).await;
     let one_thread = path(grpc_clients(&proxy.addr).await).await;
-    out.push((format!("client → {name}"), alone));
-    out.push((format!("client → trellis → {name}"), proxied));
+    out.push((format!("client → {name} pattern"), alone));
+    out.push((format!("client → trellis → {name} pattern"), proxied));
     out.push((format!("client → trellis (1 thread) → {name}"), one_thread));
     out
 }
@@ -413,7 +413,7 @@ async fn redis_section() {
     let redis = RedisServer::start_in_memory().await;
     let direct = path(redis_clients(&redis.url()).await).await;
     let via = pattern_paths(|| redis_pattern("redis", &[NS], &redis.url(), "")).await;
-    let mut paths = vec![("client → redis-server", &direct)];
+    let mut paths = vec![("client → redis-server directly", &direct)];
     paths.extend(via.iter().map(|(n, p)| (n.as_str(), p)));
     report(
         "Redis (no persistence; direct = GET/SET; the pattern's Put also keeps the List index)",
@@ -434,7 +434,7 @@ async fn postgres_section() {
     // The first proxy's pattern creates the table the direct clients use.
     let via = pattern_paths(entry).await;
     let direct = path(pg_clients(&pg).await).await;
-    let mut paths = vec![("client → postgres", &direct)];
+    let mut paths = vec![("client → PostgreSQL directly", &direct)];
     paths.extend(via.iter().map(|(n, p)| (n.as_str(), p)));
     report(
         "PostgreSQL (synchronous_commit off; direct = the pattern's SELECT and upsert)",

@@ -364,6 +364,41 @@ pub async fn large_value(kit: &Kit) -> CheckResult {
     )
 }
 
+/// A List over values of the largest size asked for in pages bigger than
+/// one gRPC message holds: the pattern ends each page at
+/// [`MAX_PAGE_BYTES`](crate::validate::MAX_PAGE_BYTES), and paging still returns every key once.
+pub async fn list_large_values(kit: &Kit) -> CheckResult {
+    const KEYS: usize = 5;
+    let prefix = kit.prefix("list_large_values");
+    let value = |i: usize| -> Vec<u8> { vec![b'a' + i as u8; MAX_VALUE_BYTES] };
+    for i in 0..KEYS {
+        ok(
+            &format!("Put of 1 MiB value #{i}"),
+            kit.put(&format!("{prefix}{i}"), &value(i), None).await,
+        )?;
+    }
+    // page_size 10 over 5 MiB: a page that ignored MAX_PAGE_BYTES would not
+    // fit a 4 MiB message and the List would fail.
+    let all = kit.list_all(kit.ns(), &prefix, 10).await?;
+    let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+    let want: Vec<String> = (0..KEYS).map(|i| format!("{prefix}{i}")).collect();
+    if keys != want {
+        return Err(format!(
+            "List of 5 × 1 MiB values returned keys {keys:?}, want {want:?}"
+        ));
+    }
+    for (i, (key, got)) in all.iter().enumerate() {
+        if *got != value(i) {
+            return Err(format!(
+                "List returned a different value for {key:?} ({} bytes, starting {})",
+                got.len(),
+                preview(got)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A key with a TTL is readable before it expires and gone (Get, List,
 /// Delete) after; a put without TTL clears an earlier TTL.
 pub async fn ttl_expiry(kit: &Kit) -> CheckResult {
@@ -728,6 +763,7 @@ pub const CHECKS: &[&str] = &[
     "ttl_expiry",
     "list_order_and_pagination",
     "list_concurrent_adds",
+    "list_large_values",
     "concurrent_writers",
     "namespace_isolation",
 ];
@@ -745,6 +781,7 @@ pub async fn run_one(kit: &Kit, name: &str) -> CheckResult {
         "ttl_expiry" => ttl_expiry(kit).await,
         "list_order_and_pagination" => list_order_and_pagination(kit).await,
         "list_concurrent_adds" => list_concurrent_adds(kit).await,
+        "list_large_values" => list_large_values(kit).await,
         "concurrent_writers" => concurrent_writers(kit).await,
         "namespace_isolation" => namespace_isolation(kit).await,
         other => Err(format!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
+use pattern_sdk::validate::MAX_PAGE_BYTES;
 use pattern_sdk::{Error, ListPage, ListQuery};
 use tokio::time::Instant;
 
@@ -144,17 +145,27 @@ impl Store {
         let maps = self.read();
         // Keys with a common prefix are contiguous, so stop at the first
         // key without it.
-        let mut live = maps
+        let live = maps
             .entries
             .range((start, Bound::Unbounded))
             .take_while(|((ns, key), _)| ns == namespace && key.starts_with(&query.prefix))
             .filter(|(_, entry)| entry.is_live(now));
-        let entries: Vec<(String, Bytes)> = live
-            .by_ref()
-            .take(query.page_size)
-            .map(|((_, key), entry)| (key.clone(), entry.value.clone()))
-            .collect();
-        let more = live.next().is_some();
+        // A page ends at `page_size` entries or once it holds
+        // MAX_PAGE_BYTES, whichever comes first, so it fits one gRPC message.
+        let mut entries: Vec<(String, Bytes)> = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for ((_, key), entry) in live {
+            let size = key.len() + entry.value.len();
+            if entries.len() == query.page_size
+                || (!entries.is_empty() && bytes + size > MAX_PAGE_BYTES)
+            {
+                more = true;
+                break;
+            }
+            bytes += size;
+            entries.push((key.clone(), entry.value.clone()));
+        }
         let next_page_token = match entries.last() {
             Some((last, _)) if more => Some(URL_SAFE_NO_PAD.encode(last)),
             _ => None,

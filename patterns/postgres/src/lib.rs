@@ -42,10 +42,6 @@ pub use schema::{MAX_TABLE_NAME, Queries, migrations, validate_table};
 
 /// How long a health check may take; below the SDK's 1 s bound on the hook.
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
-/// A page stops growing past this many bytes of keys and values (it always
-/// holds at least one entry), so it fits a default 4 MiB gRPC message.
-const LIST_MAX_BYTES: usize = 3 * 1024 * 1024;
-
 /// The `config:` block of a postgres entry in the proxy configuration.
 /// Give either `url` or the separate connection fields, not both.
 #[derive(Debug, Clone, Deserialize)]
@@ -667,7 +663,7 @@ impl KeyValue for Postgres {
         for (key, value) in rows {
             let size = key.len() + value.len();
             if entries.len() == query.page_size
-                || (!entries.is_empty() && bytes + size > LIST_MAX_BYTES)
+                || (!entries.is_empty() && bytes + size > pattern_sdk::validate::MAX_PAGE_BYTES)
             {
                 more = true;
                 break;

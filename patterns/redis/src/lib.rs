@@ -33,10 +33,6 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 /// The most index entries one `List` call looks at (dead ones included),
 /// so a page never blocks Redis for long; a page may then be short.
 const LIST_SCAN_BUDGET: usize = 2000;
-/// A page stops growing past this many bytes of keys and values (it always
-/// holds at least one entry), so it fits a default 4 MiB gRPC message.
-const LIST_MAX_BYTES: usize = 3 * 1024 * 1024;
-
 /// The `config:` block of a redis entry in the proxy configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -288,7 +284,7 @@ impl KeyValue for RedisKv {
             .arg(max)
             .arg(query.page_size)
             .arg(LIST_SCAN_BUDGET.max(query.page_size + 1))
-            .arg(LIST_MAX_BYTES);
+            .arg(pattern_sdk::validate::MAX_PAGE_BYTES);
         let (more, cursor, flat): (i64, Option<Vec<u8>>, Vec<Vec<u8>>) =
             self.run("LIST", call.invoke_async(&mut conn)).await?;
         let mut entries = Vec::with_capacity(flat.len() / 2);
