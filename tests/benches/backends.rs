@@ -5,9 +5,10 @@
 //! - client → server directly (redis crate / tokio-postgres);
 //! - client → pattern, over gRPC to the pattern's own endpoint: the pattern's
 //!   share of the cost;
-//! - client → trellis → pattern → server, the proxy on its default runtime
-//!   (a worker thread per core);
-//! - the same with `worker_threads: 1` (a single-threaded proxy).
+//! - client → trellis → pattern → server.
+//!
+//! The proxies inherit the environment, so `TRELLIS_WORKER_THREADS=1 make
+//! bench-backends` measures a single-threaded proxy.
 //!
 //! A reference section does the same with memstore, which has no backend:
 //! its "client → memstore" line is the cost of one gRPC hop on this machine.
@@ -259,8 +260,13 @@ async fn throughput<C: Client>(clients: Vec<C>) -> (f64, Vec<C>) {
 
 /// Open loop at `RATE` requests/s for `PHASE`: each request is sent on
 /// schedule (on the next connection in turn) whatever the others do; its
-/// latency runs from when it was sent — timer wake-up lateness excluded,
-/// waiting for a busy connection included. Returns (p50, p99, how many).
+/// latency runs from when it was sent — pacing lateness excluded, waiting
+/// for a busy connection included. Returns (p50, p99, how many).
+///
+/// The schedule is kept by a plain thread sleeping to each send time
+/// (`std::thread::sleep` has microsecond resolution; tokio's timer has
+/// millisecond resolution and would send 2,000 req/s as pairs every 1 ms,
+/// which makes every other request queue behind its partner).
 async fn latency<C: Client>(clients: Vec<C>) -> (Duration, Duration, usize) {
     let pool: Vec<Arc<Mutex<C>>> = clients
         .into_iter()
@@ -268,12 +274,22 @@ async fn latency<C: Client>(clients: Vec<C>) -> (Duration, Duration, usize) {
         .collect();
     let total = (RATE * PHASE.as_secs()) as usize;
     let gap = Duration::from_nanos(1_000_000_000 / RATE);
-    let start = tokio::time::Instant::now();
+    let (tick, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now();
+        for i in 0..total {
+            let at = start + gap * i as u32;
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tick.send(i).is_err() {
+                return;
+            }
+        }
+    });
     let mut choices = Choices(0x2545_F491_4F6C_DD1D);
     let mut tasks = Vec::with_capacity(total);
-    for i in 0..total {
-        let at = start + gap * i as u32;
-        tokio::time::sleep_until(at).await;
+    while let Some(i) = ticks.recv().await {
         let sent = Instant::now();
         let (put, k) = choices.next();
         let slot = Arc::clone(&pool[i % pool.len()]);
@@ -285,6 +301,7 @@ async fn latency<C: Client>(clients: Vec<C>) -> (Duration, Duration, usize) {
             sent.elapsed()
         }));
     }
+    pacer.join().expect("pacing thread");
     let mut lat = Vec::with_capacity(total);
     for t in tasks {
         lat.push(t.await.expect("request task"));
@@ -348,30 +365,20 @@ fn report(title: &str, paths: &[(&str, &Path)]) {
     println!();
 }
 
-/// A proxy serving `NS` from `pattern`, with `worker_threads` if given.
-async fn proxy_with(pattern: PatternEntry, worker_threads: Option<usize>) -> Proxy {
-    let mut b = Proxy::builder().log_level("warn").pattern(pattern);
-    if let Some(n) = worker_threads {
-        b = b.top(&format!("worker_threads: {n}"));
-    }
-    b.start().await
-}
-
-/// The pattern alone, then through the proxy with its default runtime (a
-/// worker per core) and with `worker_threads: 1`.
-async fn pattern_paths(entry: impl Fn() -> PatternEntry) -> Vec<(String, Path)> {
-    let name = entry().name;
-    let mut out = Vec::new();
-    let proxy = proxy_with(entry(), None).await;
+/// The pattern alone, then through the proxy.
+async fn pattern_paths(entry: PatternEntry) -> Vec<(String, Path)> {
+    let name = entry.name.clone();
+    let proxy = Proxy::builder()
+        .log_level("warn")
+        .pattern(entry)
+        .start()
+        .await;
     let alone = path(grpc_clients(&pattern_addr(&proxy, &name).await).await).await;
     let proxied = path(grpc_clients(&proxy.addr).await).await;
-    drop(proxy);
-    let proxy = proxy_with(entry(), Some(1)).await;
-    let one_thread = path(grpc_clients(&proxy.addr).await).await;
-    out.push((format!("client → {name} pattern"), alone));
-    out.push((format!("client → trellis → {name} pattern"), proxied));
-    out.push((format!("client → trellis (1 thread) → {name}"), one_thread));
-    out
+    vec![
+        (format!("client → {name} pattern"), alone),
+        (format!("client → trellis → {name} pattern"), proxied),
+    ]
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -401,9 +408,11 @@ async fn main() {
 }
 
 async fn memstore_section() {
-    let paths = pattern_paths(|| {
-        PatternEntry::new("memstore", trellis_tests::bin("trellis-memstore"), &[NS])
-    })
+    let paths = pattern_paths(PatternEntry::new(
+        "memstore",
+        trellis_tests::bin("trellis-memstore"),
+        &[NS],
+    ))
     .await;
     let paths: Vec<(&str, &Path)> = paths.iter().map(|(n, p)| (n.as_str(), p)).collect();
     report("reference: memstore, no backend server", &paths);
@@ -412,7 +421,7 @@ async fn memstore_section() {
 async fn redis_section() {
     let redis = RedisServer::start_in_memory().await;
     let direct = path(redis_clients(&redis.url()).await).await;
-    let via = pattern_paths(|| redis_pattern("redis", &[NS], &redis.url(), "")).await;
+    let via = pattern_paths(redis_pattern("redis", &[NS], &redis.url(), "")).await;
     let mut paths = vec![("client → redis-server directly", &direct)];
     paths.extend(via.iter().map(|(n, p)| (n.as_str(), p)));
     report(
@@ -423,15 +432,13 @@ async fn redis_section() {
 
 async fn postgres_section() {
     let pg = PostgresServer::start_with(&[("synchronous_commit", "off")]).await;
-    let entry = || {
-        postgres_pattern(
-            "postgres",
-            &[NS],
-            &pg.url(),
-            &format!("pool:\n  max_size: {CLIENTS}"),
-        )
-    };
-    // The first proxy's pattern creates the table the direct clients use.
+    let entry = postgres_pattern(
+        "postgres",
+        &[NS],
+        &pg.url(),
+        &format!("pool:\n  max_size: {CLIENTS}"),
+    );
+    // The pattern creates the table the direct clients use.
     let via = pattern_paths(entry).await;
     let direct = path(pg_clients(&pg).await).await;
     let mut paths = vec![("client → PostgreSQL directly", &direct)];
