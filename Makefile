@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway
+.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends
 
 all: build
 
@@ -25,7 +25,7 @@ test: setup build
 	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines
-bench: bench-supervisor bench-gateway
+bench: bench-supervisor bench-gateway bench-backends
 
 ## bench-supervisor: crash detection, restart-to-serving, cold start, idle cost
 bench-supervisor:
@@ -48,7 +48,6 @@ fmt:
 clean:
 	$(CARGO) clean
 
-.PHONY: bench-backends
 ## bench-backends: KV Get/Put straight to Redis/PostgreSQL vs through proxy → pattern
 bench-backends:
 	$(CARGO) build --release --workspace --bins
