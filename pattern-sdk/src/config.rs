@@ -1,9 +1,8 @@
 //! A pattern's configuration: the `google.protobuf.Struct` the proxy sends in
 //! `Initialize`, decoded into the pattern's own `Config` type.
 
-use prost_types::value::Kind;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Number, Value};
+use serde_json::Value;
 
 use crate::Error;
 
@@ -11,7 +10,11 @@ use crate::Error;
 /// `INVALID_ARGUMENT` naming the field path, e.g.
 /// `config.max_keys: invalid type: string "x", expected usize`.
 pub(crate) fn decode<C: DeserializeOwned>(config: Option<prost_types::Struct>) -> Result<C, Error> {
-    let json = Value::Object(config.map(struct_to_json).unwrap_or_default());
+    let json = Value::Object(
+        config
+            .map(trellis_proto::json::from_struct)
+            .unwrap_or_default(),
+    );
     serde_path_to_error::deserialize(json).map_err(|err| {
         let path = err.path().to_string();
         let field = if path == "." {
@@ -23,45 +26,11 @@ pub(crate) fn decode<C: DeserializeOwned>(config: Option<prost_types::Struct>) -
     })
 }
 
-/// Converts a protobuf `Struct` to a JSON object.
-pub(crate) fn struct_to_json(s: prost_types::Struct) -> Map<String, Value> {
-    s.fields
-        .into_iter()
-        .map(|(k, v)| (k, value_to_json(v)))
-        .collect()
-}
-
-fn value_to_json(v: prost_types::Value) -> Value {
-    match v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::NumberValue(n)) => number_to_json(n),
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_to_json).collect()),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
-    }
-}
-
-/// `Struct` numbers are all `f64`; whole ones become JSON integers so they
-/// deserialize into integer fields (`max_keys: 10` arrives as `10.0`).
-fn number_to_json(n: f64) -> Value {
-    // Below 2^63 every whole f64 converts to i64/u64 exactly.
-    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
-    if n.fract() == 0.0 && n.abs() < LIMIT {
-        let i = n as i64;
-        return if i >= 0 {
-            Value::Number(Number::from(i as u64))
-        } else {
-            Value::Number(Number::from(i))
-        };
-    }
-    // NaN and infinities have no JSON form.
-    Number::from_f64(n).map_or(Value::Null, Value::Number)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use prost_types::value::Kind;
 
     use serde::Deserialize;
 
@@ -183,14 +152,5 @@ mod tests {
         let msg = message(err);
         assert!(msg.contains("unknown field `max_kyes`"), "{msg}");
         assert!(msg.contains("max_keys"), "{msg}");
-    }
-
-    #[test]
-    fn odd_numbers_do_not_panic() {
-        for n in [f64::NAN, f64::INFINITY, -0.0, 1e300, -1e300] {
-            let _ = number_to_json(n);
-        }
-        assert_eq!(number_to_json(f64::NAN), Value::Null);
-        assert_eq!(number_to_json(-2.0), Value::from(-2));
     }
 }

@@ -19,6 +19,8 @@ pub mod pattern {
     }
 }
 
+pub mod json;
+
 pub mod google {
     pub mod api {
         tonic::include_proto!("google.api");

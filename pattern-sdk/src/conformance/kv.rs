@@ -912,8 +912,9 @@ impl PatternProcess {
     ) -> Result<(), String> {
         let mut lifecycle = LifecycleClient::new(self.channel.clone());
         let config = match config {
-            serde_json::Value::Object(map) => json_to_struct(map),
-            serde_json::Value::Null => prost_types::Struct::default(),
+            serde_json::Value::Object(_) | serde_json::Value::Null => {
+                trellis_proto::json::to_struct(&config)
+            }
             other => return Err(format!("the config must be a JSON object, got {other}")),
         };
         let init = InitializeRequest {
@@ -996,31 +997,6 @@ impl PatternProcess {
     }
 }
 
-/// A JSON object as a protobuf `Struct`, for `Initialize`.
-pub fn json_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
-    prost_types::Struct {
-        fields: map
-            .into_iter()
-            .map(|(k, v)| (k, json_to_value(v)))
-            .collect(),
-    }
-}
-
-fn json_to_value(v: serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(o) => Kind::StructValue(json_to_struct(o)),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1055,19 +1031,6 @@ mod tests {
         assert!(text.contains("1 passed, 1 failed"), "{text}");
         assert!(text.contains("FAIL  not_found"), "{text}");
         assert!(text.contains("want NotFound"), "{text}");
-    }
-
-    #[test]
-    fn json_config_becomes_a_struct() {
-        let s = match serde_json::json!({"a": 1, "b": ["x", true], "c": {"d": null}}) {
-            serde_json::Value::Object(m) => json_to_struct(m),
-            _ => unreachable!(),
-        };
-        assert_eq!(s.fields.len(), 3);
-        assert_eq!(
-            s.fields["a"].kind,
-            Some(prost_types::value::Kind::NumberValue(1.0))
-        );
     }
 
     #[tokio::test]

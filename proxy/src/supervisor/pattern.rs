@@ -858,7 +858,7 @@ async fn bring_up(
     let mut lifecycle = LifecycleClient::new(channel.clone());
     let init = InitializeRequest {
         name: cfg.name.clone(),
-        config: Some(json_to_struct(&cfg.config)),
+        config: Some(trellis_proto::json::to_struct(&cfg.config)),
         protocol_version: trellis_proto::PATTERN_PROTOCOL_VERSION,
     };
     let info = match lifecycle.initialize(init).await {
@@ -1038,53 +1038,4 @@ async fn poll_health(
         }
     };
     tokio::join!(watch, poll);
-}
-
-/// The pattern's `config:` block as a protobuf Struct for Initialize.
-pub fn json_to_struct(v: &serde_json::Value) -> prost_types::Struct {
-    match json_to_value(v).kind {
-        Some(prost_types::value::Kind::StructValue(s)) => s,
-        _ => prost_types::Struct::default(),
-    }
-}
-
-fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o
-                .iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_becomes_a_struct() {
-        let v =
-            serde_json::json!({"max_keys": 10, "name": "x", "on": true, "l": [1, "a"], "n": null});
-        let s = json_to_struct(&v);
-        assert_eq!(s.fields.len(), 5);
-        assert_eq!(
-            s.fields["max_keys"].kind,
-            Some(prost_types::value::Kind::NumberValue(10.0))
-        );
-        assert_eq!(
-            json_to_struct(&serde_json::Value::Null),
-            prost_types::Struct::default()
-        );
-    }
 }
