@@ -14,7 +14,7 @@ use crate::Error;
 
 /// A pattern's life cycle. The SDK creates the pattern with [`Pattern::init`]
 /// when the proxy calls `Lifecycle/Initialize`, polls [`Pattern::health`]
-/// every second once started, and calls [`Pattern::stop`] once, after
+/// four times a second once started, and calls [`Pattern::stop`] once, after
 /// in-flight requests have drained.
 ///
 /// Implementations may write `async fn` for each method.
@@ -40,8 +40,8 @@ pub trait Pattern: Sized + Send + Sync + 'static {
         ctx: InitContext,
     ) -> impl Future<Output = Result<Self, Error>> + Send;
 
-    /// Whether the pattern can serve right now; polled every second after
-    /// `Start`. Answer [`Health::NotServing`] while a backend is unreachable.
+    /// Whether the pattern can serve right now; polled every 250 ms after
+    /// `Start`, each call bounded by 1 s. Answer [`Health::NotServing`] while a backend is unreachable.
     fn health(&self) -> impl Future<Output = Health> + Send {
         async { Health::Serving }
     }

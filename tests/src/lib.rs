@@ -13,6 +13,7 @@ pub mod backends;
 pub mod http;
 pub mod kv;
 pub mod nats;
+pub mod outage;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -3,23 +3,22 @@
 //! of pool connections. Measured times are printed (run with --nocapture),
 //! not asserted: they depend on the machine.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
-
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 use trellis_proto::admin::v1::PatternState;
-use trellis_proto::data::v1::*;
+use trellis_tests::Proxy;
 use trellis_tests::backends::{PostgresServer, postgres_pattern};
-use trellis_tests::kv::{get, put, spawn_writer};
-use trellis_tests::{Proxy, eventually};
+use trellis_tests::kv::{get, put};
+use trellis_tests::outage::{die_and_return, others_keep_serving};
 
 const REQUEST_TIMEOUT: &str = "request_timeout: 5s";
 const PG_CONFIG: &str =
     "connect_timeout: 500ms\nstatement_timeout: 2s\npool:\n  max_size: 4\n  acquire_timeout: 500ms";
 const FAST_HEALTH: &str = "health:\n  interval: 250ms";
 
+/// An immediate shutdown (no checkpoint) under a steady writer, then a
+/// restart on the same data directory: crash recovery replays the WAL, so
+/// every acknowledged (committed) write is there. The pool recovers inside
+/// the same pattern process.
 #[tokio::test]
 async fn postgres_stopped_and_restarted_serves_again_without_losing_acknowledged_writes() {
     let mut pg = PostgresServer::start().await;
@@ -29,111 +28,8 @@ async fn postgres_stopped_and_restarted_serves_again_without_losing_acknowledged
         .with(FAST_HEALTH)
         .start()
         .await;
-    let before = proxy.pattern("db").await;
-    let mut kv = proxy.kv().await;
-    kv.put(put("db", "seed", b"planted before the crash"))
-        .await
-        .expect("put before the crash");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(&proxy, "db", Arc::clone(&stop));
-    let mut probe = proxy.kv().await;
-    eventually("the writer's 100th write", || {
-        let mut probe = probe.clone();
-        async move { probe.get(get("db", "w/00000100")).await.ok().map(|_| ()) }
-    })
-    .await;
-
-    pg.stop_immediate().await;
-    let stopped = Instant::now();
-
-    eventually("the proxy to report the pattern NOT_SERVING", || async {
-        (proxy.health_of("db").await != Some(ServingStatus::Serving)).then_some(())
-    })
-    .await;
-    let detected = stopped.elapsed();
-    proxy
-        .wait_pattern("db", "pattern NOT_SERVING", |p| {
-            p.state() == PatternState::NotServing
-        })
-        .await;
-
-    // Every kind of request answers UNAVAILABLE, not a hang.
-    let started = Instant::now();
-    let answers = [
-        probe.get(get("db", "seed")).await.map(|_| ()),
-        probe.put(put("db", "during", b"x")).await.map(|_| ()),
-        probe
-            .delete(DeleteRequest {
-                namespace: "db".into(),
-                key: "seed".into(),
-            })
-            .await
-            .map(|_| ()),
-        probe
-            .list(ListRequest {
-                namespace: "db".into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-    ];
-    let outage_answers = started.elapsed();
-    for a in &answers {
-        let err = a
-            .as_ref()
-            .expect_err("no request succeeds while PostgreSQL is down");
-        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-        assert!(
-            !err.message().contains("127.0.0.1"),
-            "no address leaks: {err:?}"
-        );
-        assert!(!err.message().contains("SELECT"), "no SQL leaks: {err:?}");
-    }
-
-    pg.restart().await;
-    let restarted = Instant::now();
-    proxy.wait_serving("db").await;
-    let serving_again = restarted.elapsed();
-    eventually("a Get to succeed again", || {
-        let mut probe = probe.clone();
-        async move { probe.get(get("db", "seed")).await.ok().map(|_| ()) }
-    })
-    .await;
-    let first_success = restarted.elapsed();
-
-    stop.store(true, Ordering::Relaxed);
-    let (acked, failed) = writer.await.expect("writer");
-    let mut lost = Vec::new();
-    for (key, value) in &acked {
-        match kv.get(get("db", key)).await {
-            Ok(r) if r.get_ref().value == *value => {}
-            other => lost.push((key.clone(), other.map(|r| r.into_inner().value))),
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged writes were lost: {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(5)]
-    );
-    assert_eq!(
-        kv.get(get("db", "seed")).await.unwrap().into_inner().value,
-        b"planted before the crash"
-    );
-
-    // The pool recovered inside the same process.
-    let after = proxy.pattern("db").await;
-    assert_eq!(after.pid, before.pid, "the pattern process was replaced");
-    assert_eq!(after.restarts, before.restarts);
-
-    println!(
-        "postgres outage: NOT_SERVING seen {detected:?} after the immediate stop; 4 requests \
-         answered UNAVAILABLE in {outage_answers:?}; SERVING {serving_again:?} and first Get \
-         OK {first_success:?} after the restart; {} writes acknowledged, {failed} refused, 0 lost",
-        acked.len()
-    );
+    let outage = die_and_return(&proxy, "db", "db", &mut pg, &["127.0.0.1", "SELECT"]).await;
+    println!("postgres outage: {outage}");
 }
 
 #[tokio::test]
@@ -146,31 +42,7 @@ async fn memstore_keeps_serving_while_postgres_is_down() {
         .memstore("mem", &["local"])
         .start()
         .await;
-    pg.stop_immediate().await;
-    proxy
-        .wait_pattern("db", "postgres pattern NOT_SERVING", |p| {
-            p.state() == PatternState::NotServing
-        })
-        .await;
-
-    let mut kv = proxy.kv().await;
-    for i in 0..200 {
-        let key = format!("k{i}");
-        kv.put(put("local", &key, key.as_bytes()))
-            .await
-            .unwrap_or_else(|e| panic!("memstore put {i} failed while postgres is down: {e:?}"));
-        let got = kv
-            .get(get("local", &key))
-            .await
-            .unwrap_or_else(|e| panic!("memstore get {i} failed while postgres is down: {e:?}"));
-        assert_eq!(got.into_inner().value, key.as_bytes());
-    }
-    assert_eq!(proxy.health_of("mem").await, Some(ServingStatus::Serving));
-    assert_eq!(
-        kv.get(get("db", "any")).await.unwrap_err().code(),
-        Code::Unavailable
-    );
-    assert_ne!(proxy.health_of("db").await, Some(ServingStatus::Serving));
+    others_keep_serving(&proxy, "db", "db", &mut pg, "mem", "local").await;
 }
 
 /// Two pooled connections, both held by Gets blocked behind a table lock
