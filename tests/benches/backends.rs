@@ -354,10 +354,11 @@ fn report(title: &str, paths: &[(&str, &Path)]) {
         );
     }
     let (base_name, base) = paths[0];
-    println!("  added over \"{base_name}\":");
+    println!("  compared with \"{base_name}\":");
     for (what, p) in &paths[1..] {
         println!(
-            "    {what:<42} p50 {:>+7.3} ms  p99 {:>+7.3} ms",
+            "    {what:<42} throughput ×{:<5.2} latency added p50 {:>+7.3} ms  p99 {:>+7.3} ms",
+            p.rps / base.rps,
             ms(p.lat.0) - ms(base.lat.0),
             ms(p.lat.1) - ms(base.lat.1)
         );
