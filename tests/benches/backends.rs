@@ -5,6 +5,8 @@
 //! - client → server directly (redis crate / tokio-postgres);
 //! - client → pattern, over gRPC to the pattern's own endpoint: the pattern's
 //!   share of the cost;
+//! - client → bare forwarder → pattern → server: the least a gRPC proxy on
+//!   the same stack (tonic, hyper, h2, tokio) costs — see `forwarder`;
 //! - client → trellis → pattern → server.
 //!
 //! The proxies inherit the environment, so `TRELLIS_WORKER_THREADS=1 make
@@ -357,7 +359,7 @@ fn report(title: &str, paths: &[(&str, &Path)]) {
     println!("  compared with \"{base_name}\":");
     for (what, p) in &paths[1..] {
         println!(
-            "    {what:<42} throughput ×{:<5.2} latency added p50 {:>+7.3} ms  p99 {:>+7.3} ms",
+            "    {what:<44} throughput ×{:<5.2} latency added p50 {:>+7.3} ms  p99 {:>+7.3} ms",
             p.rps / base.rps,
             ms(p.lat.0) - ms(base.lat.0),
             ms(p.lat.1) - ms(base.lat.1)
@@ -366,7 +368,7 @@ fn report(title: &str, paths: &[(&str, &Path)]) {
     println!();
 }
 
-/// The pattern alone, then through the proxy.
+/// The pattern alone, through a bare forwarder, then through the proxy.
 async fn pattern_paths(entry: PatternEntry) -> Vec<(String, Path)> {
     let name = entry.name.clone();
     let proxy = Proxy::builder()
@@ -374,16 +376,126 @@ async fn pattern_paths(entry: PatternEntry) -> Vec<(String, Path)> {
         .pattern(entry)
         .start()
         .await;
-    let alone = path(grpc_clients(&pattern_addr(&proxy, &name).await).await).await;
+    let pattern = pattern_addr(&proxy, &name).await;
+    let alone = path(grpc_clients(&pattern).await).await;
+    let bare = {
+        let forwarder = forwarder::Child::start(&pattern).await;
+        path(grpc_clients(&forwarder.addr).await).await
+    };
     let proxied = path(grpc_clients(&proxy.addr).await).await;
     vec![
         (format!("client → {name} pattern"), alone),
+        (format!("client → bare forwarder → {name} pattern"), bare),
         (format!("client → trellis → {name} pattern"), proxied),
     ]
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+/// The least a gRPC proxy on the same stack can cost: a tonic `KeyValue`
+/// server that passes each call to one tonic channel — no routing, no
+/// deadline, no metadata, no health gating. Runs in a child process (this
+/// bench binary again, with [`FORWARD_TO`] set) so it has its own runtime
+/// and threads, as the proxy does. "trellis" minus "bare forwarder" is what
+/// Trellis's own code adds to a hop.
+mod forwarder {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tonic::transport::Channel;
+    use tonic::{Request, Response, Status};
+    use trellis_proto::data::v1::key_value_client::KeyValueClient;
+    use trellis_proto::data::v1::key_value_server::{KeyValue, KeyValueServer};
+    use trellis_proto::data::v1::*;
+
+    struct Forward(KeyValueClient<Channel>);
+
+    #[tonic::async_trait]
+    impl KeyValue for Forward {
+        async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+            self.0.clone().get(r.into_inner()).await
+        }
+        async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+            self.0.clone().put(r.into_inner()).await
+        }
+        async fn delete(
+            &self,
+            r: Request<DeleteRequest>,
+        ) -> Result<Response<DeleteResponse>, Status> {
+            self.0.clone().delete(r.into_inner()).await
+        }
+        async fn list(&self, r: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+            self.0.clone().list(r.into_inner()).await
+        }
+    }
+
+    /// The child's side: connect upstream, bind, print the address, serve.
+    pub async fn serve(upstream: String) {
+        let channel = tonic::transport::Endpoint::from_shared(upstream)
+            .expect("upstream uri")
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .expect("connect upstream");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        println!("http://{}", listener.local_addr().expect("addr"));
+        tonic::transport::Server::builder()
+            .add_service(KeyValueServer::new(Forward(KeyValueClient::new(channel))))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await
+            .expect("serve");
+    }
+
+    /// The bench's side: the child process, killed when dropped.
+    pub struct Child {
+        _child: tokio::process::Child,
+        pub addr: String,
+    }
+
+    impl Child {
+        pub async fn start(upstream: &str) -> Child {
+            let mut child = tokio::process::Command::new(std::env::current_exe().expect("exe"))
+                .env(super::FORWARD_TO, upstream)
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn the forwarder");
+            let stdout = child.stdout.take().expect("stdout");
+            let addr = BufReader::new(stdout)
+                .lines()
+                .next_line()
+                .await
+                .expect("read the forwarder's address")
+                .expect("the forwarder printed its address");
+            Child {
+                _child: child,
+                addr,
+            }
+        }
+    }
+}
+
+/// Set in the environment of this bench's own child process to make it the
+/// bare forwarder (see [`forwarder`]) to the address it names.
+const FORWARD_TO: &str = "TRELLIS_BENCH_FORWARD_TO";
+
+fn main() {
+    if let Ok(upstream) = std::env::var(FORWARD_TO) {
+        // The forwarder runs on the runtime the proxy uses by default.
+        return tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(forwarder::serve(upstream));
+    }
+    // The load generator runs on a current-thread runtime, which adds less
+    // latency of its own than a multi-thread one.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     println!(
         "backends: direct vs client → trellis → pattern → server; {CLIENTS} clients, 50% Get / \
          50% Put, {KEYS} keys of {} bytes, {PHASE:?} per phase\n",
