@@ -32,7 +32,7 @@
 //! its own latency than a multi-thread one. Client, proxy, pattern and
 //! server share this machine's cores, so the absolute figures depend on it;
 //! the differences within one run travel better. Every phase is bounded in
-//! time; the run takes about three minutes.
+//! time; the run takes about four minutes.
 //!
 //! `cargo bench -p trellis-tests --bench backends -- redis` runs one section
 //! (`memstore`, `redis`, `postgres`). Run with release binaries:
