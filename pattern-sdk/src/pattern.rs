@@ -143,6 +143,44 @@ pub struct ListPage {
     pub next_page_token: Option<String>,
 }
 
+impl ListPage {
+    /// Builds one page from `candidates` (the matching entries from the
+    /// cursor on, in ascending key order): it ends at `page_size` entries
+    /// or before the entry that would take it past
+    /// [`MAX_PAGE_BYTES`](crate::validate::MAX_PAGE_BYTES) of keys and
+    /// values (it always holds at least one), so it fits one gRPC message.
+    /// If candidates remain, the token is `token(last key on the page)`.
+    /// Reads at most one candidate past the page.
+    pub fn fill(
+        candidates: impl IntoIterator<Item = (String, Bytes)>,
+        page_size: usize,
+        token: impl FnOnce(&str) -> String,
+    ) -> ListPage {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for (key, value) in candidates {
+            let size = key.len() + value.len();
+            if entries.len() == page_size
+                || (!entries.is_empty() && bytes + size > crate::validate::MAX_PAGE_BYTES)
+            {
+                more = true;
+                break;
+            }
+            bytes += size;
+            entries.push((key, value));
+        }
+        let next_page_token = match entries.last() {
+            Some((last, _)) if more => Some(token(last)),
+            _ => None,
+        };
+        ListPage {
+            entries,
+            next_page_token,
+        }
+    }
+}
+
 /// The `trellis.data.v1.PubSub` interface, in plain Rust types. Every argument
 /// has been validated by the SDK (see [`crate::validate`]): namespace and
 /// topic are non-empty, topics and queue groups are at most 256 bytes of
@@ -193,4 +231,47 @@ pub struct Message {
     pub attributes: BTreeMap<String, String>,
     /// When the pattern accepted it.
     pub publish_time: SystemTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::{MAX_PAGE_BYTES, MAX_VALUE_BYTES};
+
+    fn entries(n: usize, value_len: usize) -> Vec<(String, Bytes)> {
+        (0..n)
+            .map(|i| (format!("k{i}"), Bytes::from(vec![b'v'; value_len])))
+            .collect()
+    }
+
+    fn token(last: &str) -> String {
+        format!("after:{last}")
+    }
+
+    #[test]
+    fn a_page_ends_at_page_size_with_a_token_for_the_rest() {
+        let page = ListPage::fill(entries(5, 1), 3, token);
+        let keys: Vec<&str> = page.entries.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["k0", "k1", "k2"]);
+        assert_eq!(page.next_page_token.as_deref(), Some("after:k2"));
+    }
+
+    #[test]
+    fn the_last_page_has_no_token() {
+        let page = ListPage::fill(entries(3, 1), 3, token);
+        assert_eq!(page.entries.len(), 3);
+        assert_eq!(page.next_page_token, None);
+    }
+
+    #[test]
+    fn a_page_ends_before_max_page_bytes_but_holds_at_least_one_entry() {
+        let page = ListPage::fill(entries(5, MAX_VALUE_BYTES), 10, token);
+        let bytes: usize = page.entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(page.entries.len(), MAX_PAGE_BYTES / (MAX_VALUE_BYTES + 2));
+        assert!(bytes <= MAX_PAGE_BYTES);
+        assert!(page.next_page_token.is_some());
+
+        let huge = vec![("k".to_string(), Bytes::from(vec![0; MAX_PAGE_BYTES + 1]))];
+        assert_eq!(ListPage::fill(huge, 10, token).entries.len(), 1);
+    }
 }

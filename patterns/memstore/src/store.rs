@@ -10,7 +10,6 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use pattern_sdk::validate::MAX_PAGE_BYTES;
 use pattern_sdk::{Error, ListPage, ListQuery};
 use tokio::time::Instant;
 
@@ -150,30 +149,11 @@ impl Store {
             .range((start, Bound::Unbounded))
             .take_while(|((ns, key), _)| ns == namespace && key.starts_with(&query.prefix))
             .filter(|(_, entry)| entry.is_live(now));
-        // A page ends at `page_size` entries or once it holds
-        // MAX_PAGE_BYTES, whichever comes first, so it fits one gRPC message.
-        let mut entries: Vec<(String, Bytes)> = Vec::new();
-        let mut bytes = 0;
-        let mut more = false;
-        for ((_, key), entry) in live {
-            let size = key.len() + entry.value.len();
-            if entries.len() == query.page_size
-                || (!entries.is_empty() && bytes + size > MAX_PAGE_BYTES)
-            {
-                more = true;
-                break;
-            }
-            bytes += size;
-            entries.push((key.clone(), entry.value.clone()));
-        }
-        let next_page_token = match entries.last() {
-            Some((last, _)) if more => Some(URL_SAFE_NO_PAD.encode(last)),
-            _ => None,
-        };
-        Ok(ListPage {
-            entries,
-            next_page_token,
-        })
+        Ok(ListPage::fill(
+            live.map(|((_, key), entry)| (key.clone(), entry.value.clone())),
+            query.page_size,
+            |last| URL_SAFE_NO_PAD.encode(last),
+        ))
     }
 
     /// Removes every expired entry; returns how many.

@@ -1,11 +1,13 @@
 //! The real `trellis-memstore` binary, driven the way the proxy drives it:
 //! handshake line on stdout, Lifecycle, health, data, then Stop or SIGTERM.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use prost_types::value::Kind;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -17,10 +19,11 @@ use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
 use trellis_proto::pattern::v1::{InitializeRequest, StartRequest, StopRequest};
 
 struct Pattern {
+    /// Killed on drop (`kill_on_drop`), so a failed test leaves no pattern.
     child: Child,
     _stdout: BufReader<ChildStdout>,
-    /// Drained by a thread, as the proxy does, so the child never blocks on it.
-    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Drained by a task, as the proxy does, so the child never blocks on it.
+    stderr: Option<JoinHandle<String>>,
     channel: Channel,
 }
 
@@ -35,17 +38,18 @@ impl Pattern {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .expect("spawn trellis-memstore");
         let mut stderr = child.stderr.take().expect("stderr is piped");
-        let stderr = std::thread::spawn(move || {
+        let stderr = tokio::spawn(async move {
             let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
+            let _ = stderr.read_to_string(&mut text).await;
             text
         });
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let mut line = String::new();
-        stdout.read_line(&mut line).expect("read handshake");
+        stdout.read_line(&mut line).await.expect("read handshake");
         let fields: Vec<&str> = line.trim_end().split('|').collect();
         assert_eq!(fields.len(), 5, "handshake: {line:?}");
         assert_eq!(&fields[..3], ["TRELLIS", "1", "tcp"], "handshake: {line:?}");
@@ -106,29 +110,21 @@ impl Pattern {
     }
 
     /// Waits for the exit (at most `within`), and returns it with stderr.
-    /// Sleeps asynchronously: the client must keep answering the pattern's
+    /// Waits asynchronously: the client must keep answering the pattern's
     /// HTTP/2 GOAWAY ping for the drain to finish early.
     async fn wait(&mut self, within: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
-                return (status, stderr.unwrap_or_default());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
+        let status = match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("wait for the pattern"),
+            Err(_) => {
+                let _ = self.child.start_kill();
                 panic!("pattern did not exit within {within:?}");
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Pattern {
-    /// Never leave a pattern running after a failed test.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        };
+        let stderr = match self.stderr.take() {
+            Some(drain) => drain.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        (status, stderr)
     }
 }
 
@@ -230,7 +226,8 @@ async fn sigterm_drains_and_exits_zero() {
 }
 
 fn terminate(p: &Pattern) {
-    let pid = libc::pid_t::try_from(p.child.id()).expect("pid fits");
+    let pid = p.child.id().expect("the pattern is running");
+    let pid = libc::pid_t::try_from(pid).expect("pid fits");
     // SAFETY: kill(2) with a valid signal number has no memory effects.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0, "kill({pid}, SIGTERM)");

@@ -657,28 +657,12 @@ impl KeyValue for Postgres {
                     .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             })
             .await?;
-        let mut entries = Vec::with_capacity(rows.len().min(query.page_size));
-        let mut bytes = 0usize;
-        let mut more = false;
-        for (key, value) in rows {
-            let size = key.len() + value.len();
-            if entries.len() == query.page_size
-                || (!entries.is_empty() && bytes + size > pattern_sdk::validate::MAX_PAGE_BYTES)
-            {
-                more = true;
-                break;
-            }
-            bytes += size;
-            entries.push((key, Bytes::from(value)));
-        }
-        let next_page_token = match entries.last() {
-            Some((last, _)) if more => Some(keys::encode_token(last)),
-            _ => None,
-        };
-        Ok(ListPage {
-            entries,
-            next_page_token,
-        })
+        Ok(ListPage::fill(
+            rows.into_iter()
+                .map(|(key, value)| (key, Bytes::from(value))),
+            query.page_size,
+            keys::encode_token,
+        ))
     }
 }
 
