@@ -1,6 +1,7 @@
 //! `trellis`: load config → build the runtime it asks for → bind → serve
 //! until SIGINT/SIGTERM → stop patterns.
 
+use std::future::Future;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -9,42 +10,42 @@ use trellis::{config, logging, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = match cli.command {
-        None | Some(Command::Serve) => None,
-        Some(c) => Some(c),
-    };
-    let Some(command) = command else {
-        // The config decides the runtime (`worker_threads`), so it is read
-        // before there is one.
-        let loaded = match config::load(cli.serve.config.as_deref(), std::env::vars()) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(2);
-            }
-        };
-        return match runtime(loaded.config.worker_threads) {
-            Ok(rt) => rt.block_on(serve(loaded, cli.serve)),
-            Err(e) => {
-                eprintln!("cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    };
-    // The client commands make a call or two: one thread is plenty.
-    match runtime(Some(1)) {
-        Ok(rt) => rt.block_on(client(command, cli.serve.config)),
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            ExitCode::FAILURE
+    match cli.command {
+        None | Some(Command::Serve) => {
+            // The config decides the runtime (`worker_threads`), so it is
+            // read before there is one.
+            let loaded = match config::load(cli.serve.config.as_deref(), std::env::vars()) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let worker_threads = loaded.config.worker_threads;
+            block_on(worker_threads, serve(loaded, cli.serve))
         }
+        Some(Command::CheckConfig { file }) => check_config(file.or(cli.serve.config)),
+        // The client commands make a call or two: one thread is plenty.
+        Some(Command::Kv { client, op }) => block_on(Some(1), done(cli::kv(client, op))),
+        Some(Command::Pubsub { client, op }) => block_on(Some(1), done(cli::pubsub(client, op))),
+        Some(Command::Patterns { client, op }) => {
+            block_on(Some(1), done(cli::patterns(client, op)))
+        }
+        Some(Command::Health { client, service }) => block_on(Some(1), async {
+            match cli::health(client, service).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => failed(e),
+            }
+        }),
     }
 }
 
-/// One thread → tokio's current-thread scheduler (no cross-thread wake-ups);
-/// more → the multi-thread scheduler with that many workers; `None` → one
-/// worker per core.
-fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+/// Runs `main` on a runtime with `worker_threads`: one → tokio's
+/// current-thread scheduler (no cross-thread wake-ups); more → the
+/// multi-thread scheduler with that many workers; `None` → one worker per
+/// core.
+fn block_on(worker_threads: Option<usize>, main: impl Future<Output = ExitCode>) -> ExitCode {
     let mut builder = match worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
@@ -54,46 +55,45 @@ fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Run
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    builder.enable_all().build()
+    match builder.enable_all().build() {
+        Ok(rt) => rt.block_on(main),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-/// The commands that are not `serve`; `config` is the global `--config`.
-async fn client(command: Command, config: Option<std::path::PathBuf>) -> ExitCode {
-    let result = match command {
-        Command::Serve => return ExitCode::SUCCESS, // handled in main
-        Command::CheckConfig { file } => {
-            let file = file.or(config);
-            return match config::load(file.as_deref(), std::env::vars()) {
-                Ok(loaded) => match check_commands(&loaded) {
-                    Ok(()) => {
-                        println!("{}: OK", loaded.source);
-                        ExitCode::SUCCESS
-                    }
-                    Err(problems) => {
-                        eprintln!("{}: {problems}", loaded.source);
-                        ExitCode::from(2)
-                    }
-                },
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(2)
-                }
-            };
-        }
-        Command::Kv { client, op } => cli::kv(client, op).await,
-        Command::Pubsub { client, op } => cli::pubsub(client, op).await,
-        Command::Patterns { client, op } => cli::patterns(client, op).await,
-        Command::Health { client, service } => match cli::health(client, service).await {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(1),
-            Err(e) => Err(e),
-        },
-    };
-    match result {
+/// A client command's exit code: success, or the error on stderr.
+async fn done<E: std::fmt::Display>(command: impl Future<Output = Result<(), E>>) -> ExitCode {
+    match command.await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failed(e),
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
+}
+
+/// `trellis check-config`: the file parses, validates, and every pattern's
+/// command resolves. Needs no runtime.
+fn check_config(file: Option<std::path::PathBuf>) -> ExitCode {
+    match config::load(file.as_deref(), std::env::vars()) {
+        Ok(loaded) => match check_commands(&loaded) {
+            Ok(()) => {
+                println!("{}: OK", loaded.source);
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprintln!("{}: {problems}", loaded.source);
+                ExitCode::from(2)
+            }
+        },
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -133,6 +133,8 @@ async fn serve(loaded: config::Loaded, args: cli::ServeArgs) -> ExitCode {
         .map(Into::into)
         .unwrap_or(loaded.config.log.format);
     logging::init(format, &loaded.config.log.level);
+    // Handlers first, so a SIGTERM at any point from here is graceful.
+    let shutdown = server::signal();
     let grpc = match bind(
         loaded.config.listen.grpc,
         "listen.grpc",
@@ -151,7 +153,7 @@ async fn serve(loaded: config::Loaded, args: cli::ServeArgs) -> ExitCode {
         None => None,
     };
     let listeners = server::Listeners { grpc, http };
-    match server::run(loaded, listeners, server::signal()).await {
+    match server::run(loaded, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the proxy failed");

@@ -127,20 +127,26 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a SIGTERM that arrives
+/// right after the proxy logged `listening` must stop it gracefully, not
+/// kill it with the default disposition. Call it inside the runtime.
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the proxy can still be stopped by SIGKILL;
-        // patterns die with it through their parent-death signal.
-        warn!("cannot install signal handlers");
-        return futures::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "received"),
-        _ = int.recv() => info!(signal = "SIGINT", "received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the proxy can still be stopped by
+            // SIGKILL; patterns die with it through their parent-death signal.
+            warn!("cannot install signal handlers");
+            return futures::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!(signal = "SIGTERM", "received"),
+            _ = int.recv() => info!(signal = "SIGINT", "received"),
+        }
     }
 }
