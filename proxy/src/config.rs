@@ -41,6 +41,10 @@ pub const MAX_NAME_LEN: usize = 63;
 /// The most `worker_threads` accepted.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
+/// The most `http.limits.max_discard` accepted (1 GiB): reading more than
+/// that only to throw it away is a misconfiguration, not a kindness.
+pub const MAX_DISCARD: u64 = 1 << 30;
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -115,6 +119,11 @@ pub struct Http {
 pub struct HttpLimits {
     /// Largest request body (413 above it).
     pub max_body: bytesize::ByteSize,
+    /// How much more of a too-large HTTP/1.1 body is read and thrown away
+    /// before the 413, so a client that writes its whole body before reading
+    /// gets the answer instead of a reset; beyond it the connection is just
+    /// closed. `0`: never.
+    pub max_discard: bytesize::ByteSize,
     /// Largest total size of the request headers (431 above it).
     pub max_header_bytes: bytesize::ByteSize,
     /// Longest request target, path and query (414 above it).
@@ -133,6 +142,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_body: bytesize::ByteSize::mib(4),
+            max_discard: bytesize::ByteSize::mib(64),
             max_header_bytes: bytesize::ByteSize::kib(16),
             max_uri_bytes: 8192,
             max_json_depth: 32,
@@ -608,7 +618,7 @@ impl Config {
                 for (f, name) in [("from", &r.from), ("to", &r.to)] {
                     if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                         bad(at(f), format!("{name:?} is not a valid header name"));
-                    } else if crate::gateway::headers::is_hop_by_hop(name) {
+                    } else if crate::metadata::is_hop_by_hop(name) {
                         bad(
                             at(f),
                             format!("{name} is a hop-by-hop header and is never forwarded"),
@@ -617,10 +627,29 @@ impl Config {
                 }
             }
         }
-        if self.http.limits.max_json_depth == 0 || self.http.limits.max_connections == 0 {
+        let limits = &self.http.limits;
+        for (f, n) in [
+            ("max_json_depth", limits.max_json_depth),
+            ("max_connections", limits.max_connections),
+        ] {
+            if n == 0 {
+                bad(format!("http.limits.{f}"), "must be at least 1".into());
+            }
+        }
+        if limits.read_timeout.is_zero() {
             bad(
-                "http.limits".into(),
-                "max_json_depth and max_connections must be at least 1".into(),
+                "http.limits.read_timeout".into(),
+                "must be greater than zero, e.g. \"10s\"".into(),
+            );
+        }
+        if limits.max_discard.as_u64() > MAX_DISCARD {
+            bad(
+                "http.limits.max_discard".into(),
+                format!(
+                    "{} is too much to read only to throw away; allowed: 0 (never) to {}",
+                    limits.max_discard,
+                    bytesize::ByteSize(MAX_DISCARD)
+                ),
             );
         }
         let mut seen = BTreeMap::new();
@@ -934,6 +963,31 @@ mod tests {
             Some(256 * 1024 * 1024)
         );
         assert_eq!(c.patterns[0].limits.open_files, Some(64));
+    }
+
+    #[test]
+    fn http_limits_are_checked_field_by_field() {
+        let c = parse_ok(MINIMAL);
+        assert_eq!(c.http.limits.max_discard.as_u64(), 64 << 20);
+        let ps = problems(
+            "http:\n  limits: {max_json_depth: 0, max_connections: 0, read_timeout: 0s, max_discard: 2GiB}\n",
+        );
+        let fields: Vec<&str> = ps.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "http.limits.max_json_depth",
+            "http.limits.max_connections",
+            "http.limits.read_timeout",
+            "http.limits.max_discard",
+        ] {
+            assert!(fields.contains(&f), "{f}: {ps:?}");
+        }
+        let discard = ps
+            .iter()
+            .find(|p| p.field == "http.limits.max_discard")
+            .unwrap();
+        assert!(discard.message.contains("allowed"), "{discard:?}");
+        let ok = parse_ok("http:\n  limits: {max_discard: 0}\n");
+        assert!(ok.validate().is_ok());
     }
 
     #[test]

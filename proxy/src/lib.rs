@@ -4,9 +4,16 @@
 //! - [`config`]: the YAML + environment configuration and its validation.
 //! - [`supervisor`]: spawning, watching, restarting and stopping patterns.
 //! - [`health`]: the proxy's `grpc.health.v1` reporter.
-//! - [`dataplane`]: namespace routing and forwarding of data calls.
-//! - [`pubsub`]: forwarding of `PubSub` calls, subscriptions as streams.
+//! - [`front`]: the gRPC front door: one HTTP/2 listener, calls sent by
+//!   `:path` to the data plane or to the proxy's own services.
+//! - [`dataplane`]: every data call (KeyValue, PubSub) as one stack of
+//!   layers: route by namespace, deadline, drain, forward at the HTTP/2 level.
+//! - [`upstream`]: the HTTP/2 data connection to one pattern process.
+//! - [`metadata`]: the header rules both front doors share (request id,
+//!   what is never forwarded).
 //! - [`admin`]: the admin API over the supervisor's handles.
+//! - [`reflection`]: gRPC server reflection (v1 and v1alpha) of exactly the
+//!   services served, errors answered in-stream.
 //! - [`server`]: everything assembled on a listener, with shutdown.
 //! - [`cli`]: the command line and its client subcommands.
 //! - [`logging`]: tracing set-up.
@@ -21,9 +28,12 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod front;
 pub mod gateway;
 pub mod health;
 pub mod logging;
-pub mod pubsub;
+pub mod metadata;
+pub mod reflection;
 pub mod server;
 pub mod supervisor;
+pub mod upstream;

@@ -1,28 +1,21 @@
 //! The proxy assembled: supervisor, health reporter, data plane and admin
-//! API on one gRPC listener. [`run`] takes an already-bound listener and a
-//! shutdown future, so tests can run it on port 0.
+//! API behind one gRPC front door, and the HTTP gateway beside it. [`run`]
+//! takes already-bound listeners and a shutdown future, so tests can run it
+//! on port 0.
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 use trellis_proto::admin::v1::admin_server::AdminServer;
-use trellis_proto::data::v1::key_value_server::KeyValueServer;
 
 use crate::admin::AdminService;
 use crate::config::Loaded;
-use crate::dataplane::{KeyValueProxy, Router};
+use crate::dataplane::{self, DataPlane, Methods, Router};
+use crate::front::{self, FrontDoor};
 use crate::health;
-use crate::pubsub::PubSubProxy;
 use crate::supervisor::Supervisor;
 
-/// Largest gRPC message the proxy accepts or sends (4 MiB, tonic's default
-/// made explicit).
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-
-/// Serves until `shutdown` resolves, then drains the front door (bounded by
-/// `shutdown_grace`) and stops every pattern.
 /// The proxy's bound listeners.
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -30,6 +23,8 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
 }
 
+/// Serves until `shutdown` resolves, then drains the front doors (bounded
+/// by `shutdown_grace`) and stops every pattern.
 pub async fn run(
     loaded: Loaded,
     listeners: Listeners,
@@ -46,32 +41,19 @@ pub async fn run(
     let health_task = tokio::spawn(health::report(reporter, patterns.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let kv = KeyValueServer::new(KeyValueProxy::new(
-        Router::new(&patterns),
+    let data = DataPlane::new(
+        Methods::from_descriptors().map_err(anyhow::Error::msg)?,
+        dataplane::stack(Router::new(&patterns), stop_rx.clone()),
         config.request_timeout,
-    ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let pubsub = PubSubProxy::server(
-        Router::new(&patterns),
-        config.request_timeout,
-        stop_rx.clone(),
     );
     let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-
-    // One set of services behind both front doors: the gRPC listener serves
-    // it, and the HTTP gateway calls it in-process.
+    // The proxy's own services; data calls never reach them.
     let mut services = tonic::service::RoutesBuilder::default();
-    services
-        .add_service(health_service)
-        .add_service(kv)
-        .add_service(pubsub)
-        .add_service(admin)
-        .add_service(reflection);
-    let services = services.routes();
+    services.add_service(health_service).add_service(admin);
+    crate::reflection::add_to(&mut services)?;
+    // One front door for both listeners: the gRPC listener serves it, and
+    // the HTTP gateway calls it in-process.
+    let front = FrontDoor::new(data, services.routes());
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = match &listeners.http {
@@ -80,7 +62,7 @@ pub async fn run(
     };
     let http_task = match listeners.http {
         Some(listener) => {
-            let gateway = crate::gateway::Gateway::new(services.clone(), &config.http)
+            let gateway = crate::gateway::Gateway::new(front.clone(), &config.http)
                 .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))?;
             Some(tokio::spawn(crate::gateway::serve(
                 std::sync::Arc::new(gateway),
@@ -98,25 +80,18 @@ pub async fn run(
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"
     );
-    let mut drained = stop_rx.clone();
-    let server = tonic::transport::Server::builder()
-        .add_routes(services)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            async move {
-                let _ = drained.wait_for(|down| *down).await;
-            },
-        );
-    let server = tokio::spawn(server);
+    let grpc_task = tokio::spawn(front::serve(
+        front,
+        listeners.grpc,
+        stop_rx.clone(),
+        config.shutdown_grace,
+    ));
 
     shutdown.await;
     info!("shutting down: draining requests, then stopping patterns");
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(config.shutdown_grace, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
-        Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
-        Err(_) => warn!("requests still in flight after shutdown_grace; closing anyway"),
+    if let Err(e) = grpc_task.await {
+        warn!(error = %e, "the gRPC front door's task failed");
     }
     if let Some(t) = http_task {
         let _ = t.await;

@@ -514,3 +514,126 @@ async fn put_publish(base: &str, payload_b64: &str) -> trellis_tests::http::Repl
     )
     .await
 }
+
+/// One raw HTTP/1.1 exchange on a fresh connection: writes `head` and then
+/// all of `body` **before reading anything** (as Python's `urllib` does),
+/// then reads until the server closes. Returns the status line's code, the
+/// head (lower-cased) and the body of the answer.
+async fn write_all_then_read(addr: &str, head: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let exchange = async {
+        s.write_all(head.as_bytes()).await.expect("headers sent");
+        s.write_all(body)
+            .await
+            .expect("the whole body is written without a reset (the proxy reads it)");
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .await
+            .expect("the answer is read without a reset");
+        answer
+    };
+    let answer = tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .expect("an answer, then the connection closed");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {}", String::from_utf8_lossy(&answer)));
+    let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {head}"));
+    (status, head, answer[split + 4..].to_vec())
+}
+
+fn assert_body_too_large(status: u16, head: &str, body: &[u8]) {
+    assert_eq!(status, 413, "{head}\n{}", String::from_utf8_lossy(body));
+    assert!(
+        head.contains("content-type: application/problem+json"),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    let doc: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
+    assert_eq!(doc["reason"], "BODY_TOO_LARGE", "{doc}");
+    assert!(
+        doc["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("http.limits.max_body")),
+        "{doc}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_writes_a_too_large_body_before_reading_gets_its_413() {
+    let (_p, base) = proxy().await; // default max_body: 4 MiB
+    let addr = base.trim_start_matches("http://").to_string();
+    let big = vec![b'x'; 16 << 20];
+
+    // Declared too large by Content-Length.
+    let head = format!(
+        "PUT /v1/namespaces/default/keys/k HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    let (status, head, body) = write_all_then_read(&addr, &head, &big).await;
+    assert_body_too_large(status, &head, &body);
+
+    // Chunked: too large is only found out while reading.
+    let mut chunked = Vec::with_capacity(big.len() + 8192);
+    for piece in big.chunks(64 << 10) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let head = format!(
+        "PUT /v1/namespaces/default/keys/k HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    let (status, head, body) = write_all_then_read(&addr, &head, &chunked).await;
+    assert_body_too_large(status, &head, &body);
+
+    // h2c: answered early, the stream ended with RST_STREAM(NO_ERROR).
+    let text = String::from_utf8(big).unwrap();
+    let r = send(
+        Method::PUT,
+        &format!("{base}/v1/namespaces/default/keys/k"),
+        &[("content-type", "application/json")],
+        &text,
+        true,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(problem(&r)["reason"], "BODY_TOO_LARGE");
+}
+
+#[tokio::test]
+async fn a_declared_too_large_body_that_will_not_be_read_is_refused_at_once() {
+    // A read_timeout far beyond PATIENCE: if the gateway waited for these
+    // bodies, the test would time out instead of passing.
+    let p = Proxy::builder()
+        .top("http:\n  limits:\n    read_timeout: 1h")
+        .memstore("mem", &["default"])
+        .start()
+        .await;
+    let addr = p
+        .http
+        .clone()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    for (extra, length) in [
+        // The client waits for a go-ahead before sending the body.
+        ("expect: 100-continue\r\n", 16u64 << 20),
+        // More than http.limits.max_discard (64 MiB): not worth reading.
+        ("", 1 << 30),
+    ] {
+        let head = format!(
+            "PUT /v1/namespaces/default/keys/k HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{extra}content-length: {length}\r\n\r\n"
+        );
+        let (status, head, body) = write_all_then_read(&addr, &head, b"").await;
+        assert!(!head.contains("100 continue"), "{head}");
+        assert_body_too_large(status, &head, &body);
+    }
+}

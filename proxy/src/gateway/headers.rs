@@ -12,33 +12,8 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
 use crate::config::{HeaderMapping, HeaderRule};
 
-pub const REQUEST_ID: &str = "x-request-id";
+pub use crate::metadata::{REQUEST_ID, is_hop_by_hop, request_id};
 const PASS_THROUGH: &[&str] = &["traceparent", "tracestate", "authorization"];
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-];
-
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
-
-/// The request's id: the client's `X-Request-ID` when usable, else a new UUID.
-pub fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
@@ -135,14 +110,6 @@ mod tests {
             );
         }
         h
-    }
-
-    #[test]
-    fn request_id_is_kept_when_sane_and_generated_otherwise() {
-        assert_eq!(request_id(&headers(&[("x-request-id", "abc-1")])), "abc-1");
-        let generated = request_id(&headers(&[("x-request-id", "has space")]));
-        assert_eq!(generated.len(), 36, "a UUID: {generated}");
-        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
     }
 
     #[test]

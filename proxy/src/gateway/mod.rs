@@ -10,7 +10,7 @@
 //!
 //! A request's path: limits (URI 414, headers 431) → route (404/405/400) →
 //! content type (415) → body with size and time limits (413/408) →
-//! transcode (400) → an in-process gRPC call on the same `Routes` the gRPC
+//! transcode (400) → an in-process gRPC call on the same `FrontDoor` the gRPC
 //! listener serves (so both front doors run exactly the same code) → JSON,
 //! NDJSON or Server-Sent Events.
 
@@ -28,14 +28,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
-use tonic::service::Routes;
 use tracing::{info, warn};
 
 use crate::config::{HeaderMapping, Http, HttpLimits};
@@ -67,15 +66,16 @@ struct Ctx {
 
 pub struct Gateway {
     table: RouteTable,
-    grpc: Routes,
+    grpc: crate::front::FrontDoor,
     limits: HttpLimits,
     headers: HeaderMapping,
     openapi: Bytes,
 }
 
 impl Gateway {
-    /// `grpc` is the same set of services the gRPC listener serves.
-    pub fn new(grpc: Routes, http: &Http) -> Result<Self, String> {
+    /// `grpc` is the same front door the gRPC listener serves: data calls
+    /// become protobuf bytes once here and take the same forwarding path.
+    pub fn new(grpc: crate::front::FrontDoor, http: &Http) -> Result<Self, String> {
         let pool = DescriptorPool::decode(trellis_proto::FILE_DESCRIPTOR_SET)
             .map_err(|e| format!("the embedded descriptor set does not decode: {e}"))?;
         let table = RouteTable::from_pool(&pool)?;
@@ -104,10 +104,17 @@ impl Gateway {
             path: req.uri().path().to_string(),
         };
         let method = req.method().clone();
+        let version = req.version();
         let mut resp = match self.dispatch(req, &ctx).await {
             Ok(r) => r,
             Err(e) => self.problem(&e, &ctx),
         };
+        if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && version < Version::HTTP_2 {
+            // The body was not read to its end (see `read_body`): the
+            // connection cannot carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
             resp.headers_mut().insert(headers::REQUEST_ID, v);
         }
@@ -249,6 +256,19 @@ impl Gateway {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let max = self.limits.max_body.as_u64() as usize;
+        // Over HTTP/1.1, a client may write its whole body before reading
+        // (Python's urllib does): answering and closing with its body unread
+        // makes the kernel reset the connection, and the client sees a broken
+        // pipe instead of the 413. So a too-large body is read and discarded,
+        // within `max_discard` and `read_timeout`, before answering (nginx's
+        // "lingering close"). Not over HTTP/2 (RST_STREAM(NO_ERROR) after an
+        // early answer is the protocol's way), nor when the client sent
+        // `Expect: 100-continue` (it waits for the answer before sending).
+        let expects_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let linger = req.version() < Version::HTTP_2 && !expects_continue;
         let too_large = || {
             ApiError::http(
                 413,
@@ -262,7 +282,11 @@ impl Gateway {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
+        if let Some(n) = declared.filter(|&n| n > max as u64) {
+            // More than `max_discard`: the client gets a reset either way.
+            if linger && n <= self.limits.max_discard.as_u64() {
+                self.discard(req.into_body()).await;
+            }
             return Err(too_large());
         }
         if declared != Some(0) && declared.is_some()
@@ -294,7 +318,8 @@ impl Gateway {
                 ));
             }
         }
-        let limited = Limited::new(req.into_body(), max);
+        let mut body = req.into_body();
+        let limited = Limited::new(&mut body, max);
         match tokio::time::timeout(self.limits.read_timeout, limited.collect()).await {
             Err(_) => Err(ApiError::http(
                 408,
@@ -309,6 +334,9 @@ impl Gateway {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
+                if linger {
+                    self.discard(body).await;
+                }
                 Err(too_large())
             }
             Ok(Err(e)) => Err(ApiError::http(
@@ -319,6 +347,26 @@ impl Gateway {
             )),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
+    }
+
+    /// Reads and drops the rest of a too-large body: at most `max_discard`
+    /// bytes for at most `read_timeout`. Past either, the connection is
+    /// closed with the rest unread.
+    async fn discard<B>(&self, mut body: B)
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+    {
+        let budget = self.limits.max_discard.as_u64();
+        let drain = async {
+            let mut read = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > budget {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.limits.read_timeout, drain).await;
     }
 
     async fn call(
@@ -497,10 +545,17 @@ mod tests {
     use proptest::prelude::*;
 
     fn gateway() -> Gateway {
-        // No services behind it: every routed call ends UNIMPLEMENTED, which
-        // is enough to drive the router, limits and JSON codec with garbage.
+        // No patterns and no own services behind it: every routed call ends
+        // NOT_FOUND or UNIMPLEMENTED, which is enough to drive the router,
+        // limits and JSON codec with garbage.
         let routes = tonic::service::RoutesBuilder::default().routes();
-        Gateway::new(routes, &Http::default()).unwrap()
+        let (_, stopping) = tokio::sync::watch::channel(false);
+        let data = crate::dataplane::DataPlane::new(
+            crate::dataplane::Methods::from_descriptors().unwrap(),
+            crate::dataplane::stack(crate::dataplane::Router::new(&[]), stopping),
+            std::time::Duration::from_secs(1),
+        );
+        Gateway::new(crate::front::FrontDoor::new(data, routes), &Http::default()).unwrap()
     }
 
     fn segment() -> impl Strategy<Value = String> {

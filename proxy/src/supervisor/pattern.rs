@@ -34,6 +34,7 @@ use super::ports;
 use super::process::{self, Exit, Spec};
 use super::state::{Event, State, Status};
 use crate::config::{PatternConfig, RestartPolicy};
+use crate::upstream::Upstream;
 
 /// State changes a slow `WatchPatterns` client may fall behind by.
 pub const EVENT_BUFFER: usize = 256;
@@ -79,6 +80,13 @@ impl PatternHandle {
     /// A snapshot of the current status.
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// Reads the current status in place, without copying it (the data
+    /// plane does this on every call). `f` must not block: the owner
+    /// waits for it to publish the next status.
+    pub fn with_status<R>(&self, f: impl FnOnce(&Status) -> R) -> R {
+        f(&self.status.borrow())
     }
 
     /// A receiver that sees every status change.
@@ -222,7 +230,10 @@ enum Wait {
 #[derive(Clone)]
 struct Up {
     endpoint: Endpoint,
+    /// The control channel: Lifecycle and health.
     channel: Channel,
+    /// The data connection the data plane forwards calls on.
+    upstream: Upstream,
     info: InitializeResponse,
 }
 
@@ -513,6 +524,7 @@ impl Owner {
             Up {
                 endpoint,
                 channel,
+                upstream,
                 info,
             },
             serving,
@@ -540,7 +552,7 @@ impl Owner {
                 State::NotServing
             };
             s.endpoint = Some(endpoint);
-            s.channel = Some(channel.clone());
+            s.upstream = Some(upstream);
             s.version = info.version.clone();
             s.interfaces = info.interfaces.clone();
         });
@@ -879,10 +891,14 @@ async fn bring_up(
         .start(StartRequest {})
         .await
         .map_err(|s| StartError::retry(format!("Start failed: {s}")))?;
+    let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces)
+        .await
+        .map_err(|e| StartError::retry(format!("opening the data connection failed: {e}")))?;
 
     progress.lock().unwrap_or_else(|e| e.into_inner()).started = Some(Up {
         endpoint: endpoint.clone(),
         channel: channel.clone(),
+        upstream: upstream.clone(),
         info: info.clone(),
     });
 
@@ -908,6 +924,7 @@ async fn bring_up(
     Ok(Up {
         endpoint,
         channel,
+        upstream,
         info,
     })
 }

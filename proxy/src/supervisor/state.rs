@@ -18,10 +18,9 @@
 
 use std::time::SystemTime;
 
-use tonic::transport::Channel;
-
 use super::handshake::Endpoint;
 use super::process::Exit;
+use crate::upstream::Upstream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -68,9 +67,9 @@ pub struct Status {
     pub state: State,
     pub pid: Option<u32>,
     pub endpoint: Option<Endpoint>,
-    /// A connected channel; `Some` only while the process is up and was
+    /// The data connection; `Some` only while the process is up and was
     /// reached. Routable only when `state == Serving`.
-    pub channel: Option<Channel>,
+    pub upstream: Option<Upstream>,
     pub restarts: u32,
     pub last_exit: Option<Exit>,
     pub last_error: Option<String>,
@@ -85,7 +84,7 @@ impl Status {
             state: State::Stopped,
             pid: None,
             endpoint: None,
-            channel: None,
+            upstream: None,
             restarts: 0,
             last_exit: None,
             last_error: None,
@@ -99,7 +98,7 @@ impl Status {
     pub fn process_gone(&mut self) {
         self.pid = None;
         self.endpoint = None;
-        self.channel = None;
+        self.upstream = None;
         self.started_at = None;
     }
 }

@@ -1,0 +1,310 @@
+//! The data plane: every data call — `trellis.data.v1.KeyValue` and
+//! `trellis.data.v1.PubSub`, unary and streaming, from the gRPC listener
+//! and from the HTTP gateway alike — goes through one forwarding stack.
+//! Calls are forwarded at the HTTP/2 level: the request's bytes go to the
+//! pattern as they came, and the pattern's response headers, messages and
+//! trailers come back as they left it. No message is decoded; the
+//! namespace is read by a scan of field 1 of the one request message.
+//!
+//! ```text
+//!  HTTP/2 request ──▶ DataPlane::handle   (the edge)
+//!    read the request message (one, ≤ 4 MiB, within the deadline), look up
+//!    the method, scan the namespace, prepare the metadata, fix the deadline
+//!    ──▶ Route      namespace → the serving pattern's Upstream
+//!                   (NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED)
+//!    ──▶ Deadline   grpc-timeout for the pattern; a unary call is bounded
+//!                   whole, a stream only until it opens
+//!    ──▶ Drain      open streams end UNAVAILABLE when the proxy shuts down
+//!    ──▶ Forward    one HTTP/2 stream on the pattern's connection
+//!  ◀── the pattern's response, streamed; an ApiError from any layer
+//!      becomes a trailers-only gRPC response at the edge
+//! ```
+//!
+//! Every layer is a `tower::Service<Call>` answering
+//! `http::Response<CallBody>` or an [`ApiError`]: a new capability
+//! (metrics, retries, limits) is one more layer in [`stack`], and
+//! forwarding does not change. Where it goes: what must see every call,
+//! refused ones included (metrics, logs), wraps the edge's stack from
+//! outside `Route`; what acts per attempt on a known pattern (retries,
+//! concurrency limits, circuit breaking) sits between `Route` and
+//! `Deadline`, so each attempt gets the time that is left.
+
+mod body;
+mod deadline;
+mod drain;
+mod errors;
+mod forward;
+mod methods;
+mod route;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+pub use body::CallBody;
+pub use methods::{DataMethod, Methods, is_data_path};
+pub use route::Router;
+pub use wire::MAX_MESSAGE_BYTES;
+
+use crate::error::ApiError;
+use crate::upstream::Upstream;
+
+/// One data call, as it travels down the stack.
+pub struct Call {
+    pub method: Arc<DataMethod>,
+    pub path: PathAndQuery,
+    pub namespace: Arc<str>,
+    /// What goes to the pattern: the client's metadata without hop-by-hop
+    /// and `grpc-*` headers, with a request id (see `metadata`).
+    pub headers: HeaderMap,
+    /// The one request message with its 5-byte prefix, as received.
+    pub message: Bytes,
+    /// When the call must be over: `min(client grpc-timeout,
+    /// request_timeout)` from when it arrived.
+    pub deadline: Instant,
+    /// The deadline's length, for messages.
+    pub budget: Duration,
+    /// Set by `Route`.
+    pub upstream: Option<Upstream>,
+}
+
+/// The stack below the edge.
+pub type Stack = route::Route<deadline::Deadline<drain::Drain<forward::Forward>>>;
+
+/// Builds the stack, outermost layer first.
+pub fn stack(router: Router, stopping: watch::Receiver<bool>) -> Stack {
+    let forward = forward::Forward;
+    // Innermost: only a stream that reached the pattern can be drained.
+    let forward = drain::DrainLayer::new(stopping).layer(forward);
+    // Inside Route, so the deadline's messages can name the pattern, and
+    // outside Drain, so a stream is bounded until it opens.
+    let forward = deadline::DeadlineLayer.layer(forward);
+    route::RouteLayer::new(router).layer(forward)
+}
+
+/// The edge of the data plane: HTTP/2 requests in, gRPC responses out.
+#[derive(Clone)]
+pub struct DataPlane {
+    methods: Arc<Methods>,
+    stack: Stack,
+    request_timeout: Duration,
+}
+
+impl DataPlane {
+    pub fn new(methods: Methods, stack: Stack, request_timeout: Duration) -> Self {
+        DataPlane {
+            methods: Arc::new(methods),
+            stack,
+            request_timeout,
+        }
+    }
+
+    /// Answers one call; never fails: errors are gRPC statuses.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<CallBody>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        match self.call(req).await {
+            Ok(call) => match self.stack.clone().oneshot(call).await {
+                Ok(response) => response,
+                Err(e) => errors::response(e),
+            },
+            Err(e) => errors::response(e),
+        }
+    }
+
+    /// The request as a [`Call`], or why it cannot be one.
+    async fn call<B>(&self, req: Request<B>) -> Result<Call, ApiError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let received = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let method = self
+            .methods
+            .get(parts.uri.path())
+            .ok_or_else(|| errors::unknown_method(parts.uri.path(), &self.methods))?;
+        let budget = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| wire::parse_grpc_timeout(v.as_bytes()))
+            .map_or(self.request_timeout, |t| t.min(self.request_timeout));
+        let deadline = received + budget;
+        let message = {
+            let mut read = std::pin::pin!(read_message(body));
+            // Most requests are already here in full: no timer for them.
+            match futures::poll!(read.as_mut()) {
+                std::task::Poll::Ready(r) => r?,
+                std::task::Poll::Pending => tokio::time::timeout_at(deadline, read)
+                    .await
+                    .map_err(|_| errors::request_too_slow(budget))??,
+            }
+        };
+        let namespace = wire::namespace(&message[wire::PREFIX_LEN..])
+            .map_err(errors::malformed_request)?
+            .into();
+        crate::metadata::prepare_for_pattern(&mut parts.headers);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Ok(Call {
+            method,
+            path,
+            namespace,
+            headers: parts.headers,
+            message,
+            deadline,
+            budget,
+            upstream: None,
+        })
+    }
+}
+
+/// Reads the one request message of a call: prefix checked before the rest
+/// is read (an oversized message is refused without reading it), exactly
+/// one message, uncompressed.
+async fn read_message<B>(mut body: B) -> Result<Bytes, ApiError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut have = Received::default();
+    let mut need: Option<usize> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| errors::request_unreadable(&e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // request trailers carry nothing the pattern needs
+        };
+        have.push(data);
+        if need.is_none()
+            && let Some((compressed, len)) = wire::prefix(have.bytes())
+        {
+            if compressed {
+                return Err(errors::compressed_request());
+            }
+            if len > MAX_MESSAGE_BYTES {
+                return Err(errors::request_too_large(len));
+            }
+            need = Some(wire::PREFIX_LEN + len);
+        }
+        if need.is_some_and(|n| have.bytes().len() > n) {
+            return Err(errors::more_than_one_message());
+        }
+    }
+    let message = have.into_bytes();
+    match need {
+        Some(n) if message.len() == n => Ok(message),
+        None if message.is_empty() => Err(errors::no_message()),
+        _ => Err(errors::truncated_message()),
+    }
+}
+
+/// The request body so far: usually one chunk, kept as it came.
+#[derive(Default)]
+enum Received {
+    #[default]
+    Nothing,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Received {
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            Received::Nothing => Received::One(data),
+            Received::One(first) => {
+                let mut buf = BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                Received::Many(buf)
+            }
+            Received::Many(mut buf) => {
+                buf.extend_from_slice(&data);
+                Received::Many(buf)
+            }
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Received::Nothing => &[],
+            Received::One(b) => b,
+            Received::Many(b) => b,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Received::Nothing => Bytes::new(),
+            Received::One(b) => b,
+            Received::Many(b) => b.freeze(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+
+    fn framed(msg: &[u8]) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend((msg.len() as u32).to_be_bytes());
+        v.extend_from_slice(msg);
+        v
+    }
+
+    async fn read(chunks: Vec<Vec<u8>>) -> Result<Bytes, ApiError> {
+        let frames = futures::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(c)))),
+        );
+        read_message(StreamBody::new(frames)).await
+    }
+
+    #[tokio::test]
+    async fn one_message_in_any_number_of_chunks() {
+        let whole = framed(b"\x0a\x01a");
+        assert_eq!(read(vec![whole.clone()]).await.unwrap(), whole);
+        let chunks = whole.chunks(2).map(<[u8]>::to_vec).collect();
+        assert_eq!(read(chunks).await.unwrap(), whole);
+        assert_eq!(
+            read_message(Full::new(Bytes::from(framed(b"")))).await.unwrap(),
+            framed(b"")
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_are_refused_with_their_reason() {
+        let reason = |r: Result<Bytes, ApiError>| r.unwrap_err().reason;
+        assert_eq!(reason(read(vec![]).await), "MISSING_MESSAGE");
+        let mut two = framed(b"a");
+        two.extend(framed(b"b"));
+        assert_eq!(reason(read(vec![two]).await), "MORE_THAN_ONE_MESSAGE");
+        assert_eq!(reason(read(vec![vec![0, 0, 0, 0, 9, 1]]).await), "TRUNCATED_MESSAGE");
+        assert_eq!(reason(read(vec![vec![0, 0]]).await), "TRUNCATED_MESSAGE");
+        assert_eq!(reason(read(vec![vec![1, 0, 0, 0, 0]]).await), "COMPRESSED_MESSAGE");
+        let mut big = vec![0];
+        big.extend(((MAX_MESSAGE_BYTES + 1) as u32).to_be_bytes());
+        let err = read(vec![big]).await.unwrap_err();
+        assert_eq!(err.code, tonic::Code::ResourceExhausted);
+        assert!(err.message.contains("4194304"), "{}", err.message);
+    }
+}

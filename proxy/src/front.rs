@@ -1,0 +1,158 @@
+//! The gRPC front door: one HTTP/2 (h2c) listener, and [`FrontDoor`], the
+//! service behind it, which sends each call by its `:path` either to the
+//! data plane (the data services, forwarded to patterns) or to the
+//! proxy's own tonic services (health, admin, reflection). The HTTP
+//! gateway calls the same `FrontDoor` in-process, so both doors run the
+//! same code from here on.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::service::Routes;
+use tracing::warn;
+
+use crate::dataplane::{CallBody, DataPlane};
+
+/// Every gRPC service the proxy serves, behind one `Service`.
+#[derive(Clone)]
+pub struct FrontDoor {
+    data: Arc<DataPlane>,
+    services: Routes,
+}
+
+impl FrontDoor {
+    /// `services` are the proxy's own; data calls go to `data`.
+    pub fn new(data: DataPlane, services: Routes) -> Self {
+        FrontDoor {
+            data: Arc::new(data),
+            services,
+        }
+    }
+}
+
+/// A response body from either side of the front door.
+pub enum FrontBody {
+    Data(CallBody),
+    Own(tonic::body::Body),
+}
+
+impl Body for FrontBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        match self.get_mut() {
+            FrontBody::Data(b) => Pin::new(b).poll_frame(cx),
+            FrontBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            FrontBody::Data(b) => b.is_end_stream(),
+            FrontBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            FrontBody::Data(b) => b.size_hint(),
+            FrontBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<FrontBody>, Infallible>> + Send>>;
+
+impl<B> tower::Service<Request<B>> for FrontDoor
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<tonic::codegen::StdError> + std::fmt::Display,
+{
+    type Response = Response<FrontBody>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> BoxFuture {
+        if crate::dataplane::is_data_path(req.uri().path()) {
+            let data = self.data.clone();
+            Box::pin(async move { Ok(data.handle(req).await.map(FrontBody::Data)) })
+        } else {
+            let call = tower::Service::call(&mut self.services, req);
+            Box::pin(async move {
+                let response = call.await?;
+                Ok(response.map(FrontBody::Own))
+            })
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` turns true, then sends
+/// GOAWAY to every connection and lets calls in flight finish for up to
+/// `grace`.
+pub async fn serve(
+    front: FrontDoor,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .auto_date_header(false)
+        // The message limit plus headroom, so a whole 4 MiB message can be
+        // in flight on a stream without waiting on window updates.
+        .initial_stream_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|down| *down) => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                warn!(error = %e, "accepting a gRPC connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Without it a response waits on Nagle + delayed ACK (~40 ms).
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(front.clone());
+        let conn = http2.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("gRPC calls still in flight after shutdown_grace; closing anyway");
+    }
+}

@@ -1,0 +1,161 @@
+//! Call metadata rules shared by both front doors (gRPC and the HTTP
+//! gateway): which headers never travel to a pattern, and the request id
+//! every call carries.
+//!
+//! - `x-request-id` is kept when it is 1–128 visible ASCII characters and
+//!   replaced by a new UUID otherwise, so every call a pattern sees can be
+//!   found in the proxy's log and in the client's error.
+//! - Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are
+//!   never forwarded, nor accepted as mapping targets in the config.
+//! - `grpc-*` headers describe one gRPC hop (timeout, encodings, previous
+//!   attempts): the proxy writes its own for the hop to the pattern.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Connection-specific headers: never forwarded, in either direction.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Other request headers the proxy does not pass on: `host` (HTTP/2 has
+/// `:authority`, which names the pattern on the next hop).
+const NOT_FORWARDED: &[&str] = &["host"];
+
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Whether a request id from a client is usable as it is.
+pub fn is_valid_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.iter().all(u8::is_ascii_graphic)
+}
+
+/// The request's id: the client's `x-request-id` when usable, else a new UUID.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| is_valid_request_id(v.as_bytes()))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id)
+}
+
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Turns a client's gRPC request headers into the ones sent to the pattern,
+/// in place: hop-by-hop, `host` and every `grpc-*` header removed, `te:
+/// trailers` (which gRPC requires on HTTP/2) set, and a valid
+/// `x-request-id` ensured. Everything else — authorization, trace context,
+/// custom and binary (`-bin`) metadata, `content-type`, `user-agent` —
+/// passes unchanged.
+pub fn prepare_for_pattern(headers: &mut HeaderMap) {
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let n = name.as_str();
+        if n.starts_with("grpc-") || is_hop_by_hop(n) || NOT_FORWARDED.contains(&n) {
+            drop.push(name.clone());
+        }
+    }
+    for name in drop {
+        headers.remove(name);
+    }
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    let valid = headers
+        .get(REQUEST_ID)
+        .is_some_and(|v| is_valid_request_id(v.as_bytes()));
+    if !valid && let Ok(v) = HeaderValue::from_str(&new_request_id()) {
+        headers.insert(REQUEST_ID, v);
+    }
+}
+
+/// Removes connection-specific headers from a response passed back to a
+/// client.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn request_id_is_kept_when_sane_and_generated_otherwise() {
+        assert_eq!(request_id(&headers(&[("x-request-id", "abc-1")])), "abc-1");
+        let generated = request_id(&headers(&[("x-request-id", "has space")]));
+        assert_eq!(generated.len(), 36, "a UUID: {generated}");
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+        assert!(!is_valid_request_id(&[b'a'; 129]));
+        assert!(is_valid_request_id(&[b'a'; 128]));
+    }
+
+    #[test]
+    fn pattern_headers_keep_metadata_and_drop_hop_and_grpc_headers() {
+        let mut h = headers(&[
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("user-agent", "grpc-go/1.0"),
+            ("grpc-timeout", "5S"),
+            ("grpc-accept-encoding", "gzip"),
+            ("connection", "close"),
+            ("host", "proxy"),
+            ("authorization", "Bearer x"),
+            ("x-custom", "a"),
+            ("x-custom", "b"),
+            ("x-trace-bin", "AAEC"),
+            ("x-request-id", "rid-7"),
+        ]);
+        prepare_for_pattern(&mut h);
+        for gone in [
+            "grpc-timeout",
+            "grpc-accept-encoding",
+            "connection",
+            "host",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["authorization"], "Bearer x");
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["user-agent"], "grpc-go/1.0");
+        assert_eq!(h.get_all("x-custom").iter().count(), 2);
+        assert_eq!(h["x-trace-bin"], "AAEC");
+        assert_eq!(h[REQUEST_ID], "rid-7");
+    }
+
+    #[test]
+    fn a_missing_or_bad_request_id_is_minted() {
+        let mut h = headers(&[("x-request-id", "bad id")]);
+        prepare_for_pattern(&mut h);
+        let id = h[REQUEST_ID].to_str().unwrap();
+        assert_eq!(id.len(), 36, "{id}");
+        let mut h = HeaderMap::new();
+        prepare_for_pattern(&mut h);
+        assert!(h.contains_key(REQUEST_ID));
+        assert_eq!(h["te"], "trailers", "te set even when the client left it out");
+    }
+}
