@@ -62,8 +62,11 @@ pub fn add_to(routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     )?;
     let v1 = builder(&pool).build_v1()?;
     let v1alpha = builder(&pool).build_v1alpha()?;
-    let _ = (v1, v1alpha);
-    routes.add_service(Builder::configure().register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET).build_v1()?);
+    routes
+        .add_service(v1::ServerReflectionServer::new(v1::InStreamErrors::new(v1)))
+        .add_service(v1alpha::ServerReflectionServer::new(
+            v1alpha::InStreamErrors::new(v1alpha),
+        ));
     Ok(())
 }
 
@@ -124,7 +127,10 @@ fn served_files(sets: &[&[u8]], services: &[&str]) -> anyhow::Result<Vec<u8>> {
         if kept.insert(i) {
             for dep in &files[i].0.dependency {
                 let j = by_name.get(dep).ok_or_else(|| {
-                    anyhow!("{} imports {dep}, which no descriptor set holds", files[i].0.name())
+                    anyhow!(
+                        "{} imports {dep}, which no descriptor set holds",
+                        files[i].0.name()
+                    )
                 })?;
                 todo.push(*j);
             }
@@ -461,7 +467,10 @@ mod tests {
             "trellis/admin/v1/admin.proto",
             "google/protobuf/struct.proto",
         ] {
-            assert!(!names.iter().any(|n| n == unwanted), "{unwanted}: {names:?}");
+            assert!(
+                !names.iter().any(|n| n == unwanted),
+                "{unwanted}: {names:?}"
+            );
         }
     }
 
