@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends
+.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers
 
 all: build
 
@@ -25,7 +25,7 @@ test: setup build
 	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines
-bench: bench-supervisor bench-gateway bench-backends
+bench: bench-supervisor bench-gateway bench-backends bench-peers
 
 ## bench-supervisor: crash detection, restart-to-serving, cold start, idle cost
 bench-supervisor:
@@ -52,3 +52,10 @@ clean:
 bench-backends:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p trellis-tests --bench backends
+
+## bench-peers: trellis as a gRPC hop beside nginx and HAProxy (installs h2load,
+## nginx, haproxy via scripts/setup-peers.sh); Get latency and req/s vs direct
+bench-peers:
+	./scripts/setup-peers.sh
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p trellis-tests --bench peers

@@ -36,12 +36,15 @@ enum Phase<P> {
 /// The shared home of the pattern instance.
 pub(crate) struct Slot<P> {
     phase: Mutex<Phase<P>>,
+    /// The name the proxy gave in `Initialize`, for messages.
+    name: std::sync::OnceLock<String>,
 }
 
 impl<P: Pattern> Slot<P> {
     pub(crate) fn new() -> Self {
         Self {
             phase: Mutex::new(Phase::Waiting),
+            name: std::sync::OnceLock::new(),
         }
     }
 
@@ -68,7 +71,7 @@ impl<P: Pattern> Slot<P> {
                 "Initialize was already called and succeeded; a pattern is initialized once \
                  per process, so restart the pattern to apply a new configuration",
             )),
-            Phase::Stopping => Err(stopping()),
+            Phase::Stopping => Err(self.stopping()),
         }
     }
 
@@ -84,7 +87,7 @@ impl<P: Pattern> Slot<P> {
             Phase::Waiting | Phase::Initializing => Err(Error::failed_precondition(
                 "Start called before Initialize succeeded; call Initialize first",
             )),
-            Phase::Stopping => Err(stopping()),
+            Phase::Stopping => Err(self.stopping()),
         }
     }
 
@@ -92,7 +95,7 @@ impl<P: Pattern> Slot<P> {
     pub(crate) fn running(&self) -> Result<Arc<P>, Error> {
         match &*self.phase() {
             Phase::Started(p) => Ok(Arc::clone(p)),
-            Phase::Stopping => Err(stopping()),
+            Phase::Stopping => Err(self.stopping()),
             _ => Err(Error::unavailable(
                 "pattern not started yet: it serves data once the proxy has called \
                  Lifecycle Initialize and Start; retry shortly",
@@ -111,6 +114,19 @@ impl<P: Pattern> Slot<P> {
         *self.phase() = Phase::Started(Arc::new(pattern));
     }
 
+    /// Data calls that arrive while the pattern stops: UNAVAILABLE, naming
+    /// it, so a client behind the proxy knows which pattern refused.
+    fn stopping(&self) -> Error {
+        match self.name.get() {
+            Some(name) => Error::unavailable(format!(
+                "pattern {name:?} is shutting down; retry once it has been restarted"
+            )),
+            None => {
+                Error::unavailable("pattern is shutting down; retry once it has been restarted")
+            }
+        }
+    }
+
     /// Enters `Stopping` and hands over the pattern, if one was created.
     pub(crate) fn begin_stop(&self) -> Option<Arc<P>> {
         match std::mem::replace(&mut *self.phase(), Phase::Stopping) {
@@ -118,10 +134,6 @@ impl<P: Pattern> Slot<P> {
             _ => None,
         }
     }
-}
-
-fn stopping() -> Error {
-    Error::unavailable("pattern is shutting down; retry once it has been restarted")
 }
 
 /// Proof that this caller is initializing; see [`Slot::begin_initialize`].
@@ -196,11 +208,12 @@ impl<P: Pattern> LifecycleService<P> {
         } else {
             req.name
         };
+        let _ = self.slot.name.set(name.clone());
         tracing::info!(pattern = %name, implementation = P::NAME, version = P::VERSION, "initializing");
         let pattern = P::init(config, InitContext::new(name)).await?;
         if let Err(pattern) = guard.finish(pattern) {
             pattern.stop().await;
-            return Err(stopping());
+            return Err(self.slot.stopping());
         }
         tracing::info!("initialized");
         Ok(InitializeResponse {

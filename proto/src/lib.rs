@@ -69,4 +69,68 @@ mod tests {
             );
         }
     }
+
+    /// The data contract's rule the proxy forwards by (docs/pattern-protocol.md):
+    /// every request message of a data service carries the namespace as
+    /// field 1, a string, and every data method takes exactly one request
+    /// message. The proxy reads field 1 of the raw bytes to route a call
+    /// without decoding it; a message that broke the rule would be routed
+    /// by the wrong field.
+    #[test]
+    fn every_data_request_carries_namespace_as_field_1() {
+        use prost_types::field_descriptor_proto::Type;
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let messages: std::collections::HashMap<String, &prost_types::DescriptorProto> = set
+            .file
+            .iter()
+            .flat_map(|f| {
+                let pkg = f.package().to_string();
+                f.message_type
+                    .iter()
+                    .map(move |m| (format!(".{pkg}.{}", m.name()), m))
+            })
+            .collect();
+        let mut checked = 0;
+        for file in &set.file {
+            for service in &file.service {
+                let full = format!("{}.{}", file.package(), service.name());
+                if ![super::KEY_VALUE_SERVICE, super::PUB_SUB_SERVICE].contains(&full.as_str()) {
+                    continue;
+                }
+                for method in &service.method {
+                    let at = format!("{full}/{}", method.name());
+                    assert!(
+                        !method.client_streaming(),
+                        "{at}: a data method takes one request message"
+                    );
+                    let input = messages
+                        .get(method.input_type())
+                        .unwrap_or_else(|| panic!("{at}: input {} not found", method.input_type()));
+                    let field = input
+                        .field
+                        .iter()
+                        .find(|f| f.number() == 1)
+                        .unwrap_or_else(|| panic!("{at}: {} has no field 1", input.name()));
+                    assert_eq!(
+                        field.name(),
+                        "namespace",
+                        "{at}: field 1 of {}",
+                        input.name()
+                    );
+                    assert_eq!(
+                        field.r#type(),
+                        Type::String,
+                        "{at}: field 1 of {}",
+                        input.name()
+                    );
+                    assert!(
+                        field.label() != prost_types::field_descriptor_proto::Label::Repeated,
+                        "{at}: namespace is one string"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 6, "every KeyValue and PubSub method was checked");
+    }
 }

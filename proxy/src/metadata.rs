@@ -130,12 +130,7 @@ mod tests {
             ("x-request-id", "rid-7"),
         ]);
         prepare_for_pattern(&mut h);
-        for gone in [
-            "grpc-timeout",
-            "grpc-accept-encoding",
-            "connection",
-            "host",
-        ] {
+        for gone in ["grpc-timeout", "grpc-accept-encoding", "connection", "host"] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
         assert_eq!(h["te"], "trailers");
@@ -156,6 +151,9 @@ mod tests {
         let mut h = HeaderMap::new();
         prepare_for_pattern(&mut h);
         assert!(h.contains_key(REQUEST_ID));
-        assert_eq!(h["te"], "trailers", "te set even when the client left it out");
+        assert_eq!(
+            h["te"], "trailers",
+            "te set even when the client left it out"
+        );
     }
 }

@@ -38,7 +38,10 @@ pub enum UpstreamError {
         endpoint: Endpoint,
         source: std::io::Error,
     },
-    #[error("connecting to {endpoint} took longer than {}", humantime::format_duration(CONNECT_TIMEOUT))]
+    #[error(
+        "connecting to {endpoint} took longer than {}",
+        humantime::format_duration(CONNECT_TIMEOUT)
+    )]
     ConnectTimeout { endpoint: Endpoint },
     #[error("the HTTP/2 connection to {endpoint} failed: {source}")]
     Protocol {
@@ -146,8 +149,9 @@ impl Upstream {
             };
             match send.ready().await {
                 Ok(mut send) => {
-                    let (response, mut stream) =
-                        send.send_request(head, false).map_err(|e| self.protocol(e))?;
+                    let (response, mut stream) = send
+                        .send_request(head, false)
+                        .map_err(|e| self.protocol(e))?;
                     // Buffered by h2 beyond the peer's window and flushed as
                     // it opens; bounded by the message limit.
                     stream.send_data(body, true).map_err(|e| self.protocol(e))?;
@@ -207,7 +211,9 @@ impl Upstream {
             let span = tracing::debug_span!("data connection", pattern = %self.inner.pattern);
             match endpoint {
                 Endpoint::Tcp(addr) => {
-                    let io = tokio::net::TcpStream::connect(addr).await.map_err(io_error)?;
+                    let io = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(io_error)?;
                     let _ = io.set_nodelay(true);
                     let (send, conn) = builder.handshake(io).await.map_err(protocol)?;
                     tokio::spawn(drive(conn).instrument(span));

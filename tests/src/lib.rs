@@ -10,6 +10,7 @@
 //! executable; `make test` builds them first (`cargo build --workspace`).
 
 pub mod backends;
+pub mod h2raw;
 pub mod http;
 pub mod kv;
 pub mod nats;
@@ -130,6 +131,16 @@ impl ProxyBuilder {
         self.pattern(PatternEntry {
             config: config.into(),
             ..PatternEntry::new(name, bin("trellis-chaos"), namespaces)
+        })
+    }
+
+    /// A `trellis-echo` pattern (a pattern on the raw protocol that shows
+    /// what reached it; see its source) serving `namespaces`, configured by
+    /// `config` (YAML for its `config:`).
+    pub fn echo(self, name: &str, namespaces: &[&str], config: &str) -> Self {
+        self.pattern(PatternEntry {
+            config: config.into(),
+            ..PatternEntry::new(name, bin("trellis-echo"), namespaces)
         })
     }
 

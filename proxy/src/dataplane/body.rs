@@ -100,7 +100,9 @@ impl CallBody {
     /// body with `error`'s status.
     fn end_with(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.upstream = None;
-        Poll::Ready(Some(Ok(Frame::trailers(wire::trailers(&error.to_status())))))
+        Poll::Ready(Some(Ok(Frame::trailers(wire::trailers(
+            &error.to_status(),
+        )))))
     }
 }
 
@@ -141,7 +143,8 @@ impl Body for CallBody {
                     return match p.frames.feed(&data) {
                         Ok(()) => Poll::Ready(Some(Ok(Frame::data(data)))),
                         Err((at, len)) => {
-                            let e = errors::response_too_large(&p.namespace, p.upstream.pattern(), len);
+                            let e =
+                                errors::response_too_large(&p.namespace, p.upstream.pattern(), len);
                             if at == 0 {
                                 return this.end_with(e);
                             }
@@ -152,7 +155,8 @@ impl Body for CallBody {
                     };
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let e = errors::stream_failed(&p.namespace, p.upstream.pattern(), p.streaming, &e);
+                    let e =
+                        errors::stream_failed(&p.namespace, p.upstream.pattern(), p.streaming, &e);
                     return this.end_with(e);
                 }
                 Poll::Ready(None) => p.reading_trailers = true,
@@ -169,7 +173,8 @@ impl Body for CallBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Ok(None)) => {
-                let e = errors::ended_without_status(&p.namespace, p.upstream.pattern(), p.streaming);
+                let e =
+                    errors::ended_without_status(&p.namespace, p.upstream.pattern(), p.streaming);
                 this.end_with(e)
             }
             Poll::Ready(Err(e)) => {

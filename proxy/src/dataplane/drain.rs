@@ -55,10 +55,7 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let stopping = call
-            .method
-            .server_streaming
-            .then(|| self.stopping.clone());
+        let stopping = call.method.server_streaming.then(|| self.stopping.clone());
         DrainFuture {
             inner: self.inner.call(call),
             stopping,

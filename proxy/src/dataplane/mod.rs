@@ -271,11 +271,10 @@ mod tests {
     }
 
     async fn read(chunks: Vec<Vec<u8>>) -> Result<Bytes, ApiError> {
-        let frames = futures::stream::iter(
-            chunks
-                .into_iter()
-                .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(c)))),
-        );
+        let frames =
+            futures::stream::iter(chunks.into_iter().map(|c| {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(c)))
+            }));
         read_message(StreamBody::new(frames)).await
     }
 
@@ -286,7 +285,9 @@ mod tests {
         let chunks = whole.chunks(2).map(<[u8]>::to_vec).collect();
         assert_eq!(read(chunks).await.unwrap(), whole);
         assert_eq!(
-            read_message(Full::new(Bytes::from(framed(b"")))).await.unwrap(),
+            read_message(Full::new(Bytes::from(framed(b""))))
+                .await
+                .unwrap(),
             framed(b"")
         );
     }
@@ -298,9 +299,15 @@ mod tests {
         let mut two = framed(b"a");
         two.extend(framed(b"b"));
         assert_eq!(reason(read(vec![two]).await), "MORE_THAN_ONE_MESSAGE");
-        assert_eq!(reason(read(vec![vec![0, 0, 0, 0, 9, 1]]).await), "TRUNCATED_MESSAGE");
+        assert_eq!(
+            reason(read(vec![vec![0, 0, 0, 0, 9, 1]]).await),
+            "TRUNCATED_MESSAGE"
+        );
         assert_eq!(reason(read(vec![vec![0, 0]]).await), "TRUNCATED_MESSAGE");
-        assert_eq!(reason(read(vec![vec![1, 0, 0, 0, 0]]).await), "COMPRESSED_MESSAGE");
+        assert_eq!(
+            reason(read(vec![vec![1, 0, 0, 0, 0]]).await),
+            "COMPRESSED_MESSAGE"
+        );
         let mut big = vec![0];
         big.extend(((MAX_MESSAGE_BYTES + 1) as u32).to_be_bytes());
         let err = read(vec![big]).await.unwrap_err();

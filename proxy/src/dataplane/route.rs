@@ -122,8 +122,14 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code, tonic::Code::NotFound);
         assert!(err.message.contains("\"nope\""), "{}", err.message);
-        assert!(err.message.contains("known namespaces: none"), "{}", err.message);
-        let empty = router.route("", trellis_proto::KEY_VALUE_SERVICE).unwrap_err();
+        assert!(
+            err.message.contains("known namespaces: none"),
+            "{}",
+            err.message
+        );
+        let empty = router
+            .route("", trellis_proto::KEY_VALUE_SERVICE)
+            .unwrap_err();
         assert_eq!(empty.code, tonic::Code::InvalidArgument);
     }
 }

@@ -190,8 +190,8 @@ pub fn trailers(status: &Status) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
     use trellis_proto::data::v1::{GetRequest, SubscribeRequest};
 
     #[test]
@@ -262,11 +262,23 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        assert!(matches!(namespace(&[0x0a, 5, b'a']), Err(ScanError::Malformed(_))));
-        assert!(matches!(namespace(&[0x08, 1]), Err(ScanError::Malformed(_))), "field 1 as varint");
-        assert!(matches!(namespace(&[0x0b]), Err(ScanError::Malformed(_))), "group");
+        assert!(matches!(
+            namespace(&[0x0a, 5, b'a']),
+            Err(ScanError::Malformed(_))
+        ));
+        assert!(
+            matches!(namespace(&[0x08, 1]), Err(ScanError::Malformed(_))),
+            "field 1 as varint"
+        );
+        assert!(
+            matches!(namespace(&[0x0b]), Err(ScanError::Malformed(_))),
+            "group"
+        );
         assert_eq!(namespace(&[0x0a, 1, 0xff]), Err(ScanError::NotUtf8));
-        assert!(matches!(namespace(&[0x80; 11]), Err(ScanError::Malformed(_))));
+        assert!(matches!(
+            namespace(&[0x80; 11]),
+            Err(ScanError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -294,10 +306,8 @@ mod tests {
         #[test]
         fn scan_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let ours = namespace(&bytes);
-            if let Ok(decoded) = GetRequest::decode(&bytes[..]) {
-                if let Ok(ns) = ours {
-                    prop_assert_eq!(ns, decoded.namespace);
-                }
+            if let (Ok(decoded), Ok(ns)) = (GetRequest::decode(&bytes[..]), ours) {
+                prop_assert_eq!(ns, decoded.namespace);
             }
         }
     }
