@@ -41,6 +41,16 @@ pub const MAX_NAME_LEN: usize = 63;
 /// The most `worker_threads` accepted.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
+/// `worker_threads` when the config leaves it out: half the cores, at least
+/// one (one runs the current-thread scheduler). The proxy shares the
+/// machine with its patterns, and a forwarded call costs the pattern at
+/// least as much CPU as the proxy; measured with `make bench-peers` on 2
+/// cores, one worker served 25–40 % more calls than two and added 35–50 µs
+/// less (docs/configuration.md, "Choosing `worker_threads`").
+pub fn default_worker_threads(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
 /// The most `http.limits.max_discard` accepted (1 GiB): reading more than
 /// that only to throw it away is a misconfiguration, not a kindness.
 pub const MAX_DISCARD: u64 = 1 << 30;
@@ -61,11 +71,9 @@ pub struct Config {
     /// Where Unix sockets of `transport: unix` patterns are created;
     /// default `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
     pub socket_dir: Option<PathBuf>,
-    /// Threads that run the proxy's requests: absent = one per core (tokio's
-    /// default); `1` = a single-threaded runtime, which on a small machine
-    /// shared with its patterns and backends answers with less latency (see
-    /// docs/configuration.md for the measurement). Like Envoy's
-    /// `--concurrency` or linkerd2-proxy's `CORES`.
+    /// Threads that run the proxy: absent = half the cores, at least one
+    /// ([`default_worker_threads`]); `1` = a single-threaded runtime. Like
+    /// Envoy's `--concurrency` or linkerd2-proxy's `CORES`.
     pub worker_threads: Option<usize>,
     pub http: Http,
     pub patterns: Vec<PatternConfig>,
@@ -825,6 +833,17 @@ pub fn resolve_command(
         searched.push(candidate);
     }
     Err(searched)
+}
+
+#[cfg(test)]
+mod worker_tests {
+    #[test]
+    fn the_default_leaves_half_the_cores_to_the_patterns() {
+        assert_eq!(super::default_worker_threads(1), 1);
+        assert_eq!(super::default_worker_threads(2), 1);
+        assert_eq!(super::default_worker_threads(3), 1);
+        assert_eq!(super::default_worker_threads(8), 4);
+    }
 }
 
 #[cfg(test)]

@@ -27,10 +27,6 @@ pub const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Other request headers the proxy does not pass on: `host` (HTTP/2 has
-/// `:authority`, which names the pattern on the next hop).
-const NOT_FORWARDED: &[&str] = &["host"];
-
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
@@ -61,31 +57,52 @@ pub fn new_request_id() -> String {
 /// custom and binary (`-bin`) metadata, `content-type`, `user-agent` —
 /// passes unchanged.
 pub fn prepare_for_pattern(headers: &mut HeaderMap) {
-    let mut drop: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        let n = name.as_str();
-        if n.starts_with("grpc-") || is_hop_by_hop(n) || NOT_FORWARDED.contains(&n) {
-            drop.push(name.clone());
-        }
-    }
+    // Usually nothing to drop: then nothing is allocated.
+    let drop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| !forwarded(name))
+        .cloned()
+        .collect();
     for name in drop {
         headers.remove(name);
     }
     headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    let valid = headers
-        .get(REQUEST_ID)
-        .is_some_and(|v| is_valid_request_id(v.as_bytes()));
-    if !valid && let Ok(v) = HeaderValue::from_str(&new_request_id()) {
-        headers.insert(REQUEST_ID, v);
+    match headers.get_mut(REQUEST_ID) {
+        Some(v) if is_valid_request_id(v.as_bytes()) => v.set_sensitive(true),
+        _ => {
+            if let Ok(mut v) = HeaderValue::from_str(&new_request_id()) {
+                v.set_sensitive(true);
+                headers.insert(REQUEST_ID, v);
+            }
+        }
     }
 }
 
-/// Removes connection-specific headers from a response passed back to a
-/// client.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
+// Why `set_sensitive`: a value unique to each call (request id, time
+// left) would otherwise enter HPACK's dynamic table on every call and push
+// out the entries that do repeat (content-type, te, user-agent, :path),
+// which then travel as literals again. Sensitive values are sent as
+// never-indexed literals (RFC 7541 §6.2.3) and leave the table alone.
+
+/// Whether a request header (a `HeaderName`: lowercase already) goes on to
+/// the pattern. On the path of every call, so a `match` rather than a walk
+/// over the lists.
+fn forwarded(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !(n.starts_with("grpc-")
+        || matches!(
+            n,
+            "connection"
+                | "keep-alive"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "host"
+        ))
 }
 
 #[cfg(test)]
@@ -140,6 +157,25 @@ mod tests {
         assert_eq!(h.get_all("x-custom").iter().count(), 2);
         assert_eq!(h["x-trace-bin"], "AAEC");
         assert_eq!(h[REQUEST_ID], "rid-7");
+    }
+
+    #[test]
+    fn the_fast_check_drops_exactly_the_listed_headers() {
+        for h in HOP_BY_HOP
+            .iter()
+            .chain(["host", "grpc-timeout", "grpc-x"].iter())
+        {
+            assert!(!forwarded(&HeaderName::from_static(h)), "{h}");
+        }
+        for h in [
+            "authorization",
+            "x-request-id",
+            "content-type",
+            "user-agent",
+            "x-grpc",
+        ] {
+            assert!(forwarded(&HeaderName::from_static(h)), "{h}");
+        }
     }
 
     #[test]

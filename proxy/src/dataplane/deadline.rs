@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Response};
+use http::{HeaderName, Response};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
@@ -20,6 +20,8 @@ use super::body::CallBody;
 use super::{Call, errors, wire};
 use crate::error::ApiError;
 use crate::upstream::Upstream;
+
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 pub struct DeadlineLayer;
 
@@ -77,10 +79,12 @@ where
                 about,
             };
         }
-        if !about.streaming
-            && let Ok(v) = HeaderValue::from_str(&wire::format_grpc_timeout(left))
-        {
-            call.headers.insert("grpc-timeout", v);
+        if !about.streaming {
+            let mut v = wire::grpc_timeout_value(left);
+            // Different on every call: kept out of HPACK's table (see
+            // metadata::prepare_for_pattern).
+            v.set_sensitive(true);
+            call.headers.insert(GRPC_TIMEOUT, v);
         }
         DeadlineFuture {
             sleep: Some(Box::pin(tokio::time::sleep_until(call.deadline))),

@@ -52,8 +52,9 @@ async fn forward(call: Call) -> Result<Response<CallBody>, ApiError> {
         }
         errors::stream_failed(&call.namespace, upstream.pattern(), streaming, &e)
     })?;
-    let (mut parts, recv) = response.into_parts();
-    crate::metadata::strip_hop_by_hop(&mut parts.headers);
+    // HTTP/2 carries no connection-specific headers (h2 refuses them), so
+    // the pattern's headers pass as they are.
+    let (parts, recv) = response.into_parts();
     let status_in_headers = parts.headers.contains_key("grpc-status");
     let body = CallBody::upstream(recv, status_in_headers, upstream, call.namespace, streaming);
     Ok(Response::from_parts(parts, body))

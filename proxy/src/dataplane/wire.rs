@@ -50,21 +50,47 @@ pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
 /// Formats a `grpc-timeout` value in the finest unit that fits 8 digits,
 /// rounding up so the pattern never gets less time than was meant.
 pub fn format_grpc_timeout(d: Duration) -> String {
+    let mut buf = [0u8; 9];
+    let n = write_grpc_timeout(d, &mut buf);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// [`format_grpc_timeout`] as a header value, without the `String`.
+pub fn grpc_timeout_value(d: Duration) -> http::HeaderValue {
+    let mut buf = [0u8; 9];
+    let n = write_grpc_timeout(d, &mut buf);
+    http::HeaderValue::from_bytes(&buf[..n]).unwrap_or(http::HeaderValue::from_static("99999999H"))
+}
+
+fn write_grpc_timeout(d: Duration, buf: &mut [u8; 9]) -> usize {
     const MAX: u128 = 99_999_999;
     let nanos = d.as_nanos();
-    for (unit, per) in [
-        ("n", 1u128),
-        ("u", 1_000),
-        ("m", 1_000_000),
-        ("S", 1_000_000_000),
-        ("M", 60_000_000_000),
-    ] {
-        let n = nanos.div_ceil(per);
-        if n <= MAX {
-            return format!("{n}{unit}");
+    let (mut n, unit) = [
+        (b'n', 1u128),
+        (b'u', 1_000),
+        (b'm', 1_000_000),
+        (b'S', 1_000_000_000),
+        (b'M', 60_000_000_000),
+    ]
+    .into_iter()
+    .map(|(unit, per)| (nanos.div_ceil(per), unit))
+    .find(|(n, _)| *n <= MAX)
+    .unwrap_or((nanos.div_ceil(3_600_000_000_000).min(MAX), b'H'));
+    let mut digits = [0u8; 8];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    format!("{}H", nanos.div_ceil(3_600_000_000_000).min(MAX))
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    buf[len] = unit;
+    len + 1
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
