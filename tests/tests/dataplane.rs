@@ -158,8 +158,9 @@ async fn metadata_is_forwarded_and_transport_headers_are_not() {
     let timeout = &seen["grpc-timeout"];
     assert_eq!(timeout.len(), 1, "{timeout:?}");
     let left = parse_grpc_timeout(&timeout[0]);
+    // At most the client's 3 s plus the proxy's margin for the pattern.
     assert!(
-        left > Duration::ZERO && left <= Duration::from_secs(3),
+        left > Duration::ZERO && left <= Duration::from_millis(3020),
         "{left:?}"
     );
 
@@ -177,7 +178,7 @@ async fn metadata_is_forwarded_and_transport_headers_are_not() {
         // Without a client deadline the hop gets request_timeout (5 s).
         let left = parse_grpc_timeout(&seen["grpc-timeout"][0]);
         assert!(
-            left > Duration::from_secs(3) && left <= Duration::from_secs(5),
+            left > Duration::from_secs(3) && left <= Duration::from_millis(5020),
             "{left:?}"
         );
     }

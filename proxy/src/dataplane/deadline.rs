@@ -1,8 +1,9 @@
 //! `Deadline`: the call's deadline, fixed at the edge as `min(client
 //! grpc-timeout, request_timeout)`, enforced here. A unary call is bounded
-//! whole — its answer and trailers included — and the time left is written
-//! into the `grpc-timeout` the pattern receives, so the pattern stops
-//! working on it when the proxy stops waiting. A stream (`Subscribe`) is
+//! whole — its answer and trailers included — and the time left (plus
+//! [`PATTERN_MARGIN`]) is written into the `grpc-timeout` the pattern
+//! receives, so the pattern stops working on it when the proxy stops
+//! waiting. A stream (`Subscribe`) is
 //! bounded only until it opens and carries no `grpc-timeout`: it lives
 //! until one side ends it.
 
@@ -22,6 +23,15 @@ use crate::error::ApiError;
 use crate::upstream::Upstream;
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// How much longer than the proxy the pattern is told to wait. Both sides
+/// time the same deadline with millisecond timers; if the pattern's fired
+/// first, the client would get the pattern's own timeout status (tonic's
+/// is CANCELLED "Timeout expired") instead of the proxy's
+/// DEADLINE_EXCEEDED naming the slow pattern. With the margin the proxy,
+/// which answers the client, always gives up first, and the pattern stops
+/// working on the abandoned call a moment later.
+pub const PATTERN_MARGIN: Duration = Duration::from_millis(20);
 
 pub struct DeadlineLayer;
 
@@ -80,7 +90,7 @@ where
             };
         }
         if !about.streaming {
-            let mut v = wire::grpc_timeout_value(left);
+            let mut v = wire::grpc_timeout_value(left + PATTERN_MARGIN);
             // Different on every call: kept out of HPACK's table (see
             // metadata::prepare_for_pattern).
             v.set_sensitive(true);
