@@ -33,6 +33,7 @@ const ENV_ROOTS: &[&str] = &[
     "shutdown_grace",
     "worker_threads",
     "http",
+    "telemetry",
 ];
 
 /// Largest name length, for patterns and namespaces.
@@ -76,6 +77,8 @@ pub struct Config {
     /// Envoy's `--concurrency` or linkerd2-proxy's `CORES`.
     pub worker_threads: Option<usize>,
     pub http: Http,
+    /// Metrics, the per-call log and traces.
+    pub telemetry: Telemetry,
     pub patterns: Vec<PatternConfig>,
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -90,6 +93,7 @@ impl Default for Config {
             socket_dir: None,
             worker_threads: None,
             http: Http::default(),
+            telemetry: Telemetry::default(),
             patterns: Vec::new(),
             namespaces: Vec::new(),
         }
@@ -214,6 +218,111 @@ impl Default for Log {
             format: LogFormat::Auto,
             level: "info".into(),
         }
+    }
+}
+
+/// `telemetry:`: what the proxy tells operators about the calls it serves.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Telemetry {
+    /// Per-call metrics (`rpc_*_call_duration_seconds`, …) and `GET
+    /// /metrics` on the HTTP port. Off: neither.
+    pub metrics: bool,
+    /// One structured line per data call.
+    pub call_log: CallLog,
+    /// OpenTelemetry traces, exported over OTLP/gRPC.
+    pub traces: Traces,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            metrics: true,
+            call_log: CallLog::default(),
+            traces: Traces::default(),
+        }
+    }
+}
+
+/// The level of the per-call log line: calls that failed, and calls that
+/// succeeded. The line is written only where `log.level` lets that level
+/// through for the target `trellis::calls`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallLog {
+    pub errors: CallLogLevel,
+    pub successes: CallLogLevel,
+}
+
+impl Default for CallLog {
+    fn default() -> Self {
+        CallLog {
+            errors: CallLogLevel::Info,
+            successes: CallLogLevel::Debug,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CallLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// `telemetry.traces:`. Off unless an endpoint is given here or in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`; `OTEL_TRACES_SAMPLER_ARG` (with
+/// `OTEL_TRACES_SAMPLER=traceidratio` or `parentbased_traceidratio`) and
+/// `OTEL_SERVICE_NAME` fill in what the file leaves out.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Traces {
+    /// The OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: Option<String>,
+    /// The share of new traces recorded, 0.0 to 1.0; a call that arrives
+    /// with a sampled `traceparent` is always recorded (parent-based).
+    pub sampling_ratio: Option<f64>,
+    /// `service.name` of the proxy's spans.
+    pub service_name: Option<String>,
+}
+
+impl Traces {
+    /// Fills what the file left out from the standard `OTEL_*` variables.
+    pub fn with_env(mut self, env: &[(String, String)]) -> Self {
+        let var = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        if self.endpoint.is_none() {
+            self.endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        }
+        if self.sampling_ratio.is_none()
+            && var("OTEL_TRACES_SAMPLER")
+                .is_some_and(|s| s == "traceidratio" || s == "parentbased_traceidratio")
+        {
+            self.sampling_ratio = var("OTEL_TRACES_SAMPLER_ARG").and_then(|v| v.parse().ok());
+        }
+        if self.service_name.is_none() {
+            self.service_name = var("OTEL_SERVICE_NAME");
+        }
+        self
+    }
+
+    /// The sampling ratio in effect (1.0 when unset).
+    pub fn ratio(&self) -> f64 {
+        self.sampling_ratio.unwrap_or(1.0)
+    }
+
+    /// The service name in effect.
+    pub fn service(&self) -> &str {
+        self.service_name.as_deref().unwrap_or("trellis")
     }
 }
 
@@ -524,6 +633,12 @@ pub fn parse(
     source: &Source,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let otel: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("OTEL_"))
+        .cloned()
+        .collect();
     let env_pairs: Vec<(String, String)> = env
         .into_iter()
         .filter_map(|(k, v)| {
@@ -538,13 +653,15 @@ pub fn parse(
     for (key, value) in &env_pairs {
         figment = figment.merge(Serialized::global(key, value_of(value)));
     }
-    figment.extract::<Config>().map_err(|e| ConfigError {
+    let mut config = figment.extract::<Config>().map_err(|e| ConfigError {
         source_name: source.to_string(),
         problems: e
             .into_iter()
             .map(|e| figment_problem(e, &env_keys))
             .collect(),
-    })
+    })?;
+    config.telemetry.traces = config.telemetry.traces.with_env(&otel);
+    Ok(config)
 }
 
 /// Environment values are strings; let figment parse numbers and booleans
@@ -604,6 +721,29 @@ impl Config {
             bad(
                 "request_timeout".into(),
                 "must be greater than zero, e.g. \"5s\"".into(),
+            );
+        }
+        let traces = &self.telemetry.traces;
+        if let Some(r) = traces.sampling_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            bad(
+                "telemetry.traces.sampling_ratio".into(),
+                format!("{r} is out of range; allowed: 0.0 (none) to 1.0 (every trace)"),
+            );
+        }
+        let is_url = |e: &str| {
+            (e.starts_with("http://") || e.starts_with("https://"))
+                && e.parse::<http::Uri>().is_ok()
+        };
+        if traces.endpoint.as_deref().is_some_and(|e| !is_url(e)) {
+            bad(
+                "telemetry.traces.endpoint".into(),
+                format!(
+                    "{:?} is not a collector URL; allowed: http://host:port or https://host:port \
+                     (OTLP/gRPC, usually port 4317)",
+                    traces.endpoint.as_deref().unwrap_or_default()
+                ),
             );
         }
         if let Some(n) = self.worker_threads
@@ -862,6 +1002,52 @@ mod tests {
     }
 
     const MINIMAL: &str = "patterns:\n  - name: mem\n    command: trellis-memstore\nnamespaces:\n  - name: default\n    pattern: mem\n";
+
+    #[test]
+    fn telemetry_defaults_env_fill_in_and_checks() {
+        let c = parse_ok(MINIMAL);
+        assert!(c.telemetry.metrics);
+        assert_eq!(c.telemetry.call_log.errors, CallLogLevel::Info);
+        assert_eq!(c.telemetry.call_log.successes, CallLogLevel::Debug);
+        assert_eq!(
+            c.telemetry.traces.endpoint, None,
+            "traces are off by default"
+        );
+        let env = vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                "http://collector:4317".to_string(),
+            ),
+            (
+                "OTEL_TRACES_SAMPLER".to_string(),
+                "parentbased_traceidratio".to_string(),
+            ),
+            ("OTEL_TRACES_SAMPLER_ARG".to_string(), "0.25".to_string()),
+        ];
+        let c = parse(MINIMAL, &Source::Embedded, env.clone()).unwrap();
+        assert_eq!(
+            c.telemetry.traces.endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        assert_eq!(c.telemetry.traces.ratio(), 0.25);
+        assert_eq!(c.telemetry.traces.service(), "trellis");
+        let file = format!("{MINIMAL}telemetry:\n  traces:\n    endpoint: http://file:4317\n");
+        let c = parse(&file, &Source::Embedded, env).unwrap();
+        assert_eq!(
+            c.telemetry.traces.endpoint.as_deref(),
+            Some("http://file:4317"),
+            "the file wins"
+        );
+        let bad = problems(&format!(
+            "{MINIMAL}telemetry:\n  traces:\n    endpoint: collector:4317\n    sampling_ratio: 2\n"
+        ));
+        let fields: Vec<&str> = bad.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"telemetry.traces.endpoint"), "{bad:?}");
+        assert!(
+            fields.contains(&"telemetry.traces.sampling_ratio"),
+            "{bad:?}"
+        );
+    }
 
     #[test]
     fn embedded_default_is_valid_and_serves_default_namespace() {

@@ -11,6 +11,7 @@
 //! - [`upstream`]: the HTTP/2 data connection to one pattern process.
 //! - [`metadata`]: the header rules both front doors share (request id,
 //!   what is never forwarded).
+//! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`admin`]: the admin API over the supervisor's handles.
 //! - [`reflection`]: gRPC server reflection (v1 and v1alpha) of exactly the
 //!   services served, errors answered in-stream.
@@ -33,6 +34,7 @@ pub mod gateway;
 pub mod health;
 pub mod logging;
 pub mod metadata;
+pub mod metrics;
 pub mod reflection;
 pub mod server;
 pub mod supervisor;

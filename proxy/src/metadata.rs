@@ -46,6 +46,13 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(new_request_id)
 }
 
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
+}
+
 pub fn new_request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -128,6 +135,16 @@ mod tests {
         assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
         assert!(!is_valid_request_id(&[b'a'; 129]));
         assert!(is_valid_request_id(&[b'a'; 128]));
+    }
+
+    #[test]
+    fn trace_id_comes_from_traceparent() {
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id("garbage"), None);
+        assert_eq!(trace_id("00-xyz-00f067aa0ba902b7-01"), None);
     }
 
     #[test]

@@ -11,9 +11,12 @@ use trellis_proto::admin::v1::admin_server::AdminServer;
 
 use crate::admin::AdminService;
 use crate::config::Loaded;
-use crate::dataplane::{self, DataPlane, Methods, Router};
+use std::sync::Arc;
+
+use crate::dataplane::{DataPlane, Methods, Router, Telemetry};
 use crate::front::{self, FrontDoor};
 use crate::health;
+use crate::metrics::Metrics;
 use crate::supervisor::Supervisor;
 
 /// The proxy's bound listeners.
@@ -41,9 +44,26 @@ pub async fn run(
     let health_task = tokio::spawn(health::report(reporter, patterns.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let methods = Methods::from_descriptors().map_err(anyhow::Error::msg)?;
+    let namespaces: Vec<(String, String)> = config
+        .namespaces
+        .iter()
+        .map(|n| (n.name.clone(), n.pattern.clone()))
+        .collect();
+    let metrics = config
+        .telemetry
+        .metrics
+        .then(|| Arc::new(Metrics::new(&namespaces, &methods.full_names())));
+    let telemetry = Arc::new(Telemetry::new(
+        metrics.clone(),
+        config.telemetry.call_log.clone(),
+        namespaces.into_iter().collect(),
+    ));
     let data = DataPlane::new(
-        Methods::from_descriptors().map_err(anyhow::Error::msg)?,
-        dataplane::stack(Router::new(&patterns), stop_rx.clone()),
+        methods,
+        Router::new(&patterns),
+        stop_rx.clone(),
+        telemetry,
         config.request_timeout,
     );
     let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));

@@ -12,6 +12,12 @@
 //!
 //! Dropping the body (the client went away) drops the pattern's stream,
 //! which h2 resets with CANCEL: cancellation reaches the pattern.
+//!
+//! Layers that must know how a call ended (metrics, the call log, spans)
+//! register an [`OnEnd`]: it runs once with the call's final status code,
+//! read from the pattern's trailers (or trailers-only headers), from the
+//! status the proxy ended the body with, or CANCELLED when the client went
+//! away first.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +29,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use super::errors;
 use super::wire::{self, Frames};
@@ -31,6 +37,9 @@ use crate::error::ApiError;
 use crate::upstream::Upstream;
 
 type EndSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs once when a call ends, with its final status code.
+pub type OnEnd = Box<dyn FnOnce(Code) + Send>;
 
 #[derive(Default)]
 pub struct CallBody {
@@ -41,12 +50,13 @@ pub struct CallBody {
     held: Option<Bytes>,
     /// Trailers that end the body once `held` is out.
     ending: Option<HeaderMap>,
+    on_end: Option<OnEnd>,
+    /// The status of a trailers-only answer, known from its headers.
+    status_in_headers: Option<Code>,
 }
 
 struct Passing {
     recv: h2::RecvStream,
-    /// The pattern answered trailers-only: its headers carry the status.
-    status_in_headers: bool,
     reading_trailers: bool,
     frames: Frames,
     upstream: Upstream,
@@ -57,9 +67,11 @@ struct Passing {
 }
 
 impl CallBody {
+    /// The pattern's response body; `status_in_headers` is the status of a
+    /// trailers-only answer.
     pub(super) fn upstream(
         recv: h2::RecvStream,
-        status_in_headers: bool,
+        status_in_headers: Option<Code>,
         upstream: Upstream,
         namespace: Arc<str>,
         streaming: bool,
@@ -67,7 +79,6 @@ impl CallBody {
         CallBody {
             upstream: Some(Passing {
                 recv,
-                status_in_headers,
                 reading_trailers: false,
                 frames: Frames::default(),
                 upstream,
@@ -78,6 +89,33 @@ impl CallBody {
             }),
             held: None,
             ending: None,
+            on_end: None,
+            status_in_headers,
+        }
+    }
+
+    /// An empty body ending a trailers-only response with `code`.
+    pub(super) fn ended(code: Code) -> Self {
+        let mut body = CallBody::default();
+        body.status_in_headers = Some(code);
+        body
+    }
+
+    /// Runs `f` with the final status code when the call ends (after the
+    /// ones registered before it).
+    pub fn on_end(&mut self, f: OnEnd) {
+        self.on_end = Some(match self.on_end.take() {
+            None => f,
+            Some(first) => Box::new(move |code| {
+                first(code);
+                f(code);
+            }),
+        });
+    }
+
+    fn finish(&mut self, code: Code) {
+        if let Some(f) = self.on_end.take() {
+            f(code);
         }
     }
 
@@ -100,9 +138,33 @@ impl CallBody {
     /// body with `error`'s status.
     fn end_with(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.upstream = None;
+        self.finish(error.code);
         Poll::Ready(Some(Ok(Frame::trailers(wire::trailers(
             &error.to_status(),
         )))))
+    }
+
+    /// Passes the pattern's trailers on, noting their status.
+    fn pass_trailers(&mut self, trailers: HeaderMap) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.upstream = None;
+        self.finish(status_of(&trailers).unwrap_or(Code::Unknown));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+/// The status code in a header block, if it carries one.
+pub(super) fn status_of(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|v| Code::from_bytes(v.as_bytes()))
+}
+
+impl Drop for CallBody {
+    fn drop(&mut self) {
+        // Not ended by a status: a trailers-only answer sent without polling
+        // the body, or a client that went away first.
+        let code = self.status_in_headers.unwrap_or(Code::Cancelled);
+        self.finish(code);
     }
 }
 
@@ -119,6 +181,7 @@ impl Body for CallBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(trailers) = this.ending.take() {
+            this.finish(status_of(&trailers).unwrap_or(Code::Unknown));
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         let Some(p) = this.upstream.as_mut() else {
@@ -164,12 +227,11 @@ impl Body for CallBody {
             }
         }
         match p.recv.poll_trailers(cx) {
-            Poll::Ready(Ok(Some(trailers))) => {
+            Poll::Ready(Ok(Some(trailers))) => this.pass_trailers(trailers),
+            Poll::Ready(Ok(None)) if this.status_in_headers.is_some() => {
                 this.upstream = None;
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-            Poll::Ready(Ok(None)) if p.status_in_headers => {
-                this.upstream = None;
+                let code = this.status_in_headers.unwrap_or(Code::Unknown);
+                this.finish(code);
                 Poll::Ready(None)
             }
             Poll::Ready(Ok(None)) => {
@@ -191,7 +253,7 @@ impl Body for CallBody {
             && self
                 .upstream
                 .as_ref()
-                .is_none_or(|p| p.status_in_headers && p.recv.is_end_stream())
+                .is_none_or(|p| self.status_in_headers.is_some() && p.recv.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

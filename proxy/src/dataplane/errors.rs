@@ -15,7 +15,10 @@ use crate::upstream::{Upstream, UpstreamError};
 
 /// An error as the trailers-only gRPC response that carries it.
 pub fn response(e: ApiError) -> http::Response<CallBody> {
-    e.to_status().into_http()
+    let code = e.code;
+    let mut response: http::Response<CallBody> = e.to_status().into_http();
+    *response.body_mut() = CallBody::ended(code);
+    response
 }
 
 fn human(d: Duration) -> humantime::FormattedDuration {

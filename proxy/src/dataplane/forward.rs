@@ -55,7 +55,7 @@ async fn forward(call: Call) -> Result<Response<CallBody>, ApiError> {
     // HTTP/2 carries no connection-specific headers (h2 refuses them), so
     // the pattern's headers pass as they are.
     let (parts, recv) = response.into_parts();
-    let status_in_headers = parts.headers.contains_key("grpc-status");
+    let status_in_headers = super::body::status_of(&parts.headers);
     let body = CallBody::upstream(recv, status_in_headers, upstream, call.namespace, streaming);
     Ok(Response::from_parts(parts, body))
 }

@@ -16,6 +16,8 @@ pub struct DataMethod {
     pub service: &'static str,
     /// `Get`.
     pub name: String,
+    /// `trellis.data.v1.KeyValue/Get`: the `rpc.method` of metrics and spans.
+    pub full_name: String,
     /// A stream of responses (`Subscribe`): only its opening is bounded by
     /// the deadline.
     pub server_streaming: bool,
@@ -50,6 +52,7 @@ impl Methods {
                     Arc::new(DataMethod {
                         service,
                         name: m.name().to_string(),
+                        full_name: format!("{service}/{}", m.name()),
                         server_streaming: m.is_server_streaming(),
                     }),
                 );
@@ -60,6 +63,13 @@ impl Methods {
 
     pub fn get(&self, path: &str) -> Option<Arc<DataMethod>> {
         self.by_path.get(path).cloned()
+    }
+
+    /// Every method's full name (`trellis.data.v1.KeyValue/Get`), sorted.
+    pub fn full_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.by_path.values().map(|m| m.full_name.clone()).collect();
+        names.sort_unstable();
+        names
     }
 
     /// Every method's path, sorted.

@@ -35,6 +35,7 @@ mod drain;
 mod errors;
 mod forward;
 mod methods;
+mod observe;
 mod route;
 pub mod wire;
 
@@ -52,6 +53,7 @@ use tower::{Layer, ServiceExt};
 
 pub use body::CallBody;
 pub use methods::{DataMethod, Methods, is_data_path};
+pub use observe::Telemetry;
 pub use route::Router;
 pub use wire::MAX_MESSAGE_BYTES;
 
@@ -68,6 +70,8 @@ pub struct Call {
     pub headers: HeaderMap,
     /// The one request message with its 5-byte prefix, as received.
     pub message: Bytes,
+    /// When the request arrived.
+    pub received: Instant,
     /// When the call must be over: `min(client grpc-timeout,
     /// request_timeout)` from when it arrived.
     pub deadline: Instant,
@@ -78,17 +82,23 @@ pub struct Call {
 }
 
 /// The stack below the edge.
-pub type Stack = route::Route<deadline::Deadline<drain::Drain<forward::Forward>>>;
+pub type Stack = observe::Observe<
+    route::Route<deadline::Deadline<drain::Drain<observe::Hop<forward::Forward>>>>,
+>;
 
 /// Builds the stack, outermost layer first.
-pub fn stack(router: Router, stopping: watch::Receiver<bool>) -> Stack {
+pub fn stack(router: Router, stopping: watch::Receiver<bool>, telemetry: Arc<Telemetry>) -> Stack {
     let forward = forward::Forward;
-    // Innermost: only a stream that reached the pattern can be drained.
+    // Just above forwarding: the hop to the pattern, timed from the send.
+    let forward = observe::HopLayer::new(telemetry.metrics()).layer(forward);
+    // Only a stream that reached the pattern can be drained.
     let forward = drain::DrainLayer::new(stopping).layer(forward);
     // Inside Route, so the deadline's messages can name the pattern, and
     // outside Drain, so a stream is bounded until it opens.
     let forward = deadline::DeadlineLayer.layer(forward);
-    route::RouteLayer::new(router).layer(forward)
+    let routed = route::RouteLayer::new(router).layer(forward);
+    // Outermost: every call, refused ones included.
+    observe::ObserveLayer::new(telemetry).layer(routed)
 }
 
 /// The edge of the data plane: HTTP/2 requests in, gRPC responses out.
@@ -97,14 +107,22 @@ pub struct DataPlane {
     methods: Arc<Methods>,
     stack: Stack,
     request_timeout: Duration,
+    telemetry: Arc<Telemetry>,
 }
 
 impl DataPlane {
-    pub fn new(methods: Methods, stack: Stack, request_timeout: Duration) -> Self {
+    pub fn new(
+        methods: Methods,
+        router: Router,
+        stopping: watch::Receiver<bool>,
+        telemetry: Arc<Telemetry>,
+        request_timeout: Duration,
+    ) -> Self {
         DataPlane {
             methods: Arc::new(methods),
-            stack,
+            stack: stack(router, stopping, telemetry.clone()),
             request_timeout,
+            telemetry,
         }
     }
 
@@ -114,22 +132,28 @@ impl DataPlane {
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        match self.call(req).await {
+        let received = Instant::now();
+        let path = req.uri().path().to_string();
+        let request_id = req.headers().get(crate::metadata::REQUEST_ID).cloned();
+        match self.call(req, received).await {
             Ok(call) => match self.stack.clone().oneshot(call).await {
                 Ok(response) => response,
                 Err(e) => errors::response(e),
             },
-            Err(e) => errors::response(e),
+            Err(e) => {
+                self.telemetry
+                    .refused(&path, &e, received, request_id.as_ref());
+                errors::response(e)
+            }
         }
     }
 
     /// The request as a [`Call`], or why it cannot be one.
-    async fn call<B>(&self, req: Request<B>) -> Result<Call, ApiError>
+    async fn call<B>(&self, req: Request<B>, received: Instant) -> Result<Call, ApiError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let received = Instant::now();
         let (mut parts, body) = req.into_parts();
         let method = self
             .methods
@@ -166,6 +190,7 @@ impl DataPlane {
             namespace,
             headers: parts.headers,
             message,
+            received,
             deadline,
             budget,
             upstream: None,

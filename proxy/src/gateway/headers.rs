@@ -15,16 +15,10 @@ use crate::config::{HeaderMapping, HeaderRule};
 pub use crate::metadata::{REQUEST_ID, is_hop_by_hop, request_id};
 const PASS_THROUGH: &[&str] = &["traceparent", "tracestate", "authorization"];
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+/// The trace id of the request's W3C `traceparent`, if it has a valid one.
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
     let tp = headers.get("traceparent")?.to_str().ok()?;
-    let parts: Vec<&str> = tp.split('-').collect();
-    match parts.as_slice() {
-        [_, trace, _, _] if trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Some(trace.to_string())
-        }
-        _ => None,
-    }
+    crate::metadata::trace_id(tp).map(str::to_string)
 }
 
 fn apply(rule: &HeaderRule, value: Option<&str>) -> Option<String> {

@@ -552,7 +552,9 @@ mod tests {
         let (_, stopping) = tokio::sync::watch::channel(false);
         let data = crate::dataplane::DataPlane::new(
             crate::dataplane::Methods::from_descriptors().unwrap(),
-            crate::dataplane::stack(crate::dataplane::Router::new(&[]), stopping),
+            crate::dataplane::Router::new(&[]),
+            stopping,
+            std::sync::Arc::new(crate::dataplane::Telemetry::off()),
             std::time::Duration::from_secs(1),
         );
         Gateway::new(crate::front::FrontDoor::new(data, routes), &Http::default()).unwrap()
