@@ -324,6 +324,20 @@ impl Traces {
     pub fn service(&self) -> &str {
         self.service_name.as_deref().unwrap_or("trellis")
     }
+
+    /// The standard OpenTelemetry variables a pattern gets so that it
+    /// exports its spans where the proxy does: none when traces are off.
+    pub fn pattern_env(&self, pattern: &str) -> Vec<(String, String)> {
+        let Some(endpoint) = &self.endpoint else {
+            return Vec::new();
+        };
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()),
+            ("OTEL_TRACES_SAMPLER".into(), "parentbased_traceidratio".into()),
+            ("OTEL_TRACES_SAMPLER_ARG".into(), self.ratio().to_string()),
+            ("OTEL_SERVICE_NAME".into(), pattern.to_string()),
+        ]
+    }
 }
 
 /// One supervised pattern process.

@@ -55,7 +55,13 @@ impl Supervisor {
                 .filter(|n| n.pattern == p.name)
                 .map(|n| n.name.clone())
                 .collect();
-            let (handle, task) = pattern::spawn(p.clone(), program, namespaces, socket_dir.clone());
+            let mut p = p.clone();
+            // Traces continue into the pattern: it exports where the proxy
+            // does, under its own name (its `env:` entries win).
+            for (k, v) in config.telemetry.traces.pattern_env(&p.name) {
+                p.env.entry(k).or_insert(v);
+            }
+            let (handle, task) = pattern::spawn(p, program, namespaces, socket_dir.clone());
             handles.push(handle);
             tasks.push(task);
         }
