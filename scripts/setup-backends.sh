@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Finds the backend servers the end-to-end tests start privately (each test
-# runs its own instance on a free port, in a temporary directory):
-#   redis-server, nats-server, and PostgreSQL's initdb + postgres.
+# Finds the servers the end-to-end tests start privately (each test runs its
+# own instance on a free port, in a temporary directory):
+#   redis-server, nats-server, PostgreSQL's initdb + postgres, and
+#   prometheus + promtool (the metrics test scrapes trellis with a real
+#   Prometheus and checks the exposition with promtool).
 # If some are missing and this runs as root with apt-get, installs them
-# (apt-get update; apt-get install -y redis-server nats-server postgresql).
+# (apt-get update; apt-get install -y redis-server nats-server postgresql
+# prometheus).
 # Otherwise it stops and says exactly what to install. Run by `make setup`
 # (and so by `make test`). The tests look in the same places.
 set -euo pipefail
@@ -47,6 +50,9 @@ missing_packages() {
     if ! find_bin initdb "${dirs[@]}" >/dev/null || ! find_bin postgres "${dirs[@]}" >/dev/null; then
         echo postgresql
     fi
+    if ! find_bin prometheus >/dev/null || ! find_bin promtool >/dev/null; then
+        echo prometheus
+    fi
 }
 
 mapfile -t missing < <(missing_packages)
@@ -80,6 +86,8 @@ echo "setup-backends: redis-server $(find_bin redis-server)"
 echo "setup-backends: nats-server  $(find_bin nats-server)"
 echo "setup-backends: initdb       $(find_bin initdb "${dirs[@]}")"
 echo "setup-backends: postgres     $(find_bin postgres "${dirs[@]}")"
+echo "setup-backends: prometheus   $(find_bin prometheus)"
+echo "setup-backends: promtool     $(find_bin promtool)"
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
     echo "setup-backends: running as root, the tests start PostgreSQL as the 'postgres' user, which does not exist; install the postgresql package (it creates the user)" >&2
     exit 1
