@@ -53,7 +53,7 @@ pub async fn run(
     let metrics = config
         .telemetry
         .metrics
-        .then(|| Arc::new(Metrics::new(&namespaces, &methods.full_names())));
+        .then(|| Arc::new(Metrics::new(&namespaces, &methods.full_names(), &patterns)));
     let telemetry = Arc::new(Telemetry::new(
         metrics.clone(),
         config.telemetry.call_log.clone(),
@@ -82,7 +82,7 @@ pub async fn run(
     };
     let http_task = match listeners.http {
         Some(listener) => {
-            let gateway = crate::gateway::Gateway::new(front.clone(), &config.http)
+            let gateway = crate::gateway::Gateway::new(front.clone(), &config.http, metrics)
                 .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))?;
             Some(tokio::spawn(crate::gateway::serve(
                 std::sync::Arc::new(gateway),

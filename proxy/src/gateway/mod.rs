@@ -7,6 +7,7 @@
 //! - `headers`: request id, trace context, configured header mapping.
 //! - `problem`: errors as RFC 9457 problem+json.
 //! - `openapi`: the OpenAPI 3 document from the same descriptors.
+//! - `metrics`: `http_server_request_duration_seconds` and `GET /metrics`.
 //!
 //! A request's path: limits (URI 414, headers 431) → route (404/405/400) →
 //! content type (415) → body with size and time limits (413/408) →
@@ -16,6 +17,7 @@
 
 pub mod codec;
 pub mod headers;
+pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -40,6 +42,7 @@ use tracing::{info, warn};
 use crate::config::{HeaderMapping, Http, HttpLimits};
 use crate::error::ApiError;
 use codec::DynamicCodec;
+use metrics::{HttpMetrics, RouteId};
 use routes::{Lookup, Route, RouteTable};
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -70,23 +73,38 @@ pub struct Gateway {
     limits: HttpLimits,
     headers: HeaderMapping,
     openapi: Bytes,
+    /// The registry `GET /metrics` renders; `None` when metrics are off.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where requests are counted; `None` when metrics are off.
+    requests: Option<HttpMetrics>,
 }
 
 impl Gateway {
     /// `grpc` is the same front door the gRPC listener serves: data calls
     /// become protobuf bytes once here and take the same forwarding path.
-    pub fn new(grpc: crate::front::FrontDoor, http: &Http) -> Result<Self, String> {
+    /// `metrics`: the proxy's registry (`None`: metrics are off, and
+    /// `/metrics` says how to turn them on).
+    pub fn new(
+        grpc: crate::front::FrontDoor,
+        http: &Http,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Self, String> {
         let pool = DescriptorPool::decode(trellis_proto::FILE_DESCRIPTOR_SET)
             .map_err(|e| format!("the embedded descriptor set does not decode: {e}"))?;
         let table = RouteTable::from_pool(&pool)?;
         let openapi =
             Bytes::from(serde_json::to_vec_pretty(&openapi::document(&table)).unwrap_or_default());
+        let requests = metrics
+            .as_ref()
+            .map(|m| HttpMetrics::new(m.http.clone(), &table));
         Ok(Gateway {
             table,
             grpc,
             limits: http.limits.clone(),
             headers: http.headers.clone(),
             openapi,
+            metrics,
+            requests,
         })
     }
 
@@ -105,7 +123,8 @@ impl Gateway {
         };
         let method = req.method().clone();
         let version = req.version();
-        let mut resp = match self.dispatch(req, &ctx).await {
+        let mut route = RouteId::Unmatched;
+        let mut resp = match self.dispatch(req, &ctx, &mut route).await {
             Ok(r) => r,
             Err(e) => self.problem(&e, &ctx),
         };
@@ -126,7 +145,10 @@ impl Gateway {
             request_id = %ctx.request_id,
             "http request"
         );
-        resp
+        match &self.requests {
+            Some(m) => m.record(resp, &method, route, started),
+            None => resp,
+        }
     }
 
     fn problem(&self, e: &ApiError, ctx: &Ctx) -> Response<Body> {
@@ -136,7 +158,13 @@ impl Gateway {
         problem::response(e, &ctx.path, &ctx.request_id, ctx.trace_id.as_deref()).map(full)
     }
 
-    async fn dispatch<B>(&self, req: Request<B>, ctx: &Ctx) -> Result<Response<Body>, ApiError>
+    /// Answers `req`; sets `route` to the route that took it.
+    async fn dispatch<B>(
+        &self,
+        req: Request<B>,
+        ctx: &Ctx,
+        route_id: &mut RouteId,
+    ) -> Result<Response<Body>, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -173,7 +201,12 @@ impl Gateway {
                 ),
             ));
         }
+        if ctx.path == "/metrics" {
+            *route_id = RouteId::Metrics;
+            return self.metrics(&req, ctx).await;
+        }
         if req.method() == Method::GET && ctx.path == "/openapi.json" {
+            *route_id = RouteId::OpenApi;
             let mut r = Response::new(full(self.openapi.clone()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -182,7 +215,10 @@ impl Gateway {
             return Ok(r);
         }
         let (route, bindings) = match self.table.find(req.method(), &ctx.path) {
-            Lookup::Found(r, b) => (r, b),
+            Lookup::Found(r, b) => {
+                *route_id = RouteId::Table(r.id);
+                (r, b)
+            }
             Lookup::MethodNotAllowed(allowed) => {
                 let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
                 let e = ApiError::http(
@@ -214,7 +250,8 @@ impl Gateway {
                     ),
                 ));
             }
-            Lookup::BadPath(template::PathError::DotSegment) => {
+            Lookup::BadPath(r, template::PathError::DotSegment) => {
+                *route_id = RouteId::Table(r.id);
                 return Err(ApiError::http(
                     400,
                     Code::InvalidArgument,
@@ -223,7 +260,8 @@ impl Gateway {
                      and proxies rewrite them) — use the gRPC API for them",
                 ));
             }
-            Lookup::BadPath(template::PathError::BadValue { field, problem }) => {
+            Lookup::BadPath(r, template::PathError::BadValue { field, problem }) => {
+                *route_id = RouteId::Table(r.id);
                 return Err(ApiError::invalid_argument(&field, problem));
             }
         };
@@ -248,6 +286,50 @@ impl Gateway {
         )?;
         self.call(route, metadata, message, stream_format, ctx)
             .await
+    }
+
+    /// `GET /metrics`: the Prometheus exposition, in OpenMetrics when the
+    /// `Accept` header asks for it. Not an API route (not in OpenAPI).
+    async fn metrics<B>(&self, req: &Request<B>, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+        if req.method() != Method::GET {
+            let e = ApiError::http(
+                405,
+                Code::Unimplemented,
+                "METHOD_NOT_ALLOWED",
+                format!("{} is not allowed on /metrics; allowed: GET", req.method()),
+            );
+            let mut r = self.problem(&e, ctx);
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return Ok(r);
+        }
+        let Some(metrics) = &self.metrics else {
+            return Err(ApiError::http(
+                404,
+                Code::NotFound,
+                "METRICS_OFF",
+                "metrics are turned off in this proxy's configuration; set `telemetry.metrics: \
+                 true` (or TRELLIS_TELEMETRY__METRICS=true) and restart the proxy to serve them \
+                 here",
+            ));
+        };
+        let openmetrics = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(crate::metrics::wants_openmetrics);
+        let (content_type, mut text) = metrics.render(openmetrics);
+        // Each pattern's own metrics, asked for now (bounded: 1 s).
+        metrics
+            .from_patterns
+            .scrape()
+            .await
+            .append_to(&mut text, openmetrics);
+        let mut r = Response::new(full(text));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        Ok(r)
     }
 
     async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, ApiError>
@@ -557,7 +639,13 @@ mod tests {
             std::sync::Arc::new(crate::dataplane::Telemetry::off()),
             std::time::Duration::from_secs(1),
         );
-        Gateway::new(crate::front::FrontDoor::new(data, routes), &Http::default()).unwrap()
+        let metrics = crate::metrics::Metrics::new(&[], &[], &[]);
+        Gateway::new(
+            crate::front::FrontDoor::new(data, routes),
+            &Http::default(),
+            Some(std::sync::Arc::new(metrics)),
+        )
+        .unwrap()
     }
 
     fn segment() -> impl Strategy<Value = String> {
@@ -566,6 +654,7 @@ mod tests {
             Just("namespaces".to_string()),
             Just("keys".to_string()),
             Just("patterns".to_string()),
+            Just("metrics".to_string()),
             Just("..".to_string()),
             Just("%2F".to_string()),
             Just("%00".to_string()),

@@ -11,6 +11,8 @@ use super::template::{PathError, Template};
 
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The route's index in [`RouteTable::routes`].
+    pub id: usize,
     pub http_method: Method,
     pub template: Template,
     /// `None`: no body. `Some("*")`: every field not in the path.
@@ -28,7 +30,8 @@ pub enum Lookup<'a> {
     /// The path exists for other methods; these are allowed.
     MethodNotAllowed(Vec<Method>),
     NotFound,
-    BadPath(PathError),
+    /// The path fits this route's template, but a value in it is unusable.
+    BadPath(&'a Route, PathError),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -77,6 +80,7 @@ impl RouteTable {
                     let template = Template::parse(&path)
                         .map_err(|e| format!("{}: {e}", method.full_name()))?;
                     routes.push(Route {
+                        id: 0,
                         http_method: verb,
                         template,
                         body: (!r.body.is_empty()).then_some(r.body),
@@ -89,6 +93,9 @@ impl RouteTable {
         }
         // Most specific first: a verb, then more literal segments, then no `**`.
         routes.sort_by_key(|r| std::cmp::Reverse(r.template.specificity()));
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.id = i;
+        }
         Ok(RouteTable { routes })
     }
 
@@ -112,13 +119,13 @@ impl RouteTable {
                 Ok(None) => {}
                 Err(e) => {
                     if r.http_method == *method && path_error.is_none() {
-                        path_error = Some(e);
+                        path_error = Some((r, e));
                     }
                 }
             }
         }
-        if let Some(e) = path_error {
-            return Lookup::BadPath(e);
+        if let Some((r, e)) = path_error {
+            return Lookup::BadPath(r, e);
         }
         if allowed.is_empty() {
             Lookup::NotFound

@@ -21,7 +21,7 @@ use futures::future::join_all;
 
 use crate::config::{self, Config, Source};
 pub use pattern::{CommandError, CommandResult, PatternHandle};
-pub use state::{Event, State, Status};
+pub use state::{Event, RestartReason, Restarts, State, Status};
 
 /// Every supervised pattern. Built from the configuration; starts all
 /// patterns at once.

@@ -32,7 +32,7 @@ use super::handshake::{self, Endpoint};
 use super::output::{self, Tail};
 use super::ports;
 use super::process::{self, Exit, Spec};
-use super::state::{Event, State, Status};
+use super::state::{Event, RestartReason, State, Status};
 use crate::config::{PatternConfig, RestartPolicy};
 use crate::upstream::Upstream;
 
@@ -188,14 +188,16 @@ struct Owner {
 enum End {
     /// It became ready, then exited on its own.
     Exited(Exit),
-    /// It never became ready. `retry` is false when another attempt cannot
-    /// succeed (missing binary, rejected configuration).
+    /// It never became ready. `retry` says why another attempt would be a
+    /// restart; `None` when another attempt cannot succeed (missing binary,
+    /// rejected configuration).
     StartFailed {
         reason: String,
-        retry: bool,
+        retry: Option<RestartReason>,
     },
-    /// The supervisor ended it (hung, over its memory limit): a failure.
-    Killed(String),
+    /// The supervisor ended it (hung: `Unhealthy`; over its memory limit:
+    /// `Memory`): a failure.
+    Killed(String, RestartReason),
     Stopped(oneshot::Sender<CommandResult>),
     Restart(oneshot::Sender<CommandResult>),
     Shutdown(oneshot::Sender<()>),
@@ -249,8 +251,10 @@ struct Progress {
 impl Owner {
     async fn run(mut self) {
         let mut want_running = true;
-        // `restarts` counts every spawn after the first, whoever caused it.
+        // `restarts` counts every spawn after the first, whoever caused it;
+        // `why` is decided wherever the next spawn is decided.
         let mut spawned_before = false;
+        let mut why = RestartReason::Operator;
         loop {
             if !want_running {
                 match self.commands.recv().await {
@@ -262,6 +266,7 @@ impl Owner {
                     Some(Command::Start(reply) | Command::Restart(reply)) => {
                         info!("started by an operator");
                         self.schedule.reset();
+                        why = RestartReason::Operator;
                         want_running = true;
                         let _ = reply.send(Ok(format!("pattern {:?} is starting", self.cfg.name)));
                     }
@@ -290,7 +295,7 @@ impl Owner {
                 continue;
             }
             if spawned_before {
-                self.update(|s| s.restarts += 1);
+                self.update(|s| s.count_restart(why));
             }
             spawned_before = true;
             let failure = match self.life().await {
@@ -307,6 +312,7 @@ impl Owner {
                 }
                 End::Restart(reply) => {
                     let _ = reply.send(Ok(format!("pattern {:?} is restarting", self.cfg.name)));
+                    why = RestartReason::Operator;
                     continue;
                 }
                 End::Exited(exit) => {
@@ -327,22 +333,27 @@ impl Owner {
                         want_running = false;
                         continue;
                     }
+                    why = RestartReason::of_exit(exit);
                     format!("exited with {exit}")
                 }
-                End::Killed(reason) => {
+                End::Killed(reason, because) => {
                     if self.cfg.restart.policy == RestartPolicy::Never {
                         self.set_failed(format!("{reason}; restart policy is Never"));
                         want_running = false;
                         continue;
                     }
+                    why = because;
                     reason
                 }
                 End::StartFailed { reason, retry } => {
-                    if !retry || self.cfg.restart.policy == RestartPolicy::Never {
+                    let Some(because) =
+                        retry.filter(|_| self.cfg.restart.policy != RestartPolicy::Never)
+                    else {
                         self.set_failed(reason);
                         want_running = false;
                         continue;
-                    }
+                    };
+                    why = because;
                     reason
                 }
             };
@@ -365,7 +376,7 @@ impl Owner {
             Err(why) => {
                 return End::StartFailed {
                     reason: why.clone(),
-                    retry: false,
+                    retry: None,
                 };
             }
         };
@@ -379,7 +390,7 @@ impl Owner {
             Err(reason) => {
                 return End::StartFailed {
                     reason,
-                    retry: false,
+                    retry: None,
                 };
             }
         };
@@ -407,14 +418,14 @@ impl Owner {
                          (chmod +x) and is built for this machine",
                         program.display()
                     ),
-                    retry: false,
+                    retry: None,
                 };
             }
         };
         let Some(pid) = child.id() else {
             return End::StartFailed {
                 reason: format!("{} exited before its pid could be read", program.display()),
-                retry: true,
+                retry: Some(RestartReason::Exit),
             };
         };
         let spawned_at = Instant::now();
@@ -454,11 +465,14 @@ impl Owner {
                 Starting::Ready(Ok(Err(e))) => {
                     // Give a child that is exiting a moment to do so, so the
                     // error can say how it ended rather than that we killed it.
-                    let exit = match process::wait_for(&mut child, Duration::from_millis(200)).await
-                    {
-                        Some(exit) => exit,
-                        None => process::kill(&mut child, pid).await,
-                    };
+                    let (exit, because) =
+                        match process::wait_for(&mut child, Duration::from_millis(200)).await {
+                            Some(exit) => (exit, RestartReason::of_exit(exit)),
+                            None => (
+                                process::kill(&mut child, pid).await,
+                                RestartReason::Unhealthy,
+                            ),
+                        };
                     self.record_exit(exit);
                     let stderr = self.stderr_hint();
                     return End::StartFailed {
@@ -466,7 +480,7 @@ impl Owner {
                             "start failed: {}; process ended with {exit}{stderr}",
                             e.message
                         ),
-                        retry: e.retry,
+                        retry: e.retry.then_some(because),
                     };
                 }
                 Starting::Ready(Err(_elapsed)) => {
@@ -497,7 +511,7 @@ impl Owner {
                             humantime::format_duration(self.cfg.startup_timeout),
                             self.stderr_hint()
                         ),
-                        retry: true,
+                        retry: Some(RestartReason::Unhealthy),
                     };
                 }
                 Starting::Exited(exit) => {
@@ -508,7 +522,7 @@ impl Owner {
                             "exited with {exit} before it was ready{}",
                             self.stderr_hint()
                         ),
-                        retry: true,
+                        retry: Some(RestartReason::of_exit(exit)),
                     };
                 }
                 Starting::Command(cmd) => {
@@ -555,6 +569,7 @@ impl Owner {
             s.upstream = Some(upstream);
             s.version = info.version.clone();
             s.interfaces = info.interfaces.clone();
+            s.ready_after = serving.then_some(took);
         });
         let serving_since = Instant::now();
         let (health_tx, mut health_rx) = mpsc::channel(4);
@@ -621,7 +636,7 @@ impl Owner {
                         self.stop_process(&mut child, pid, Some(channel.clone()))
                             .await;
                         self.schedule.served(serving_since.elapsed());
-                        return End::Killed(reason);
+                        return End::Killed(reason, RestartReason::Memory);
                     }
                 }
                 Running::Health(None) => {}
@@ -630,7 +645,13 @@ impl Owner {
                     no_answers = 0;
                     if self.status.borrow().state != State::Serving {
                         info!("health check passes again");
-                        self.set_state(State::Serving);
+                        // A process kept NOT_SERVING since start-up serves
+                        // for the first time now.
+                        let ready_after = spawned_at.elapsed();
+                        self.update(|s| {
+                            s.state = State::Serving;
+                            s.ready_after.get_or_insert(ready_after);
+                        });
                     }
                 }
                 Running::Health(Some(Err(unhealthy))) => {
@@ -658,7 +679,7 @@ impl Owner {
                         self.stop_process(&mut child, pid, Some(channel.clone()))
                             .await;
                         self.schedule.served(serving_since.elapsed());
-                        return End::Killed(reason);
+                        return End::Killed(reason, RestartReason::Unhealthy);
                     }
                     if failures >= self.cfg.health.failure_threshold
                         && self.status.borrow().state == State::Serving

@@ -16,7 +16,7 @@
 //! ```
 //! Any running state goes to STOPPING on stop or shutdown, then STOPPED.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::handshake::Endpoint;
 use super::process::Exit;
@@ -34,6 +34,17 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the order of the enum.
+    pub const ALL: [State; 7] = [
+        State::Starting,
+        State::Serving,
+        State::NotServing,
+        State::Crashed,
+        State::Stopping,
+        State::Stopped,
+        State::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Starting => "STARTING",
@@ -61,6 +72,74 @@ impl std::fmt::Display for State {
     }
 }
 
+/// Why a pattern's process was started again: the owner decides it where
+/// it decides to restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RestartReason {
+    /// The process exited with a code (before or after it was ready).
+    Exit,
+    /// The process was ended by a signal it did not get from the supervisor
+    /// (a crash, the OOM killer, someone's `kill`).
+    Signal,
+    /// The supervisor killed it for not becoming ready within
+    /// `startup_timeout`, failing to start, or no longer answering its
+    /// health checks.
+    Unhealthy,
+    /// The supervisor killed it for exceeding `limits.memory`.
+    Memory,
+    /// An operator restarted it, or started it after a stop or a failure.
+    Operator,
+}
+
+impl RestartReason {
+    pub const ALL: [RestartReason; 5] = [
+        RestartReason::Exit,
+        RestartReason::Signal,
+        RestartReason::Unhealthy,
+        RestartReason::Memory,
+        RestartReason::Operator,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::Exit => "exit",
+            RestartReason::Signal => "signal",
+            RestartReason::Unhealthy => "unhealthy",
+            RestartReason::Memory => "memory",
+            RestartReason::Operator => "operator",
+        }
+    }
+
+    /// `exit` or `signal`, from how a process the supervisor did not kill ended.
+    pub fn of_exit(exit: Exit) -> Self {
+        match exit {
+            Exit::Code(_) => RestartReason::Exit,
+            Exit::Signal(_) => RestartReason::Signal,
+        }
+    }
+}
+
+impl std::fmt::Display for RestartReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Restarts so far, by reason; they add up to [`Status::restarts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restarts([u32; 5]);
+
+impl Restarts {
+    pub fn get(&self, reason: RestartReason) -> u32 {
+        self.0[reason as usize]
+    }
+
+    pub fn add(&mut self, reason: RestartReason) {
+        let n = &mut self.0[reason as usize];
+        *n = n.saturating_add(1);
+    }
+}
+
 /// A snapshot of one pattern.
 #[derive(Debug, Clone)]
 pub struct Status {
@@ -70,7 +149,15 @@ pub struct Status {
     /// The data connection; `Some` only while the process is up and was
     /// reached. Routable only when `state == Serving`.
     pub upstream: Option<Upstream>,
+    /// Every spawn after the first, whoever caused it.
     pub restarts: u32,
+    /// `restarts` by reason.
+    pub restarts_by: Restarts,
+    /// Why the latest restart happened; `None` before the first.
+    pub last_restart: Option<RestartReason>,
+    /// How long the current process took from spawn to its first SERVING
+    /// health check; `None` until it has served.
+    pub ready_after: Option<Duration>,
     pub last_exit: Option<Exit>,
     pub last_error: Option<String>,
     pub started_at: Option<SystemTime>,
@@ -86,6 +173,9 @@ impl Status {
             endpoint: None,
             upstream: None,
             restarts: 0,
+            restarts_by: Restarts::default(),
+            last_restart: None,
+            ready_after: None,
             last_exit: None,
             last_error: None,
             started_at: None,
@@ -100,6 +190,14 @@ impl Status {
         self.endpoint = None;
         self.upstream = None;
         self.started_at = None;
+        self.ready_after = None;
+    }
+
+    /// Counts one restart for `reason`.
+    pub fn count_restart(&mut self, reason: RestartReason) {
+        self.restarts = self.restarts.saturating_add(1);
+        self.restarts_by.add(reason);
+        self.last_restart = Some(reason);
     }
 }
 

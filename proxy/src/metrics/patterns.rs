@@ -1,0 +1,277 @@
+//! Supervision metrics, per pattern, read from the supervisor's
+//! [`PatternHandle`]s without ever blocking its owner tasks:
+//!
+//! - `trellis_pattern_state{pattern,state}`: one gauge per state, 1 for the
+//!   current one;
+//! - `trellis_pattern_up{pattern}`: 1 while SERVING;
+//! - `trellis_pattern_restarts_total{pattern,reason}`: restarts by reason
+//!   (`exit`, `signal`, `unhealthy`, `memory`, `operator`); they add up to
+//!   the `restarts` the admin API shows;
+//! - `trellis_pattern_resident_memory_bytes{pattern}`: the process's
+//!   resident memory, from `/proc/<pid>/statm`;
+//! - `trellis_pattern_start_duration_seconds{pattern}`: spawn → first
+//!   SERVING, one observation per process that served.
+//!
+//! All but the last are read at scrape time from the status snapshot (a
+//! [`Collector`]): the restart counts are cumulative in the status, so no
+//! restart is lost however rarely Prometheus scrapes. Start durations are
+//! observations, so a task per pattern takes them from the event stream
+//! (`PatternHandle::events`, a broadcast the owner never waits on).
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::histogram::AtomicHistogram;
+use crate::supervisor::{PatternHandle, RestartReason, State, Status};
+
+/// Bucket bounds, in seconds, for spawn → first SERVING: a pattern on the
+/// SDK serves in tens of milliseconds; one waiting for its backend, or a
+/// slow one, takes up to `startup_timeout` (30 s by default).
+pub const START_SECONDS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PatternLabels {
+    pub pattern: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    pattern: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    pattern: String,
+    reason: &'static str,
+}
+
+fn start_histogram() -> AtomicHistogram {
+    AtomicHistogram::new(START_SECONDS)
+}
+
+type StartHistograms = Family<PatternLabels, AtomicHistogram, fn() -> AtomicHistogram>;
+
+/// The supervision metrics; dropping it stops its watcher tasks.
+pub struct PatternMetrics {
+    start: StartHistograms,
+    watchers: Vec<tokio::task::AbortHandle>,
+}
+
+impl PatternMetrics {
+    /// Registers the supervision metrics of `patterns` in `registry`. With
+    /// patterns, call it inside the tokio runtime: it spawns one watcher
+    /// task per pattern for the start durations.
+    pub fn new(patterns: &[PatternHandle], registry: &mut Registry) -> Self {
+        let start: StartHistograms = Family::new_with_constructor(start_histogram);
+        registry.register(
+            "trellis_pattern_start_duration_seconds",
+            "Time from spawning a pattern process to its first SERVING health check",
+            start.clone(),
+        );
+        registry.register_collector(Box::new(Supervision {
+            patterns: patterns.to_vec(),
+        }));
+        let watchers = patterns
+            .iter()
+            .map(|h| {
+                let labels = PatternLabels {
+                    pattern: h.name().to_string(),
+                };
+                // Created now, so every pattern has the series from the start.
+                let histogram = start.get_or_create(&labels).clone();
+                tokio::spawn(watch_starts(h.clone(), histogram)).abort_handle()
+            })
+            .collect();
+        PatternMetrics { start, watchers }
+    }
+
+    /// The start-duration histogram of `pattern`.
+    pub fn start_durations(&self, pattern: &str) -> AtomicHistogram {
+        self.start
+            .get_or_create(&PatternLabels {
+                pattern: pattern.to_string(),
+            })
+            .clone()
+    }
+}
+
+impl Drop for PatternMetrics {
+    fn drop(&mut self) {
+        for w in &self.watchers {
+            w.abort();
+        }
+    }
+}
+
+/// Observes each process's spawn → first SERVING once, keyed by pid so an
+/// event seen twice (the snapshot and the stream overlap) counts once.
+async fn watch_starts(pattern: PatternHandle, histogram: AtomicHistogram) {
+    // Subscribe before reading the snapshot: a start that completes in
+    // between is then in the stream, and the pid check drops the repeat.
+    let mut events = pattern.events();
+    let mut counted: Option<u32> = None;
+    let mut observe = |status: &Status| {
+        if let (Some(pid), Some(took)) = (status.pid, status.ready_after)
+            && counted != Some(pid)
+        {
+            counted = Some(pid);
+            histogram.observe(took.as_secs_f64());
+        }
+    };
+    pattern.with_status(&mut observe);
+    loop {
+        match events.recv().await {
+            Ok(event) => observe(&event.status),
+            // Fell behind a burst of state changes: the current process's
+            // start is still in the snapshot; earlier ones in the burst are
+            // not counted.
+            Err(RecvError::Lagged(_)) => pattern.with_status(&mut observe),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Reads every pattern's status at scrape time.
+#[derive(Debug)]
+struct Supervision {
+    patterns: Vec<PatternHandle>,
+}
+
+/// What a scrape needs from one status, copied out so the owner's watch
+/// channel is held only for the copy.
+struct Reading {
+    pattern: String,
+    state: State,
+    pid: Option<u32>,
+    restarts: [u32; RestartReason::ALL.len()],
+}
+
+impl Collector for Supervision {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let readings: Vec<Reading> = self
+            .patterns
+            .iter()
+            .map(|h| {
+                h.with_status(|s| Reading {
+                    pattern: h.name().to_string(),
+                    state: s.state,
+                    pid: s.pid,
+                    restarts: RestartReason::ALL.map(|r| s.restarts_by.get(r)),
+                })
+            })
+            .collect();
+
+        let mut m = encoder.encode_descriptor(
+            "trellis_pattern_state",
+            "The pattern's supervision state: 1 for the current state, 0 for the others.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &readings {
+            for state in State::ALL {
+                let labels = StateLabels {
+                    pattern: r.pattern.clone(),
+                    state: state.as_str(),
+                };
+                ConstGauge::new(i64::from(r.state == state)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut m = encoder.encode_descriptor(
+            "trellis_pattern_up",
+            "1 while the pattern is SERVING (routable), else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &readings {
+            let labels = PatternLabels {
+                pattern: r.pattern.clone(),
+            };
+            ConstGauge::new(i64::from(r.state == State::Serving))
+                .encode(m.encode_family(&labels)?)?;
+        }
+
+        // Encoded as `trellis_pattern_restarts_total`.
+        let mut m = encoder.encode_descriptor(
+            "trellis_pattern_restarts",
+            "Restarts of the pattern's process by reason: exit (exited with a code), signal \
+             (killed by a signal the supervisor did not send), unhealthy (killed for not \
+             becoming ready or not answering health checks), memory (killed over limits.memory), \
+             operator (restarted or started by an operator).",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &readings {
+            for (reason, n) in RestartReason::ALL.iter().zip(r.restarts) {
+                let labels = ReasonLabels {
+                    pattern: r.pattern.clone(),
+                    reason: reason.as_str(),
+                };
+                ConstCounter::new(u64::from(n)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut m = encoder.encode_descriptor(
+            "trellis_pattern_resident_memory_bytes",
+            "Resident memory of the pattern's process (from /proc/<pid>/statm); absent while no \
+             process runs.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &readings {
+            let Some(bytes) = r.pid.and_then(resident_bytes) else {
+                continue;
+            };
+            let labels = PatternLabels {
+                pattern: r.pattern.clone(),
+            };
+            ConstGauge::new(bytes).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Resident memory of `pid` in bytes: the second field of
+/// `/proc/<pid>/statm`, in pages. `None` when the process is gone.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages.saturating_mul(super::process::page_size()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_of_this_process_is_read() {
+        let rss = resident_bytes(std::process::id()).unwrap();
+        assert!(rss > 1024 * 1024, "{rss}");
+        assert!(resident_bytes(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn the_start_histogram_has_second_buckets() {
+        let mut registry = Registry::default();
+        let family: StartHistograms = Family::new_with_constructor(start_histogram);
+        registry.register("s", "s", family.clone());
+        family
+            .get_or_create(&PatternLabels {
+                pattern: "mem".into(),
+            })
+            .observe(0.04);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains(r#"le="0.05",pattern="mem"} 1"#), "{out}");
+        assert!(out.contains(r#"le="0.025",pattern="mem"} 0"#), "{out}");
+    }
+}
