@@ -455,6 +455,48 @@ async fn an_operator_restart_is_counted_with_its_reason_and_start_duration() {
     );
 }
 
+#[tokio::test]
+async fn each_restart_is_counted_under_why_the_supervisor_restarted() {
+    let proxy = Proxy::builder()
+        .chaos("exits", &["a"], "exit_after: 200ms\nexit_code: 3")
+        .chaos("crashes", &["b"], "exit_after: 200ms\nexit_signal: 9")
+        .chaos("hangs", &["c"], "hang_after: 300ms")
+        .with("health:\n  interval: 100ms\n  timeout: 100ms\n  failure_threshold: 2\nstop_grace: 100ms")
+        .chaos("hog", &["d"], "grow_bytes_per_sec: 200000000")
+        .with("limits:\n  memory: 64MiB\nhealth:\n  interval: 50ms\nstop_grace: 200ms")
+        .spawn()
+        .await;
+    let restarts = |s: &Scrape, pattern: &str, reason: &str| {
+        s.count(
+            "trellis_pattern_restarts_total",
+            &[("pattern", pattern), ("reason", reason)],
+        )
+    };
+    let expected = [
+        ("exits", "exit"),
+        ("crashes", "signal"),
+        ("hangs", "unhealthy"),
+        ("hog", "memory"),
+    ];
+    let s = scrape_until(&proxy, "a restart of each pattern for its reason", |s| {
+        expected.iter().all(|(p, r)| restarts(s, p, r) >= 1.0)
+    })
+    .await;
+    let text = &s.text;
+    for (pattern, _) in expected {
+        // The supervisor's own kills (hung, over memory) are not `signal`,
+        // and nobody operated anything.
+        assert_eq!(restarts(&s, pattern, "operator"), 0.0, "{pattern}: {text}");
+        if pattern != "crashes" {
+            assert_eq!(restarts(&s, pattern, "signal"), 0.0, "{pattern}: {text}");
+        }
+    }
+    assert_eq!(restarts(&s, "exits", "memory"), 0.0, "{text}");
+    assert_eq!(restarts(&s, "crashes", "exit"), 0.0, "{text}");
+    assert_eq!(restarts(&s, "hangs", "memory"), 0.0, "{text}");
+    assert_eq!(restarts(&s, "hog", "exit"), 0.0, "{text}");
+}
+
 // --- a real Prometheus ------------------------------------------------------
 
 const PROMETHEUS_HINT: &str = "run `make setup` (as root it installs the Debian/Ubuntu package \
