@@ -75,6 +75,8 @@
 //! - `health`: what `grpc.health.v1.Health` answers, and the poller.
 //! - `listen`, `handshake`: binding the listen address; the stdout line.
 //! - `options`, `logging`: flags and environment; stderr logging.
+//! - [`observe`]: backend operation metrics and spans, pool figures,
+//!   subscriptions; served to the proxy by `Lifecycle/Metrics`.
 //! - `shutdown`, `server`: the shutdown request; [`Server`], which runs it all.
 
 mod config;
@@ -87,6 +89,7 @@ mod kv;
 mod lifecycle;
 mod listen;
 mod logging;
+pub mod observe;
 mod options;
 mod pattern;
 mod pubsub;

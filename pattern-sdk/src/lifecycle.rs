@@ -9,10 +9,12 @@ use tonic::{Request, Response, Status};
 use trellis_proto::PATTERN_PROTOCOL_VERSION;
 use trellis_proto::pattern::v1::lifecycle_server::Lifecycle;
 use trellis_proto::pattern::v1::{
-    InitializeRequest, InitializeResponse, StartRequest, StartResponse, StopRequest, StopResponse,
+    InitializeRequest, InitializeResponse, MetricsRequest, MetricsResponse, StartRequest,
+    StartResponse, StopRequest, StopResponse,
 };
 
 use crate::health::{self, HealthPublisher};
+use crate::observe::Metrics;
 use crate::shutdown::Shutdown;
 use crate::{Error, InitContext, Pattern, config};
 
@@ -173,6 +175,9 @@ pub(crate) struct LifecycleService<P> {
     interfaces: Vec<&'static str>,
     /// The name from `--name`, used when `Initialize` names none.
     name: String,
+    /// What `Metrics` answers; handed to the pattern through its
+    /// `InitContext`.
+    metrics: Arc<Metrics>,
 }
 
 impl<P: Pattern> LifecycleService<P> {
@@ -182,6 +187,7 @@ impl<P: Pattern> LifecycleService<P> {
         shutdown: Shutdown,
         interfaces: Vec<&'static str>,
         name: String,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             slot,
@@ -189,6 +195,7 @@ impl<P: Pattern> LifecycleService<P> {
             shutdown,
             interfaces,
             name,
+            metrics,
         }
     }
 
@@ -210,7 +217,8 @@ impl<P: Pattern> LifecycleService<P> {
         };
         let _ = self.slot.name.set(name.clone());
         tracing::info!(pattern = %name, implementation = P::NAME, version = P::VERSION, "initializing");
-        let pattern = P::init(config, InitContext::new(name)).await?;
+        let ctx = InitContext::with_metrics(name, Arc::clone(&self.metrics));
+        let pattern = P::init(config, ctx).await?;
         if let Err(pattern) = guard.finish(pattern) {
             pattern.stop().await;
             return Err(self.slot.stopping());
@@ -276,6 +284,17 @@ impl<P: Pattern> Lifecycle for LifecycleService<P> {
     async fn stop(&self, request: Request<StopRequest>) -> Result<Response<StopResponse>, Status> {
         Ok(Response::new(self.stop(request.into_inner())))
     }
+
+    /// Answered in every phase, so a scrape never fails because of where
+    /// the pattern is in its life.
+    async fn metrics(
+        &self,
+        _request: Request<MetricsRequest>,
+    ) -> Result<Response<MetricsResponse>, Status> {
+        Ok(Response::new(MetricsResponse {
+            text: self.metrics.encode(),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -302,6 +321,7 @@ mod tests {
             shutdown.clone(),
             vec![trellis_proto::KEY_VALUE_SERVICE],
             "from-flag".into(),
+            Arc::new(Metrics::new()),
         );
         (svc, slot, shutdown)
     }
@@ -460,6 +480,32 @@ mod tests {
         assert!(err.to_string().contains("shutting down"));
         let err = initialize(&svc, initialize_request(&[])).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn metrics_answer_in_every_phase_with_what_the_pattern_recorded() {
+        let (svc, _, _) = service().await;
+        let metrics = async |svc: &LifecycleService<TestPattern>| {
+            Lifecycle::metrics(svc, Request::new(MetricsRequest {}))
+                .await
+                .map(|r| r.into_inner().text)
+        };
+        let before = metrics(&svc).await.unwrap();
+        assert!(
+            before.contains("pattern_backend_operations_in_flight 0\n"),
+            "{before}"
+        );
+        assert!(!before.contains("operation=\"INIT\""), "{before}");
+        // The test pattern's init records one operation through its
+        // InitContext: the handle it got is the one served.
+        initialize(&svc, initialize_request(&[])).await.unwrap();
+        let after = metrics(&svc).await.unwrap();
+        assert!(
+            after.contains(
+                r#"pattern_backend_operation_duration_seconds_count{operation="INIT",outcome="ok"} 1"#
+            ),
+            "{after}"
+        );
     }
 
     #[test]

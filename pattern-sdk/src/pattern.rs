@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio_stream::Stream;
 
 use crate::Error;
+use crate::observe::{Backend, Metrics, Pool, PoolStatus};
 
 /// A pattern's life cycle. The SDK creates the pattern with [`Pattern::init`]
 /// when the proxy calls `Lifecycle/Initialize`, polls [`Pattern::health`]
@@ -53,22 +55,62 @@ pub trait Pattern: Sized + Send + Sync + 'static {
     }
 }
 
-/// What the SDK knows when it creates the pattern.
-#[derive(Debug, Clone)]
+/// What the SDK knows when it creates the pattern, and where the pattern
+/// gets its metric handles ([`crate::observe`]).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct InitContext {
     name: String,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for InitContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitContext")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InitContext {
-    /// For tests of a pattern's `init`.
+    /// For tests of a pattern's `init`: its metrics are recorded but served
+    /// nowhere.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
+        Self::with_metrics(name, Arc::new(Metrics::new()))
+    }
+
+    pub(crate) fn with_metrics(name: impl Into<String>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            name: name.into(),
+            metrics,
+        }
     }
 
     /// The pattern's name in the proxy configuration.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The handle that measures operations against the backend
+    /// `system` (its OpenTelemetry `db.system.name`: `redis`,
+    /// `postgresql`, `nats`, …); keep it and run every backend call through
+    /// [`Backend::call`](crate::observe::Backend::call).
+    pub fn backend(&self, system: &'static str) -> Backend {
+        self.metrics.backend(system)
+    }
+
+    /// Exports the pattern's connection pool: `status` is called at every
+    /// scrape and must be quick and non-blocking (e.g. deadpool's
+    /// `Pool::status()`); the returned handle counts waits and timeouts.
+    /// A pattern has one pool: a second call replaces the first.
+    pub fn pool(&self, status: impl Fn() -> PoolStatus + Send + Sync + 'static) -> Pool {
+        self.metrics.pool(status)
+    }
+
+    /// What `Lifecycle/Metrics` answers now: the text exposition of
+    /// everything recorded through this context. For a pattern's tests.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
     }
 }
 

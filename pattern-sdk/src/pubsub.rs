@@ -17,6 +17,7 @@ use trellis_proto::data::v1 as pb;
 use trellis_proto::data::v1::pub_sub_server;
 
 use crate::lifecycle::Slot;
+use crate::observe::{Metrics, OpenSubscription};
 use crate::shutdown::Shutdown;
 use crate::{Error, Message, MessageStream, PubSub, validate};
 
@@ -24,11 +25,18 @@ use crate::{Error, Message, MessageStream, PubSub, validate};
 pub(crate) struct PubSubService<P> {
     slot: Arc<Slot<P>>,
     shutdown: Shutdown,
+    /// Counts open subscriptions (`pattern_subscriptions`).
+    metrics: Arc<Metrics>,
 }
 
 impl<P: PubSub> PubSubService<P> {
-    pub(crate) fn new(slot: Arc<Slot<P>>, shutdown: Shutdown) -> Self {
-        Self { slot, shutdown }
+    pub(crate) fn new(slot: Arc<Slot<P>>, shutdown: Shutdown, metrics: Arc<Metrics>) -> Self {
+        metrics.serves_pub_sub();
+        Self {
+            slot,
+            shutdown,
+            metrics,
+        }
     }
 
     async fn publish_message(&self, req: pb::PublishRequest) -> Result<pb::PublishResponse, Error> {
@@ -54,7 +62,8 @@ impl<P: PubSub> PubSubService<P> {
             .subscribe(&args.namespace, &args.topic, args.queue_group)
             .await?;
         tracing::debug!(subscription = %what, "subscribed");
-        Ok(Subscription::new(stream, self.shutdown.clone(), what))
+        let open = self.metrics.subscription();
+        Ok(Subscription::new(stream, self.shutdown.clone(), what, open))
     }
 }
 
@@ -64,15 +73,18 @@ impl<P: PubSub> PubSubService<P> {
 struct Subscription {
     /// `None` once the stream has ended.
     inner: Option<MessageStream>,
+    /// Counted as open while `inner` lives.
+    open: Option<OpenSubscription>,
     shutdown: Pin<Box<dyn Future<Output = Duration> + Send>>,
     /// What is subscribed to, for messages and logs.
     what: String,
 }
 
 impl Subscription {
-    fn new(inner: MessageStream, shutdown: Shutdown, what: String) -> Self {
+    fn new(inner: MessageStream, shutdown: Shutdown, what: String, open: OpenSubscription) -> Self {
         Self {
             inner: Some(inner),
+            open: Some(open),
             shutdown: Box::pin(async move { shutdown.requested().await }),
             what,
         }
@@ -81,6 +93,7 @@ impl Subscription {
     /// Ends the stream with `err`, dropping the pattern's stream first.
     fn end(&mut self, err: Error) -> Poll<Option<Result<pb::Message, Status>>> {
         self.inner = None;
+        self.open = None;
         tracing::debug!(subscription = %self.what, error = %err, "subscription ended");
         Poll::Ready(Some(Err(Status::from(err))))
     }
@@ -164,6 +177,7 @@ mod tests {
         svc: PubSubService<TestPattern>,
         slot: Arc<Slot<TestPattern>>,
         shutdown: Shutdown,
+        metrics: Arc<Metrics>,
     }
 
     async fn started() -> Fixture {
@@ -173,10 +187,12 @@ mod tests {
             .unwrap();
         slot.install_started(pattern);
         let shutdown = Shutdown::new();
+        let metrics = Arc::new(Metrics::new());
         Fixture {
-            svc: PubSubService::new(Arc::clone(&slot), shutdown.clone()),
+            svc: PubSubService::new(Arc::clone(&slot), shutdown.clone(), Arc::clone(&metrics)),
             slot,
             shutdown,
+            metrics,
         }
     }
 
@@ -199,7 +215,11 @@ mod tests {
 
     #[tokio::test]
     async fn calls_before_start_are_unavailable_and_validation_comes_first() {
-        let svc = PubSubService::<TestPattern>::new(Arc::new(Slot::new()), Shutdown::new());
+        let svc = PubSubService::<TestPattern>::new(
+            Arc::new(Slot::new()),
+            Shutdown::new(),
+            Arc::new(Metrics::new()),
+        );
         let err = svc.publish(publish_req("t", b"x")).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
         let err = svc.subscribe(subscribe_req("t")).await.err().unwrap();
@@ -289,6 +309,36 @@ mod tests {
         assert_eq!(err.code(), Code::Unavailable);
         assert!(stream.next().await.is_none());
         assert_eq!(f.slot.running().unwrap().subscribers(), 0);
+    }
+
+    #[tokio::test]
+    async fn open_subscriptions_are_counted_until_their_stream_ends() {
+        let f = started().await;
+        let open = |f: &Fixture| {
+            let text = f.metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix("pattern_subscriptions "))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            open(&f).as_deref(),
+            Some("0"),
+            "exported by a PubSub service"
+        );
+        let first = f.svc.subscribe(subscribe_req("t")).await.unwrap();
+        let mut second = f
+            .svc
+            .subscribe(subscribe_req("t"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(open(&f).as_deref(), Some("2"));
+        drop(first);
+        assert_eq!(open(&f).as_deref(), Some("1"));
+        // Ended by the backend but not yet dropped by tonic: not open.
+        f.svc.publish(publish_req("t", b"fail")).await.unwrap();
+        assert!(second.next().await.unwrap().is_err());
+        assert_eq!(open(&f).as_deref(), Some("0"));
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use crate::health::{self, HealthPublisher};
 use crate::kv::KeyValueService;
 use crate::lifecycle::{DEFAULT_GRACE, LifecycleService, Slot};
 use crate::listen::BindError;
+use crate::observe::Metrics;
 use crate::pubsub::PubSubService;
 use crate::shutdown::Shutdown;
 use crate::{KeyValue, Listener, Options, Pattern, PubSub, handshake, logging};
@@ -39,7 +40,7 @@ pub struct Server<P> {
 /// A data service: its gRPC name and how to add it to the router.
 struct Interface<P> {
     name: &'static str,
-    add: fn(&mut RoutesBuilder, Arc<Slot<P>>, Shutdown),
+    add: fn(&mut RoutesBuilder, Arc<Slot<P>>, Shutdown, &Arc<Metrics>),
 }
 
 /// Why a pattern process could not start or keep serving.
@@ -65,7 +66,7 @@ impl<P: Pattern> Default for Server<P> {
 impl<P: KeyValue> Server<P> {
     /// Serves `trellis.data.v1.KeyValue` from `P`'s [`KeyValue`] impl.
     pub fn key_value(self) -> Self {
-        self.interface(KEY_VALUE_SERVICE, |routes, slot, _| {
+        self.interface(KEY_VALUE_SERVICE, |routes, slot, _, _| {
             routes.add_service(KeyValueServer::new(KeyValueService::new(slot)));
         })
     }
@@ -74,8 +75,12 @@ impl<P: KeyValue> Server<P> {
 impl<P: PubSub> Server<P> {
     /// Serves `trellis.data.v1.PubSub` from `P`'s [`PubSub`] impl.
     pub fn pub_sub(self) -> Self {
-        self.interface(PUB_SUB_SERVICE, |routes, slot, shutdown| {
-            routes.add_service(PubSubServer::new(PubSubService::new(slot, shutdown)));
+        self.interface(PUB_SUB_SERVICE, |routes, slot, shutdown, metrics| {
+            routes.add_service(PubSubServer::new(PubSubService::new(
+                slot,
+                shutdown,
+                Arc::clone(metrics),
+            )));
         })
     }
 }
@@ -91,7 +96,7 @@ impl<P: Pattern> Server<P> {
     fn interface(
         mut self,
         name: &'static str,
-        add: fn(&mut RoutesBuilder, Arc<Slot<P>>, Shutdown),
+        add: fn(&mut RoutesBuilder, Arc<Slot<P>>, Shutdown, &Arc<Metrics>),
     ) -> Self {
         if !self.interfaces.iter().any(|i| i.name == name) {
             self.interfaces.push(Interface { name, add });
@@ -160,12 +165,14 @@ impl<P: Pattern> Server<P> {
         let stop = Shutdown::new();
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Arc::new(HealthPublisher::new(reporter, &names).await);
+        let metrics = Arc::new(Metrics::new());
         let lifecycle = LifecycleService::new(
             Arc::clone(&slot),
             Arc::clone(&health),
             stop.clone(),
             names,
             self.name.unwrap_or_else(|| P::NAME.to_string()),
+            Arc::clone(&metrics),
         );
 
         let mut routes = RoutesBuilder::default();
@@ -173,7 +180,7 @@ impl<P: Pattern> Server<P> {
             .add_service(LifecycleServer::new(lifecycle))
             .add_service(health_service);
         for interface in &self.interfaces {
-            (interface.add)(&mut routes, Arc::clone(&slot), stop.clone());
+            (interface.add)(&mut routes, Arc::clone(&slot), stop.clone(), &metrics);
         }
         let router = tonic::transport::Server::builder().add_routes(routes.routes());
 

@@ -66,6 +66,8 @@ impl Pattern for TestPattern {
         if config.hang {
             std::future::pending::<()>().await;
         }
+        // One backend operation, so tests can see the context's metrics.
+        let _: Result<(), Error> = ctx.backend("test").call("INIT", async { Ok(()) }).await;
         Ok(Self {
             name: ctx.name().to_string(),
             map: Mutex::default(),

@@ -12,6 +12,9 @@
 //! - Health: `NOT_SERVING` whenever the connection is not `Connected`.
 //!   async-nats reconnects on its own (forever, backing off up to 4 s) and
 //!   re-subscribes every live subscription once it is back.
+//! - Metrics and spans: each publish and each subscribe runs through the
+//!   SDK's [`Backend`] (`PUBLISH`, `SUBSCRIBE`; refused while disconnected
+//!   counts as an error); the SDK counts open subscriptions.
 //!
 //! What is lost while the server is unreachable is in README.md.
 
@@ -27,11 +30,13 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, HeaderName, HeaderValue, ServerAddr};
 use bytes::Bytes;
 use futures::StreamExt;
+use pattern_sdk::observe::Backend;
 use pattern_sdk::{
     Error, FieldViolation, Health, InitContext, Message, MessageStream, Pattern, PubSub,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// The header carrying the message id.
 pub const MESSAGE_ID_HEADER: &str = "Trellis-Message-Id";
@@ -118,6 +123,8 @@ pub struct Nats {
     server: String,
     prefix: String,
     wait: Duration,
+    /// Times and traces every publish and subscribe.
+    backend: Backend,
 }
 
 impl Pattern for Nats {
@@ -182,6 +189,7 @@ impl Pattern for Nats {
             server,
             prefix: config.subject_prefix,
             wait: config.connect_timeout,
+            backend: ctx.backend("nats"),
         })
     }
 
@@ -232,24 +240,32 @@ impl PubSub for Nats {
     ) -> Result<String, Error> {
         let message_id = uuid::Uuid::new_v4().to_string();
         let headers = headers(&message_id, SystemTime::now(), attributes)?;
-        self.connected()?;
+        let measured = self.backend.start("PUBLISH");
+        if let Err(e) = self.connected() {
+            measured.error("not_connected");
+            return Err(e);
+        }
         let subject = subject::subject(&self.prefix, namespace, topic);
         let size = payload.len();
-        let sent = tokio::time::timeout(
-            self.wait,
-            self.client.publish_with_headers(subject, headers, payload),
-        )
-        .await
-        .map_err(|_| {
-            Error::unavailable(format!(
+        let publish = self
+            .client
+            .publish_with_headers(subject, headers, payload)
+            .instrument(measured.span().clone());
+        let Ok(sent) = tokio::time::timeout(self.wait, publish).await else {
+            measured.error("timeout");
+            return Err(Error::unavailable(format!(
                 "the NATS client's publish buffer stayed full for {:?} (is {} slow or \
                  unreachable?); retry with backoff, or raise config.publish_buffer",
                 self.wait, self.server
-            ))
-        })?;
+            )));
+        };
         match sent {
-            Ok(()) => Ok(message_id),
+            Ok(()) => {
+                measured.ok();
+                Ok(message_id)
+            }
             Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                measured.error("max_payload_exceeded");
                 Err(Error::invalid_argument(
                     "payload",
                     format!(
@@ -260,9 +276,12 @@ impl PubSub for Nats {
                     ),
                 ))
             }
-            Err(e) => Err(Error::unavailable(format!(
-                "NATS did not take the message: {e}; retry with backoff"
-            ))),
+            Err(e) => {
+                measured.error("publish_failed");
+                Err(Error::unavailable(format!(
+                    "NATS did not take the message: {e}; retry with backoff"
+                )))
+            }
         }
     }
 
@@ -272,19 +291,34 @@ impl PubSub for Nats {
         topic: &str,
         queue_group: Option<String>,
     ) -> Result<MessageStream, Error> {
-        self.connected()?;
-        let subject = subject::subject(&self.prefix, namespace, topic);
-        let subscriber = match queue_group {
-            Some(group) => {
-                self.client
-                    .queue_subscribe(subject, subject::token(&group))
-                    .await
-            }
-            None => self.client.subscribe(subject).await,
+        let measured = self.backend.start("SUBSCRIBE");
+        if let Err(e) = self.connected() {
+            measured.error("not_connected");
+            return Err(e);
         }
-        .map_err(|e| {
-            Error::unavailable(format!("cannot subscribe on NATS: {e}; retry with backoff"))
-        })?;
+        let subject = subject::subject(&self.prefix, namespace, topic);
+        let subscribe = async {
+            match queue_group {
+                Some(group) => {
+                    self.client
+                        .queue_subscribe(subject, subject::token(&group))
+                        .await
+                }
+                None => self.client.subscribe(subject).await,
+            }
+        };
+        let subscriber = match subscribe.instrument(measured.span().clone()).await {
+            Ok(subscriber) => {
+                measured.ok();
+                subscriber
+            }
+            Err(e) => {
+                measured.error("subscribe_failed");
+                return Err(Error::unavailable(format!(
+                    "cannot subscribe on NATS: {e}; retry with backoff"
+                )));
+            }
+        };
         // Dropping the `Subscriber` unsubscribes it on the server.
         let topic = topic.to_string();
         Ok(Box::pin(subscriber.map(move |m| Ok(message(&topic, m)))))
@@ -493,7 +527,8 @@ mod tests {
             connect_timeout: Duration::from_millis(200),
             ..Config::default()
         };
-        let nats = Nats::init(c, InitContext::new("n")).await.unwrap();
+        let ctx = InitContext::new("n");
+        let nats = Nats::init(c, ctx.clone()).await.unwrap();
         match nats.health().await {
             Health::NotServing(why) => assert!(why.contains(&port.to_string()), "{why}"),
             Health::Serving => panic!("serving without a server"),
@@ -505,5 +540,12 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unavailable);
         let err = nats.subscribe("ns", "t", None).await.err().unwrap();
         assert_eq!(err.code(), tonic::Code::Unavailable);
+        let metrics = ctx.metrics_text();
+        for op in ["PUBLISH", "SUBSCRIBE"] {
+            let want = format!(
+                r#"pattern_backend_operation_duration_seconds_count{{operation="{op}",outcome="error"}} 1"#
+            );
+            assert!(metrics.lines().any(|l| l == want), "{want} in {metrics}");
+        }
     }
 }

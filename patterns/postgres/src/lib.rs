@@ -14,6 +14,11 @@
 //!   saying so, not a hang.
 //! - Health is `SELECT 1` through the pool: `NOT_SERVING` while the database
 //!   is unreachable; the pool reconnects by itself once it is back.
+//! - Every query runs through the SDK's
+//!   [`Backend`](pattern_sdk::observe::Backend) (`GET`, `PUT`, `DELETE`,
+//!   `LIST`, and the background `PURGE`): a latency histogram by outcome and
+//!   a span each, timed once a connection is in hand. The pool's figures
+//!   (`Pool::status()`), its waits and its timeouts are exported too.
 //!
 //! `schema.rs` has the table and its migrations, `errors.rs` the mapping of
 //! failures to what the caller should do. See README.md.
@@ -31,12 +36,14 @@ use bytes::Bytes;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts, tokio_postgres,
 };
+use pattern_sdk::observe::{Backend, PoolStatus};
 use pattern_sdk::{
     Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
 };
 use serde::Deserialize;
 use tokio::task::AbortHandle;
 use tokio_postgres::NoTls;
+use tracing::Instrument;
 
 pub use schema::{MAX_TABLE_NAME, Queries, migrations, validate_table};
 
@@ -209,6 +216,10 @@ pub struct Postgres {
     schema: Arc<SchemaState>,
     /// `host:port/dbname` (never the password), for logs.
     target: String,
+    /// Times and traces every query.
+    backend: Backend,
+    /// Counts waits for a connection and their timeouts.
+    pool_metrics: pattern_sdk::observe::Pool,
 }
 
 impl Pattern for Postgres {
@@ -273,12 +284,18 @@ impl Pattern for Postgres {
             }
         };
 
+        let backend = ctx.backend("postgresql");
+        let pool_metrics = ctx.pool({
+            let pool = pool.clone();
+            move || pool_status(pool.status())
+        });
         let queries = Queries::new(&config.table);
         let purger = tokio::spawn(purge(
             pool.clone(),
             queries.purge.clone(),
             config.purge_interval,
             Arc::clone(&schema),
+            backend.clone(),
         ));
         Ok(Self {
             pool,
@@ -292,6 +309,8 @@ impl Pattern for Postgres {
             migrator,
             schema,
             target,
+            backend,
+            pool_metrics,
         })
     }
 
@@ -511,8 +530,34 @@ fn describe(pg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{}", pg.get_dbname().unwrap_or("?"))
 }
 
+/// deadpool's figures as the SDK exports them.
+fn pool_status(s: deadpool_postgres::Status) -> PoolStatus {
+    let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+    PoolStatus {
+        idle: n(s.available),
+        in_use: n(s.size.saturating_sub(s.available)),
+        max: n(s.max_size),
+        pending: n(s.waiting),
+    }
+}
+
+/// The `error.type` of a failed query: its SQLSTATE, or what broke.
+fn error_type(e: &tokio_postgres::Error) -> &str {
+    match e.code() {
+        Some(code) => code.code(),
+        None if e.is_closed() => "closed",
+        None => "connection",
+    }
+}
+
 /// Deletes expired rows every `every`, in batches, until aborted.
-async fn purge(pool: Pool, sql: String, every: Duration, schema: Arc<SchemaState>) {
+async fn purge(
+    pool: Pool,
+    sql: String,
+    every: Duration,
+    schema: Arc<SchemaState>,
+    backend: Backend,
+) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -530,7 +575,16 @@ async fn purge(pool: Pool, sql: String, every: Duration, schema: Arc<SchemaState
         let mut purged = 0u64;
         // Bounded, so a huge backlog never holds a connection for long.
         for _ in 0..100 {
-            match client.execute(sql.as_str(), &[]).await {
+            let measured = backend.start("PURGE");
+            let result = client
+                .execute(sql.as_str(), &[])
+                .instrument(measured.span().clone())
+                .await;
+            match &result {
+                Ok(_) => measured.ok(),
+                Err(e) => measured.error(error_type(e)),
+            }
+            match result {
                 Ok(n) => {
                     purged += n;
                     if n < schema::PURGE_BATCH as u64 {
@@ -550,7 +604,9 @@ async fn purge(pool: Pool, sql: String, every: Duration, schema: Arc<SchemaState
 }
 
 impl Postgres {
-    /// Runs `op` with a pooled connection, bounded by the operation timeout.
+    /// Runs `op` with a pooled connection, bounded by the operation timeout;
+    /// the query is measured as backend operation `what`, the wait for the
+    /// connection in the pool's figures.
     async fn with_client<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Error>
     where
         F: FnOnce(deadpool_postgres::Object) -> Fut,
@@ -563,12 +619,26 @@ impl Postgres {
             ));
         }
         let run = async {
-            let client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| errors::pool(&e, self.pool.status(), self.acquire_timeout))?;
-            op(client).await.map_err(|e| errors::convert(&e, what))
+            let status = self.pool.status();
+            if status.available == 0 && status.size >= status.max_size {
+                self.pool_metrics.waited();
+            }
+            let client = self.pool.get().await.map_err(|e| {
+                if matches!(
+                    e,
+                    deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)
+                ) {
+                    self.pool_metrics.timed_out();
+                }
+                errors::pool(&e, self.pool.status(), self.acquire_timeout)
+            })?;
+            let measured = self.backend.start(what);
+            let result = op(client).instrument(measured.span().clone()).await;
+            match &result {
+                Ok(_) => measured.ok(),
+                Err(e) => measured.error(error_type(e)),
+            }
+            result.map_err(|e| errors::convert(&e, what))
         };
         tokio::time::timeout(self.op_timeout, run)
             .await
@@ -590,7 +660,7 @@ fn ttl_micros(ttl: Duration) -> i64 {
 impl KeyValue for Postgres {
     async fn get(&self, namespace: &str, key: &str) -> Result<Option<Bytes>, Error> {
         let sql = self.queries.get.as_str();
-        self.with_client("get", |client| async move {
+        self.with_client("GET", |client| async move {
             let stmt = client.prepare_cached(sql).await?;
             let row = client.query_opt(&stmt, &[&namespace, &key]).await?;
             row.map(|r| r.try_get::<_, Vec<u8>>(0).map(Bytes::from))
@@ -608,7 +678,7 @@ impl KeyValue for Postgres {
     ) -> Result<(), Error> {
         let sql = self.queries.put.as_str();
         let ttl = ttl.map(ttl_micros);
-        self.with_client("put", |client| async move {
+        self.with_client("PUT", |client| async move {
             let stmt = client.prepare_cached(sql).await?;
             client
                 .execute(&stmt, &[&namespace, &key, &value.as_ref(), &ttl])
@@ -620,7 +690,7 @@ impl KeyValue for Postgres {
 
     async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Error> {
         let sql = self.queries.delete.as_str();
-        self.with_client("delete", |client| async move {
+        self.with_client("DELETE", |client| async move {
             let stmt = client.prepare_cached(sql).await?;
             let row = client.query_opt(&stmt, &[&namespace, &key]).await?;
             row.map(|r| r.try_get::<_, bool>(0))
@@ -647,7 +717,7 @@ impl KeyValue for Postgres {
         let sql = self.queries.list.as_str();
         let prefix = query.prefix.as_str();
         let rows = self
-            .with_client("list", |client| async move {
+            .with_client("LIST", |client| async move {
                 let stmt = client.prepare_cached(sql).await?;
                 let rows = client
                     .query(&stmt, &[&namespace, &prefix, &upper, &after, &limit])
@@ -745,7 +815,8 @@ mod tests {
             port: Some(port),
             ..Config::default()
         };
-        let pattern = match Postgres::init(c, InitContext::new("p")).await {
+        let ctx = InitContext::new("p");
+        let pattern = match Postgres::init(c, ctx.clone()).await {
             Ok(p) => p,
             Err(e) => panic!("PostgreSQL being down must not fail the start: {e:?}"),
         };
@@ -759,6 +830,15 @@ mod tests {
                 assert!(!msg.contains("127.0.0.1"), "no address leaks: {msg}");
             }
             other => panic!("want Unavailable, got {other:?}"),
+        }
+        // The pool's figures are exported from the start.
+        let metrics = ctx.metrics_text();
+        for want in [
+            "pattern_pool_max_connections 16",
+            r#"pattern_pool_connections{state="in_use"} 0"#,
+            "pattern_pool_waits_total 0",
+        ] {
+            assert!(metrics.lines().any(|l| l == want), "{want} in {metrics}");
         }
         pattern.stop().await;
     }

@@ -11,6 +11,12 @@
 //!   index in step). See README.md for why.
 //! - Health is a `PING`: `NOT_SERVING` while Redis is unreachable, `SERVING`
 //!   again once it answers. The pattern never exits because Redis is down.
+//! - Every command and script runs through the SDK's
+//!   [`Backend`](pattern_sdk::observe::Backend) (`GET`, and the scripts
+//!   `PUT`, `DELETE`, `LIST`): a latency histogram by outcome and a span
+//!   each. The multiplexed connection is exported as a pool of one
+//!   (`in_use` while a command is in flight). Health `PING`s are not
+//!   counted.
 
 mod keys;
 mod scripts;
@@ -19,12 +25,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use pattern_sdk::observe::{Backend, PoolStatus};
 use pattern_sdk::{
     Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use serde::Deserialize;
+use tracing::Instrument;
 
 pub use keys::Namespace;
 
@@ -69,6 +77,8 @@ pub struct RedisKv {
     op_timeout: Duration,
     /// `host:port` (never the password), for logs.
     addr: String,
+    /// Times and traces every command.
+    backend: Backend,
 }
 
 impl Pattern for RedisKv {
@@ -115,11 +125,27 @@ impl Pattern for RedisKv {
             .set_number_of_retries(0);
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| Error::internal(format!("cannot create the Redis connection: {e}")))?;
+        let backend = ctx.backend("redis");
+        // One multiplexed connection: commands never wait for a
+        // connection, so the pool is one, in use while any command is.
+        ctx.pool({
+            let backend = backend.clone();
+            move || {
+                let busy = u64::from(backend.in_flight() > 0);
+                PoolStatus {
+                    idle: 1 - busy,
+                    in_use: busy,
+                    max: 1,
+                    pending: 0,
+                }
+            }
+        });
         let pattern = Self {
             conn,
             key_prefix: config.key_prefix,
             op_timeout: config.connect_timeout + config.response_timeout,
             addr,
+            backend,
         };
         // Redis down at start is not a reason to fail: the pattern starts,
         // answers NOT_SERVING (the proxy keeps it, not routable) and serves
@@ -160,17 +186,26 @@ impl RedisKv {
         Namespace::new(&self.key_prefix, namespace)
     }
 
-    /// Runs one Redis operation within the operation timeout, converting
-    /// its error.
+    /// Runs one Redis operation within the operation timeout, measured as
+    /// backend operation `what`, converting its error.
     async fn run<T>(
         &self,
-        what: &str,
+        what: &'static str,
         op: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, Error> {
+        let measured = self.backend.start(what);
+        let op = op.instrument(measured.span().clone());
         match tokio::time::timeout(self.op_timeout, op).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.convert(what, e)),
+            Ok(Ok(v)) => {
+                measured.ok();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                measured.error(e.code().unwrap_or_else(|| e.category()));
+                Err(self.convert(what, e))
+            }
             Err(_) => {
+                measured.error("timeout");
                 tracing::warn!(addr = %self.addr, op = what, timeout = ?self.op_timeout, "Redis did not answer in time");
                 Err(Error::unavailable(format!(
                     "the backend (Redis) did not answer within {:?}; it may be down or \
@@ -360,7 +395,8 @@ mod tests {
             url: format!("redis://127.0.0.1:{port}"),
             ..Config::default()
         };
-        let pattern = match RedisKv::init(cfg, InitContext::new("r")).await {
+        let ctx = InitContext::new("r");
+        let pattern = match RedisKv::init(cfg, ctx.clone()).await {
             Ok(p) => p,
             Err(e) => panic!("Redis being down must not fail the start: {e:?}"),
         };
@@ -375,6 +411,18 @@ mod tests {
             }
             other => panic!("want Unavailable, got {other:?}"),
         }
+        // The failed GET is counted (the health PING is not), and the one
+        // connection is idle again.
+        let metrics = ctx.metrics_text();
+        for want in [
+            r#"pattern_backend_operation_duration_seconds_count{operation="GET",outcome="error"} 1"#,
+            r#"pattern_pool_connections{state="idle"} 1"#,
+            r#"pattern_pool_connections{state="in_use"} 0"#,
+            "pattern_pool_max_connections 1",
+        ] {
+            assert!(metrics.lines().any(|l| l == want), "{want} in {metrics}");
+        }
+        assert!(!metrics.contains("PING"), "{metrics}");
     }
 
     #[test]

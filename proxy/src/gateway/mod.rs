@@ -319,13 +319,11 @@ impl Gateway {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(crate::metrics::wants_openmetrics);
+        // Each pattern's own metrics, asked for now (bounded: 1 s), before
+        // the proxy's are rendered, so this scrape's errors count in it.
+        let patterns = metrics.from_patterns.scrape().await;
         let (content_type, mut text) = metrics.render(openmetrics);
-        // Each pattern's own metrics, asked for now (bounded: 1 s).
-        metrics
-            .from_patterns
-            .scrape()
-            .await
-            .append_to(&mut text, openmetrics);
+        patterns.append_to(&mut text, openmetrics);
         let mut r = Response::new(full(text));
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -16,6 +16,7 @@
 //! Every metric is listed in docs/observability.md.
 
 pub mod calls;
+pub mod from_patterns;
 pub mod histogram;
 pub mod patterns;
 pub mod process;

@@ -567,6 +567,7 @@ impl Owner {
             };
             s.endpoint = Some(endpoint);
             s.upstream = Some(upstream);
+            s.control = Some(channel.clone());
             s.version = info.version.clone();
             s.interfaces = info.interfaces.clone();
             s.ready_after = serving.then_some(took);

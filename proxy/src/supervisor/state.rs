@@ -18,6 +18,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use tonic::transport::Channel;
+
 use super::handshake::Endpoint;
 use super::process::Exit;
 use crate::upstream::Upstream;
@@ -149,6 +151,10 @@ pub struct Status {
     /// The data connection; `Some` only while the process is up and was
     /// reached. Routable only when `state == Serving`.
     pub upstream: Option<Upstream>,
+    /// The control channel (Lifecycle, health) to the process; `Some`
+    /// exactly when `upstream` is. The metrics scrape asks the pattern for
+    /// its own metrics over it.
+    pub control: Option<Channel>,
     /// Every spawn after the first, whoever caused it.
     pub restarts: u32,
     /// `restarts` by reason.
@@ -172,6 +178,7 @@ impl Status {
             pid: None,
             endpoint: None,
             upstream: None,
+            control: None,
             restarts: 0,
             restarts_by: Restarts::default(),
             last_restart: None,
@@ -189,6 +196,7 @@ impl Status {
         self.pid = None;
         self.endpoint = None;
         self.upstream = None;
+        self.control = None;
         self.started_at = None;
         self.ready_after = None;
     }

@@ -347,6 +347,15 @@ impl Lifecycle for Echo {
             .send_if_modified(|s| s.replace(grace).is_none());
         Ok(Response::new(lifecycle::StopResponse {}))
     }
+
+    /// Optional in the protocol: a pattern without metrics says so, and
+    /// the proxy's scrape goes on without it.
+    async fn metrics(
+        &self,
+        _req: Request<lifecycle::MetricsRequest>,
+    ) -> Result<Response<lifecycle::MetricsResponse>, Status> {
+        Err(Status::unimplemented("echo: no metrics"))
+    }
 }
 
 #[tonic::async_trait]
