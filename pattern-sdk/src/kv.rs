@@ -79,39 +79,98 @@ fn reply<T>(result: Result<T, Error>) -> Result<Response<T>, Status> {
 #[tonic::async_trait]
 impl<P: KeyValue> key_value_server::KeyValue for KeyValueService<P> {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let span = request_span(&request, "get");
-        reply(self.get_value(request.into_inner()).instrument(span).await)
+        let span = request_span(&request, "get", "trellis.data.v1.KeyValue/Get");
+        let result = self
+            .get_value(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        answered(&span, reply(result))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let span = request_span(&request, "put");
-        reply(self.put_value(request.into_inner()).instrument(span).await)
+        let span = request_span(&request, "put", "trellis.data.v1.KeyValue/Put");
+        let result = self
+            .put_value(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        answered(&span, reply(result))
     }
 
     async fn delete(
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let span = request_span(&request, "delete");
-        reply(self.delete_key(request.into_inner()).instrument(span).await)
+        let span = request_span(&request, "delete", "trellis.data.v1.KeyValue/Delete");
+        let result = self
+            .delete_key(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        answered(&span, reply(result))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let span = request_span(&request, "list");
-        reply(self.list_page(request.into_inner()).instrument(span).await)
+        let span = request_span(&request, "list", "trellis.data.v1.KeyValue/List");
+        let result = self
+            .list_page(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        answered(&span, reply(result))
     }
 }
 
-/// A span carrying the caller's `x-request-id` (set by the proxy on every
-/// call), so whatever the pattern logs while serving it can be matched with
-/// the proxy's log and the client's error.
-pub(crate) fn request_span<T>(request: &Request<T>, method: &'static str) -> tracing::Span {
+/// The span of one data call. It carries the caller's `x-request-id` (set
+/// by the proxy on every call) and trace id, so whatever the pattern logs
+/// while serving it can be matched with the proxy's log and the client's
+/// error; and, when traces are exported, it is the call's server span,
+/// continuing the proxy's trace (see `traces`).
+pub(crate) fn request_span<T>(
+    request: &Request<T>,
+    method: &'static str,
+    rpc_method: &'static str,
+) -> tracing::Span {
     let id = request
         .metadata()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    tracing::info_span!("request", method, request_id = id)
+    let span = tracing::info_span!(
+        "request",
+        method,
+        request_id = id,
+        trace_id = crate::traces::trace_id(request.metadata()),
+        otel.name = rpc_method,
+        otel.kind = "server",
+        rpc.system.name = "grpc",
+        rpc.method = rpc_method,
+        rpc.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    crate::traces::continue_trace(&span, request.metadata());
+    span
+}
+
+/// Notes a call's status code on its span, and passes the answer on.
+pub(crate) fn answered<T>(
+    span: &tracing::Span,
+    answer: Result<Response<T>, Status>,
+) -> Result<Response<T>, Status> {
+    let code = match &answer {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    span.record("rpc.response.status_code", trellis_proto::code_name(code));
+    if matches!(
+        code,
+        tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unimplemented
+            | tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::DataLoss
+    ) {
+        span.record("otel.status_code", "ERROR");
+    }
+    answer
 }
 
 #[cfg(test)]

@@ -95,6 +95,7 @@ mod pattern;
 mod pubsub;
 mod server;
 mod shutdown;
+mod traces;
 pub mod validate;
 
 #[cfg(test)]

@@ -17,15 +17,20 @@ pub fn init(format: LogFormat) {
             (EnvFilter::new("info"), bad.map(|v| (v, e)))
         }
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
+    // The log filter applies to log lines only: spans exported as traces
+    // (`crate::traces`) are chosen by their own filter.
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(crate::traces::layer())
+        .try_init();
     if installed.is_ok()
         && let Some((value, err)) = bad_filter
     {

@@ -113,7 +113,7 @@ impl<P: Pattern> Server<P> {
     pub async fn run(self) -> ExitCode {
         let options = Options::from_env(P::NAME, P::VERSION);
         logging::init(options.log_format);
-        match self.run_with(options).await {
+        let code = match self.run_with(options).await {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -122,7 +122,11 @@ impl<P: Pattern> Server<P> {
                 tracing::error!("{err}");
                 ExitCode::FAILURE
             }
-        }
+        };
+        // The last spans go out before the process does (blocking: off the
+        // runtime's threads, which the exporter's channel needs).
+        let _ = tokio::task::spawn_blocking(crate::traces::shutdown).await;
+        code
     }
 
     async fn run_with(mut self, options: Options) -> Result<(), ServerError> {

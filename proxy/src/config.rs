@@ -333,7 +333,10 @@ impl Traces {
         };
         vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()),
-            ("OTEL_TRACES_SAMPLER".into(), "parentbased_traceidratio".into()),
+            (
+                "OTEL_TRACES_SAMPLER".into(),
+                "parentbased_traceidratio".into(),
+            ),
             ("OTEL_TRACES_SAMPLER_ARG".into(), self.ratio().to_string()),
             ("OTEL_SERVICE_NAME".into(), pattern.to_string()),
         ]

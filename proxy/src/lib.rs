@@ -12,6 +12,7 @@
 //! - [`metadata`]: the header rules both front doors share (request id,
 //!   what is never forwarded).
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
+//! - [`traces`]: OpenTelemetry spans of data calls, exported over OTLP.
 //! - [`admin`]: the admin API over the supervisor's handles.
 //! - [`reflection`]: gRPC server reflection (v1 and v1alpha) of exactly the
 //!   services served, errors answered in-stream.
@@ -38,4 +39,5 @@ pub mod metrics;
 pub mod reflection;
 pub mod server;
 pub mod supervisor;
+pub mod traces;
 pub mod upstream;

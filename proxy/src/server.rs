@@ -54,8 +54,10 @@ pub async fn run(
         .telemetry
         .metrics
         .then(|| Arc::new(Metrics::new(&namespaces, &methods.full_names(), &patterns)));
+    let tracing = crate::traces::init(&config.telemetry.traces).map_err(anyhow::Error::msg)?;
     let telemetry = Arc::new(Telemetry::new(
         metrics.clone(),
+        tracing.as_ref().map(|t| t.tracer()),
         config.telemetry.call_log.clone(),
         namespaces.into_iter().collect(),
     ));
@@ -118,6 +120,10 @@ pub async fn run(
     }
     supervisor.shutdown().await;
     health_task.abort();
+    if let Some(t) = tracing {
+        // Flushing blocks on the collector: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     info!("stopped");
     Ok(())
 }

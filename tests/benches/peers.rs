@@ -6,11 +6,15 @@
 //! - h2load → nginx (`grpc_pass`, upstream `keepalive`) → memstore;
 //! - h2load → HAProxy (`proto h2` on both sides, `nbthread 1`) → memstore;
 //! - h2load → trellis → memstore (the trellis that spawned that memstore,
-//!   `worker_threads` left at its default: one per core);
-//! - h2load → trellis with `worker_threads: 1`, and with `worker_threads: 2`:
-//!   two more trellis instances, each with its own memstore, started at the
-//!   beginning and left running (idle, they only health-check their pattern
-//!   once a second) so every round measures every path.
+//!   with its defaults: `worker_threads` half the cores, metrics on, traces
+//!   off);
+//! - three more trellis instances, each with its own memstore, started at
+//!   the beginning and left running (idle, they only health-check their
+//!   pattern once a second) so every round measures every path: with
+//!   `worker_threads: 2`; with metrics off (`telemetry.metrics: false`),
+//!   the baseline for what metrics cost; and with traces on for every call
+//!   (`sampling_ratio: 1.0`), exporting to an OTLP collector in this
+//!   process (`trellis_tests::otlp`), for what traces cost.
 //!
 //! The workload is the unary `trellis.data.v1.KeyValue/Get` of one key
 //! holding a 100-byte value (Put through each trellis first), sent by
@@ -244,14 +248,13 @@ fn version(program: &str, arg: &str) -> String {
 // Trellis -----------------------------------------------------------------------
 
 /// A trellis with one memstore serving `NS`, the key put through it.
-async fn start_trellis(worker_threads: Option<u32>) -> Proxy {
-    let mut builder = Proxy::builder()
+async fn start_trellis(top: &str) -> Proxy {
+    let proxy = Proxy::builder()
         .log_level("warn")
-        .memstore("memstore", &[NS]);
-    if let Some(n) = worker_threads {
-        builder = builder.top(&format!("worker_threads: {n}"));
-    }
-    let proxy = builder.start().await;
+        .top(top)
+        .memstore("memstore", &[NS])
+        .start()
+        .await;
     proxy
         .kv()
         .await
@@ -454,6 +457,8 @@ const DIRECT: &str = "direct → memstore";
 const NGINX: &str = "nginx `grpc_pass` → memstore";
 const HAPROXY: &str = "HAProxy (h2, `nbthread 1`) → memstore";
 const TRELLIS: &str = "trellis → memstore";
+const NO_METRICS: &str = "trellis, metrics off → memstore";
+const TRACED: &str = "trellis, traces on (every call) → memstore";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -475,9 +480,16 @@ async fn main() {
         version("haproxy", "-v")
     );
 
-    let mut trellis = start_trellis(None).await;
-    let mut one_thread = start_trellis(Some(1)).await;
-    let mut two_threads = start_trellis(Some(2)).await;
+    // Spans from the traced trellis (and its memstore) go to a collector in
+    // this process, as they would to a real one.
+    let (spans, collector_url) = trellis_tests::otlp::collector().await;
+    let mut trellis = start_trellis("").await;
+    let mut two_threads = start_trellis("worker_threads: 2\n").await;
+    let mut no_metrics = start_trellis("telemetry:\n  metrics: false\n").await;
+    let mut traced = start_trellis(&format!(
+        "telemetry:\n  traces:\n    endpoint: {collector_url}\n    sampling_ratio: 1.0\n"
+    ))
+    .await;
     let port = pattern_port(&trellis).await;
     let nginx = start_nginx(port).await;
     let haproxy = start_haproxy(port).await;
@@ -488,13 +500,11 @@ async fn main() {
         Route::new(HAPROXY, haproxy.url.clone()),
         Route::new(TRELLIS, trellis.addr.clone()),
         Route::new(
-            "trellis `worker_threads: 1` → memstore",
-            one_thread.addr.clone(),
-        ),
-        Route::new(
             "trellis `worker_threads: 2` → memstore",
             two_threads.addr.clone(),
         ),
+        Route::new(NO_METRICS, no_metrics.addr.clone()),
+        Route::new(TRACED, traced.addr.clone()),
     ];
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -541,11 +551,25 @@ async fn main() {
         trellis_us - direct_us,
         haproxy_us - direct_us
     );
+    let (bare_rps, ..) = spread(&find(&routes, NO_METRICS).rps);
+    let (traced_rps, ..) = spread(&find(&routes, TRACED).rps);
+    let (traced_us, ..) = spread(&find(&routes, TRACED).mean_us);
+    println!(
+        "{STREAMS} in flight: metrics on / metrics off throughput = {:.2} (target ≥ 0.95)",
+        trellis_rps / bare_rps
+    );
+    println!(
+        "traces on, every call sampled: throughput ×{:.2} of traces off, +{:.0} µs mean at \
+         1 in flight; {} spans received by the collector",
+        traced_rps / trellis_rps,
+        traced_us - trellis_us,
+        spans.spans.lock().map(|s| s.len()).unwrap_or(0)
+    );
     println!("(run took {:.0} s)", started.elapsed().as_secs_f64());
     // On a panic, the drops kill everything (and the patterns die with
     // their proxy); here the proxies stop their patterns gracefully.
     drop((nginx, haproxy));
-    for proxy in [&mut trellis, &mut one_thread, &mut two_threads] {
+    for proxy in [&mut trellis, &mut two_threads, &mut no_metrics, &mut traced] {
         proxy.terminate().await;
     }
 }

@@ -14,6 +14,7 @@ pub mod h2raw;
 pub mod http;
 pub mod kv;
 pub mod nats;
+pub mod otlp;
 pub mod outage;
 
 use std::path::{Path, PathBuf};
@@ -117,6 +118,7 @@ pub struct ProxyBuilder {
     patterns: Vec<PatternEntry>,
     top: String,
     log_level: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ProxyBuilder {
@@ -206,9 +208,15 @@ impl ProxyBuilder {
         y
     }
 
+    /// An environment variable for the proxy (and so its patterns).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// Starts the proxy and waits until it listens (not until patterns serve).
     pub async fn spawn(self) -> Proxy {
-        Proxy::spawn_yaml(&self.yaml()).await
+        Proxy::spawn_with(&self.yaml(), &self.env).await
     }
 
     /// Starts the proxy and waits until health `""` is SERVING.
@@ -236,6 +244,11 @@ impl Proxy {
     }
 
     pub async fn spawn_yaml(yaml: &str) -> Proxy {
+        Proxy::spawn_with(yaml, &[]).await
+    }
+
+    /// [`Proxy::spawn_yaml`] with extra environment variables.
+    pub async fn spawn_with(yaml: &str, env: &[(String, String)]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("trellis.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
@@ -244,6 +257,7 @@ impl Proxy {
             .arg(&config_path)
             .arg("--log-format")
             .arg("json")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

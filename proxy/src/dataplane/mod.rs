@@ -79,6 +79,8 @@ pub struct Call {
     pub budget: Duration,
     /// Set by `Route`.
     pub upstream: Option<Upstream>,
+    /// The call's server span, set by `Observe` while traces are on.
+    pub trace: Option<opentelemetry::Context>,
 }
 
 /// The stack below the edge.
@@ -90,7 +92,7 @@ pub type Stack = observe::Observe<
 pub fn stack(router: Router, stopping: watch::Receiver<bool>, telemetry: Arc<Telemetry>) -> Stack {
     let forward = forward::Forward;
     // Just above forwarding: the hop to the pattern, timed from the send.
-    let forward = observe::HopLayer::new(telemetry.metrics()).layer(forward);
+    let forward = observe::HopLayer::new(telemetry.clone()).layer(forward);
     // Only a stream that reached the pattern can be drained.
     let forward = drain::DrainLayer::new(stopping).layer(forward);
     // Inside Route, so the deadline's messages can name the pattern, and
@@ -194,6 +196,7 @@ impl DataPlane {
             deadline,
             budget,
             upstream: None,
+            trace: None,
         })
     }
 }

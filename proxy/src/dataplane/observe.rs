@@ -8,6 +8,10 @@
 //!   `rpc_client_call_duration_seconds` from sending to the end of the
 //!   pattern's response.
 //!
+//! With traces on, `Observe` also opens the call's server span (its parent
+//! read from the caller's `traceparent`) and `Hop` a client span under it,
+//! whose context the pattern receives in place of the caller's.
+//!
 //! Both learn how a call ended from [`CallBody::on_end`], so a stream is
 //! measured to its last message, and a client that goes away counts as
 //! CANCELLED. With metrics off and the call log filtered out, each costs
@@ -32,11 +36,17 @@ use crate::config::{CallLog, CallLogLevel};
 use crate::error::{ApiError, code_name};
 use crate::metadata::trace_id;
 use crate::metrics::{CallKey, Metrics, Side};
+use crate::traces;
+use opentelemetry::Context as TraceContext;
+use opentelemetry::trace::SpanKind;
+use opentelemetry_sdk::trace::SdkTracer;
 
 /// What the two layers share: where figures go and what is logged.
 pub struct Telemetry {
     /// `None` with `telemetry.metrics: false`.
     metrics: Option<Arc<Metrics>>,
+    /// `None` while traces are off.
+    tracer: Option<SdkTracer>,
     call_log: CallLog,
     /// Namespace → pattern, for the log line.
     patterns: HashMap<String, String>,
@@ -45,11 +55,13 @@ pub struct Telemetry {
 impl Telemetry {
     pub fn new(
         metrics: Option<Arc<Metrics>>,
+        tracer: Option<SdkTracer>,
         call_log: CallLog,
         patterns: HashMap<String, String>,
     ) -> Self {
         Telemetry {
             metrics,
+            tracer,
             call_log,
             patterns,
         }
@@ -59,17 +71,13 @@ impl Telemetry {
     pub fn off() -> Self {
         Telemetry::new(
             None,
+            None,
             CallLog {
                 errors: CallLogLevel::Off,
                 successes: CallLogLevel::Off,
             },
             HashMap::new(),
         )
-    }
-
-    /// The metrics the calls go to, if any.
-    pub fn metrics(&self) -> Option<Arc<Metrics>> {
-        self.metrics.clone()
     }
 
     fn key(&self, namespace: &str, method: &DataMethod) -> Option<CallKey> {
@@ -90,11 +98,18 @@ impl Telemetry {
         self.log(path, "", e.code, received.elapsed(), request_id, None);
     }
 
+    fn pattern_of(&self, namespace: &str) -> &str {
+        self.patterns.get(namespace).map_or("", String::as_str)
+    }
+
     /// One call ended: its metrics and its log line.
     fn ended(&self, record: &Record, code: Code) {
         let elapsed = record.received.elapsed();
         if let (Some(metrics), Some(key)) = (&self.metrics, record.key) {
             metrics.calls.observe(key, Side::Server, code, elapsed);
+        }
+        if let Some(span) = &record.span {
+            traces::end(span, code);
         }
         self.log(
             &record.method.full_name,
@@ -102,7 +117,7 @@ impl Telemetry {
             code,
             elapsed,
             record.request_id.as_ref(),
-            record.traceparent.as_ref(),
+            record.trace_id.as_deref(),
         );
     }
 
@@ -113,7 +128,7 @@ impl Telemetry {
         code: Code,
         elapsed: Duration,
         request_id: Option<&HeaderValue>,
-        traceparent: Option<&HeaderValue>,
+        trace_id: Option<&str>,
     ) {
         let level = if code == Code::Ok {
             self.call_log.successes
@@ -123,14 +138,9 @@ impl Telemetry {
         macro_rules! line {
             ($lvl:expr) => {
                 if tracing::enabled!(target: "trellis::calls", $lvl) {
-                    let pattern = self.patterns.get(namespace).map_or("", String::as_str);
-                    let text = |v: Option<&HeaderValue>| {
-                        v.and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
-                    };
-                    let trace_id = traceparent
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(trace_id)
-                        .unwrap_or("");
+                    let pattern = self.pattern_of(namespace);
+                    let request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let trace_id = trace_id.unwrap_or("");
                     tracing::event!(
                         target: "trellis::calls",
                         $lvl,
@@ -139,7 +149,7 @@ impl Telemetry {
                         pattern,
                         code = code_name(code),
                         ms = elapsed.as_secs_f64() * 1000.0,
-                        request_id = %text(request_id),
+                        request_id,
                         trace_id,
                         "call"
                     );
@@ -164,7 +174,10 @@ struct Record {
     received: Instant,
     key: Option<CallKey>,
     request_id: Option<HeaderValue>,
-    traceparent: Option<HeaderValue>,
+    /// The caller's, or the server span's when traces are on.
+    trace_id: Option<String>,
+    /// The server span, with traces on.
+    span: Option<TraceContext>,
 }
 
 pub struct ObserveLayer {
@@ -205,14 +218,37 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
+    fn call(&mut self, mut call: Call) -> Self::Future {
+        let t = &self.telemetry;
+        let span = t.tracer.as_ref().map(|tracer| {
+            let parent = traces::extract(&call.headers);
+            traces::start(
+                tracer,
+                &parent,
+                SpanKind::Server,
+                &call.method.full_name,
+                &call.namespace,
+                t.pattern_of(&call.namespace),
+            )
+        });
+        let trace_id = match &span {
+            Some(cx) => traces::trace_id(cx),
+            None => call
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(trace_id)
+                .map(str::to_string),
+        };
+        call.trace = span.clone();
         let record = Record {
-            key: self.telemetry.key(&call.namespace, &call.method),
+            key: t.key(&call.namespace, &call.method),
             method: call.method.clone(),
             namespace: call.namespace.clone(),
             received: call.received,
             request_id: call.headers.get(crate::metadata::REQUEST_ID).cloned(),
-            traceparent: call.headers.get("traceparent").cloned(),
+            trace_id,
+            span,
         };
         Observed {
             inner: self.inner.call(call),
@@ -256,14 +292,14 @@ where
     }
 }
 
-/// `Hop`: the proxy → pattern hop's duration.
+/// `Hop`: the proxy → pattern hop's duration, and its client span.
 pub struct HopLayer {
-    metrics: Option<Arc<Metrics>>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl HopLayer {
-    pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
-        HopLayer { metrics }
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        HopLayer { telemetry }
     }
 }
 
@@ -272,7 +308,7 @@ impl<S> Layer<S> for HopLayer {
     fn layer(&self, inner: S) -> Hop<S> {
         Hop {
             inner,
-            metrics: self.metrics.clone(),
+            telemetry: self.telemetry.clone(),
         }
     }
 }
@@ -280,7 +316,7 @@ impl<S> Layer<S> for HopLayer {
 #[derive(Clone)]
 pub struct Hop<S> {
     inner: S,
-    metrics: Option<Arc<Metrics>>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl<S> Service<Call> for Hop<S>
@@ -295,14 +331,32 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
-        let end = self.metrics.as_ref().and_then(|m| {
+    fn call(&mut self, mut call: Call) -> Self::Future {
+        let t = &self.telemetry;
+        let end = t.metrics.as_ref().and_then(|m| {
             let key = m.calls.key(&call.namespace, &call.method.full_name)?;
             Some((m.clone(), key, Instant::now()))
         });
+        let span = match (&t.tracer, &call.trace) {
+            (Some(tracer), Some(server)) => {
+                let span = traces::start(
+                    tracer,
+                    server,
+                    SpanKind::Client,
+                    &call.method.full_name,
+                    &call.namespace,
+                    t.pattern_of(&call.namespace),
+                );
+                // The pattern continues the trace under the hop's span.
+                traces::inject(&span, &mut call.headers);
+                Some(span)
+            }
+            _ => None,
+        };
         Hopped {
             inner: self.inner.call(call),
             end,
+            span,
         }
     }
 }
@@ -312,6 +366,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         end: Option<(Arc<Metrics>, CallKey, Instant)>,
+        span: Option<TraceContext>,
     }
 }
 
@@ -324,22 +379,27 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
-        let Some((metrics, key, sent)) = this.end.take() else {
+        let (end, span) = (this.end.take(), this.span.take());
+        if end.is_none() && span.is_none() {
             return Poll::Ready(result);
+        }
+        let finish = move |code| {
+            if let Some((metrics, key, sent)) = end {
+                metrics
+                    .calls
+                    .observe(key, Side::Client, code, sent.elapsed());
+            }
+            if let Some(span) = span {
+                traces::end(&span, code);
+            }
         };
         match result {
             Err(e) => {
-                metrics
-                    .calls
-                    .observe(key, Side::Client, e.code, sent.elapsed());
+                finish(e.code);
                 Poll::Ready(Err(e))
             }
             Ok(mut response) => {
-                response.body_mut().on_end(Box::new(move |code| {
-                    metrics
-                        .calls
-                        .observe(key, Side::Client, code, sent.elapsed())
-                }));
+                response.body_mut().on_end(Box::new(finish));
                 Poll::Ready(Ok(response))
             }
         }
