@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use trellis_proto::data::v1 as pb;
 use trellis_proto::data::v1::pub_sub_server;
 
+use crate::kv::{answered, request_span};
 use crate::lifecycle::Slot;
 use crate::observe::{Metrics, OpenSubscription};
 use crate::shutdown::Shutdown;
@@ -144,10 +146,12 @@ impl<P: PubSub> pub_sub_server::PubSub for PubSubService<P> {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        self.publish_message(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        let span = request_span(&request, "publish", "trellis.data.v1.PubSub/Publish");
+        let result = self
+            .publish_message(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        answered(&span, result.map(Response::new).map_err(Status::from))
     }
 
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::Message, Status>> + Send>>;
@@ -156,8 +160,15 @@ impl<P: PubSub> pub_sub_server::PubSub for PubSubService<P> {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let subscription = self.open_subscription(request.into_inner()).await?;
-        Ok(Response::new(Box::pin(subscription)))
+        // The span covers opening the subscription; the stream outlives it.
+        let span = request_span(&request, "subscribe", "trellis.data.v1.PubSub/Subscribe");
+        let opened = self
+            .open_subscription(request.into_inner())
+            .instrument(span.clone())
+            .await
+            .map(|s| Response::new(Box::pin(s) as Self::SubscribeStream))
+            .map_err(Status::from);
+        answered(&span, opened)
     }
 }
 
