@@ -15,8 +15,8 @@ build:
 run: build
 	./target/debug/trellis
 
-## setup: find or install the backend servers the tests start privately
-## (redis-server, nats-server, PostgreSQL); says exactly what is missing
+## setup: find or install the servers the tests start privately
+## (redis-server, nats-server, PostgreSQL, Prometheus); says exactly what is missing
 setup:
 	./scripts/setup-backends.sh
 

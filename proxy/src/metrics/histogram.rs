@@ -64,7 +64,7 @@ impl AtomicHistogram {
         }
     }
 
-    /// (per-bucket counts with their upper bounds, +Inf last as `f64::MAX`,
+    /// (per-bucket counts with their upper bounds, +Inf last as `f64::INFINITY`,
     /// which the encoders print as `+Inf`), total count, sum.
     fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
         let buckets: Vec<(f64, u64)> = self
@@ -72,7 +72,7 @@ impl AtomicHistogram {
             .bounds
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            .chain(std::iter::once(f64::INFINITY))
             .zip(self.inner.counts.iter().map(|c| c.load(Ordering::Relaxed)))
             .collect();
         let count = buckets.iter().map(|(_, c)| c).sum();
@@ -107,7 +107,7 @@ mod tests {
             h.observe(v);
         }
         let (buckets, count, sum) = h.snapshot();
-        assert_eq!(buckets, vec![(0.001, 2), (0.01, 1), (f64::MAX, 1)]);
+        assert_eq!(buckets, vec![(0.001, 2), (0.01, 1), (f64::INFINITY, 1)]);
         assert_eq!(count, 4);
         assert!((sum - 3.0065).abs() < 1e-9, "{sum}");
     }
