@@ -34,6 +34,8 @@ const ENV_ROOTS: &[&str] = &[
     "worker_threads",
     "http",
     "telemetry",
+    "policies",
+    "max_in_flight",
 ];
 
 /// Largest name length, for patterns and namespaces.
@@ -79,6 +81,11 @@ pub struct Config {
     pub http: Http,
     /// Metrics, the per-call log and traces.
     pub telemetry: Telemetry,
+    /// Named traffic policies for namespaces (see `policy.rs`).
+    pub policies: BTreeMap<String, crate::policy::Policy>,
+    /// Data calls in flight in the whole proxy beyond which new ones are
+    /// refused at once (load shedding), whatever their namespace.
+    pub max_in_flight: u32,
     pub patterns: Vec<PatternConfig>,
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -94,6 +101,8 @@ impl Default for Config {
             worker_threads: None,
             http: Http::default(),
             telemetry: Telemetry::default(),
+            policies: BTreeMap::new(),
+            max_in_flight: 10_000,
             patterns: Vec::new(),
             namespaces: Vec::new(),
         }
@@ -546,6 +555,9 @@ pub struct NamespaceConfig {
     pub name: String,
     /// The name of the pattern that serves this namespace.
     pub pattern: String,
+    /// The traffic policy (a name under `policies:`); absent: `default`.
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 /// Where a configuration came from; named in every error.
@@ -909,9 +921,44 @@ impl Config {
                 bad(at("restart.max_starts"), "must be at least 1".into());
             }
         }
+        const METHODS: &[&str] = &["Get", "Put", "Delete", "List", "Publish", "Subscribe"];
+        for (name, policy) in &self.policies {
+            if !valid_name(name) {
+                bad(
+                    format!("policies.{name}"),
+                    format!("{name:?} is not a valid policy name; allowed: {NAME_RULE}"),
+                );
+            }
+            for (field, message) in crate::policy::validate(name, policy, METHODS) {
+                bad(field, message);
+            }
+        }
+        if self.max_in_flight == 0 {
+            bad(
+                "max_in_flight".into(),
+                "must be at least 1; it bounds the data calls the whole proxy holds at once".into(),
+            );
+        }
         let mut seen_ns = BTreeMap::new();
         for (i, n) in self.namespaces.iter().enumerate() {
             let at = |f: &str| format!("namespaces[{i}].{f}");
+            if let Some(policy) = &n.policy
+                && policy != crate::policy::DEFAULT
+                && !self.policies.contains_key(policy)
+            {
+                let known: Vec<&str> = self.policies.keys().map(String::as_str).collect();
+                bad(
+                    at("policy"),
+                    format!(
+                        "no policy is named {policy:?}; allowed: one of the names under `policies:` ({}), or `default`",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
             if !valid_name(&n.name) {
                 bad(
                     at("name"),

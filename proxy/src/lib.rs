@@ -13,6 +13,7 @@
 //!   what is never forwarded).
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`traces`]: OpenTelemetry spans of data calls, exported over OTLP.
+//! - [`policy`]: traffic policies per namespace (plain configuration data).
 //! - [`admin`]: the admin API over the supervisor's handles.
 //! - [`reflection`]: gRPC server reflection (v1 and v1alpha) of exactly the
 //!   services served, errors answered in-stream.
@@ -36,6 +37,7 @@ pub mod health;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod policy;
 pub mod reflection;
 pub mod server;
 pub mod supervisor;

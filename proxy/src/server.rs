@@ -66,6 +66,7 @@ pub async fn run(
         Router::new(&patterns),
         stop_rx.clone(),
         telemetry,
+        crate::dataplane::Policies::new(&config),
         config.request_timeout,
     );
     let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));

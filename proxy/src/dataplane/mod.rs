@@ -39,6 +39,7 @@ mod observe;
 mod route;
 pub mod wire;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +59,7 @@ pub use route::Router;
 pub use wire::MAX_MESSAGE_BYTES;
 
 use crate::error::ApiError;
+use crate::policy::Resolved;
 use crate::upstream::Upstream;
 
 /// One data call, as it travels down the stack.
@@ -77,6 +79,8 @@ pub struct Call {
     pub deadline: Instant,
     /// The deadline's length, for messages.
     pub budget: Duration,
+    /// The namespace's traffic policy.
+    pub policy: Arc<Resolved>,
     /// Set by `Route`.
     pub upstream: Option<Upstream>,
     /// The call's server span, set by `Observe` while traces are on.
@@ -109,7 +113,49 @@ pub struct DataPlane {
     methods: Arc<Methods>,
     stack: Stack,
     request_timeout: Duration,
+    policies: Arc<Policies>,
     telemetry: Arc<Telemetry>,
+}
+
+/// Each namespace's traffic policy.
+pub struct Policies {
+    by_namespace: HashMap<String, Arc<Resolved>>,
+    /// For namespaces nobody configured (the call is refused by `Route`).
+    default: Arc<Resolved>,
+}
+
+impl Policies {
+    /// From the config's `policies:` and each namespace's `policy:`.
+    pub fn new(config: &crate::config::Config) -> Self {
+        Policies {
+            by_namespace: config
+                .namespaces
+                .iter()
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        crate::policy::resolve(&config.policies, n.policy.as_deref()),
+                    )
+                })
+                .collect(),
+            default: crate::policy::resolve(&config.policies, None),
+        }
+    }
+
+    /// The built-in defaults everywhere (for tests).
+    pub fn defaults() -> Self {
+        Policies {
+            by_namespace: HashMap::new(),
+            default: crate::policy::resolve(&Default::default(), None),
+        }
+    }
+
+    pub fn get(&self, namespace: &str) -> Arc<Resolved> {
+        self.by_namespace
+            .get(namespace)
+            .unwrap_or(&self.default)
+            .clone()
+    }
 }
 
 impl DataPlane {
@@ -118,10 +164,12 @@ impl DataPlane {
         router: Router,
         stopping: watch::Receiver<bool>,
         telemetry: Arc<Telemetry>,
+        policies: Policies,
         request_timeout: Duration,
     ) -> Self {
         DataPlane {
             methods: Arc::new(methods),
+            policies: Arc::new(policies),
             stack: stack(router, stopping, telemetry.clone()),
             request_timeout,
             telemetry,
@@ -161,25 +209,33 @@ impl DataPlane {
             .methods
             .get(parts.uri.path())
             .ok_or_else(|| errors::unknown_method(parts.uri.path(), &self.methods))?;
-        let budget = parts
+        let client_timeout = parts
             .headers
             .get("grpc-timeout")
-            .and_then(|v| wire::parse_grpc_timeout(v.as_bytes()))
-            .map_or(self.request_timeout, |t| t.min(self.request_timeout));
-        let deadline = received + budget;
+            .and_then(|v| wire::parse_grpc_timeout(v.as_bytes()));
+        // Reading the message is bounded before its namespace (and so its
+        // policy) is known.
+        let read_budget =
+            client_timeout.map_or(self.request_timeout, |t| t.min(self.request_timeout));
+        let read_deadline = received + read_budget;
         let message = {
             let mut read = std::pin::pin!(read_message(body));
             // Most requests are already here in full: no timer for them.
             match futures::poll!(read.as_mut()) {
                 std::task::Poll::Ready(r) => r?,
-                std::task::Poll::Pending => tokio::time::timeout_at(deadline, read)
+                std::task::Poll::Pending => tokio::time::timeout_at(read_deadline, read)
                     .await
-                    .map_err(|_| errors::request_too_slow(budget))??,
+                    .map_err(|_| errors::request_too_slow(read_budget))??,
             }
         };
-        let namespace = wire::namespace(&message[wire::PREFIX_LEN..])
+        let namespace: Arc<str> = wire::namespace(&message[wire::PREFIX_LEN..])
             .map_err(errors::malformed_request)?
             .into();
+        // The namespace's policy may bound the call differently.
+        let policy = self.policies.get(&namespace);
+        let bound = policy.timeout(&method.name).unwrap_or(self.request_timeout);
+        let budget = client_timeout.map_or(bound, |t| t.min(bound));
+        let deadline = received + budget;
         crate::metadata::prepare_for_pattern(&mut parts.headers);
         let path = parts
             .uri
@@ -195,6 +251,7 @@ impl DataPlane {
             received,
             deadline,
             budget,
+            policy,
             upstream: None,
             trace: None,
         })

@@ -635,6 +635,7 @@ mod tests {
             crate::dataplane::Router::new(&[]),
             stopping,
             std::sync::Arc::new(crate::dataplane::Telemetry::off()),
+            crate::dataplane::Policies::defaults(),
             std::time::Duration::from_secs(1),
         );
         let metrics = crate::metrics::Metrics::new(&[], &[], &[]);

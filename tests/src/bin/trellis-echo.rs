@@ -36,13 +36,26 @@
 //!   (tonic sends an error as a Trailers-Only response: one header block).
 //! - `Get ok-trailers`: value `ok`, response header `x-echo-header: h1`, and
 //!   `x-echo-trailer: t2` in the trailers next to `grpc-status: 0`.
-//! - `Get sleep:<ms>`: sleeps that long, then value `slept`.
+//! - `Get sleep:<ms>`: sleeps that long, then value `slept`; a call the
+//!   caller gave up on first is counted (`Get cancelled`).
 //! - `Get big:<n>`: a value of n bytes, byte i being `i % 251` (up to
 //!   64 MiB minus a few bytes: messages may be 64 MiB either way).
 //! - `Get puts`: how many `Put` calls arrived, as decimal text.
 //! - `Get subscriptions`: how many subscriptions are open now, as decimal text.
 //! - `Get <anything else>`: the key's bytes.
 //! - `Put`: counted, nothing stored. `Delete`: `deleted: true`. `List`: empty.
+//!
+//! Faults, for the traffic-policy tests (every call to an `<id>` counted,
+//! Get or Put alike; `Get attempts:<id>` reads the count):
+//! - `flaky:<id>`: the first call fails UNAVAILABLE, later ones succeed;
+//! - `down:<id>`: every call fails UNAVAILABLE;
+//! - `pushback:<ms>:<id>`: the first call fails UNAVAILABLE with
+//!   `grpc-retry-pushback-ms: <ms>`, later ones succeed;
+//! - `Put mode` with value `fail` / `ok`: from then on `Get m:<anything>`
+//!   fails UNAVAILABLE / succeeds (a pattern that starts failing, then
+//!   recovers);
+//! - `Get cancelled`: how many `sleep:` calls ended because the caller
+//!   went away (the stream was reset) before they answered.
 //!
 //! PubSub (when claimed):
 //! - `Publish`: message id `echo-<n>`, n = 1, 2, … over all publishes.
@@ -276,12 +289,56 @@ struct Echo {
     puts: AtomicU64,
     publishes: AtomicU64,
     subscriptions: Arc<AtomicU64>,
+    /// Calls seen per fault id.
+    attempts: Mutex<HashMap<String, u64>>,
+    /// `Put mode fail` sets it: `Get m:*` then fails.
+    failing: std::sync::atomic::AtomicBool,
+    cancelled: Arc<AtomicU64>,
     health: HealthReporter,
     /// `Some(grace)` once Stop or a signal asked to exit.
     stopping: watch::Sender<Option<Duration>>,
 }
 
 impl Echo {
+    /// Counts a call to a fault key and answers what the fault says, or
+    /// `None` when the key is not a fault.
+    fn fault(&self, key: &str) -> Option<Result<(), Status>> {
+        let (kind, rest) = key.split_once(':')?;
+        let (pushback, id) = match kind {
+            "flaky" | "down" => (None, rest),
+            "pushback" => {
+                let (ms, id) = rest.split_once(':')?;
+                (Some(ms.to_string()), id)
+            }
+            "m" => {
+                return Some(if self.failing.load(Ordering::SeqCst) {
+                    Err(Status::unavailable("echo: failing (mode fail)"))
+                } else {
+                    Ok(())
+                });
+            }
+            _ => return None,
+        };
+        let n = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = attempts.entry(id.to_string()).or_default();
+            *n += 1;
+            *n
+        };
+        Some(match (kind, n) {
+            ("down", _) | (_, 1) => {
+                let mut status = Status::unavailable(format!("echo: {kind} {id}, attempt {n}"));
+                if let Some(ms) =
+                    pushback.and_then(|ms| ms.parse::<tonic::metadata::MetadataValue<_>>().ok())
+                {
+                    status.metadata_mut().insert("grpc-retry-pushback-ms", ms);
+                }
+                Err(status)
+            }
+            _ => Ok(()),
+        })
+    }
+
     fn serving(&self, service: &str) -> Result<(), Status> {
         match &*self.claims.lock().unwrap_or_else(PoisonError::into_inner) {
             None => Err(Status::unavailable("echo: not initialized yet")),
@@ -366,8 +423,26 @@ impl KeyValue for Echo {
     ) -> Result<Response<data::GetResponse>, Status> {
         self.serving(KEY_VALUE_SERVICE)?;
         let key = req.get_ref().key.as_str();
+        if let Some(answer) = self.fault(key) {
+            answer?;
+            return Ok(Response::new(data::GetResponse {
+                value: b"recovered".to_vec(),
+            }));
+        }
         let value = if let Some(ms) = key.strip_prefix("sleep:") {
-            tokio::time::sleep(Duration::from_millis(number("key", ms)?)).await;
+            let ms = number("key", ms)?;
+            // Counts the call as cancelled unless it gets to answer.
+            struct Unfinished(Arc<AtomicU64>, bool);
+            impl Drop for Unfinished {
+                fn drop(&mut self) {
+                    if !self.1 {
+                        self.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            let mut guard = Unfinished(self.cancelled.clone(), false);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            guard.1 = true;
             b"slept".to_vec()
         } else if let Some(n) = key.strip_prefix("big:") {
             let n = usize::try_from(number("key", n)?).unwrap_or(usize::MAX);
@@ -386,6 +461,21 @@ impl KeyValue for Echo {
                 "fail" => return Err(failure()),
                 "ok-trailers" => return Ok(ok_with_trailers()),
                 "puts" => self.puts.load(Ordering::SeqCst).to_string().into_bytes(),
+                "cancelled" => self
+                    .cancelled
+                    .load(Ordering::SeqCst)
+                    .to_string()
+                    .into_bytes(),
+                k if k.starts_with("attempts:") => {
+                    let id = &k["attempts:".len()..];
+                    let attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+                    attempts
+                        .get(id)
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string()
+                        .into_bytes()
+                }
                 "subscriptions" => self
                     .subscriptions
                     .load(Ordering::SeqCst)
@@ -399,10 +489,16 @@ impl KeyValue for Echo {
 
     async fn put(
         &self,
-        _req: Request<data::PutRequest>,
+        req: Request<data::PutRequest>,
     ) -> Result<Response<data::PutResponse>, Status> {
         self.serving(KEY_VALUE_SERVICE)?;
         self.puts.fetch_add(1, Ordering::SeqCst);
+        let req = req.into_inner();
+        if req.key == "mode" {
+            self.failing.store(req.value == b"fail", Ordering::SeqCst);
+        } else if let Some(answer) = self.fault(&req.key) {
+            answer?;
+        }
         Ok(Response::new(data::PutResponse {}))
     }
 
@@ -532,6 +628,9 @@ async fn run() -> Result<(), String> {
         puts: AtomicU64::new(0),
         publishes: AtomicU64::new(0),
         subscriptions: Arc::new(AtomicU64::new(0)),
+        attempts: Mutex::new(HashMap::new()),
+        failing: std::sync::atomic::AtomicBool::new(false),
+        cancelled: Arc::new(AtomicU64::new(0)),
         health,
         stopping,
     });
