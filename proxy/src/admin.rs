@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::{Stream, StreamExt};
@@ -12,6 +13,7 @@ use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1 as pb;
 use trellis_proto::admin::v1::admin_server::Admin;
 
+use crate::dataplane::Circuits;
 use crate::supervisor::process::Exit;
 use crate::supervisor::{CommandError, PatternHandle, State, Status as PatternStatus};
 
@@ -19,6 +21,7 @@ pub struct AdminService {
     patterns: Vec<PatternHandle>,
     by_name: HashMap<String, usize>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    circuits: Option<Arc<Circuits>>,
 }
 
 impl AdminService {
@@ -33,7 +36,35 @@ impl AdminService {
             patterns,
             by_name,
             shutdown,
+            circuits: None,
         }
+    }
+
+    /// Reports the namespaces' circuit breakers with each pattern.
+    pub fn with_circuits(mut self, circuits: Arc<Circuits>) -> Self {
+        self.circuits = Some(circuits);
+        self
+    }
+
+    /// A pattern as the API reports it, its circuits included.
+    fn report(&self, handle: &PatternHandle) -> pb::Pattern {
+        let mut p = to_proto(handle, &handle.status());
+        if let Some(c) = &self.circuits {
+            p.circuits = c
+                .views(handle.namespaces().iter().map(String::as_str))
+                .into_iter()
+                .map(|v| pb::Circuit {
+                    namespace: v.namespace,
+                    state: v.state.to_string(),
+                    trips: v.trips,
+                    consecutive_failures: v.consecutive_failures,
+                    opens_in: v
+                        .opens_in
+                        .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                })
+                .collect();
+        }
+        p
     }
 
     fn find(&self, name: &str) -> Result<&PatternHandle, Status> {
@@ -60,13 +91,14 @@ impl AdminService {
     }
 
     fn action(
+        &self,
         handle: &PatternHandle,
         result: Result<String, CommandError>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         match result {
             Ok(message) => Ok(Response::new(pb::PatternActionResponse {
                 message,
-                pattern: Some(to_proto(handle, &handle.status())),
+                pattern: Some(self.report(handle)),
             })),
             Err(e @ CommandError::AlreadyRunning(_)) => Err(crate::error::ApiError::new(
                 tonic::Code::FailedPrecondition,
@@ -120,6 +152,7 @@ pub fn to_proto(handle: &PatternHandle, s: &PatternStatus) -> pb::Pattern {
         version: s.version.clone(),
         interfaces: s.interfaces.clone(),
         stderr_tail: handle.stderr_tail(),
+        circuits: Vec::new(),
     }
 }
 
@@ -131,11 +164,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<pb::ListPatternsRequest>,
     ) -> Result<Response<pb::ListPatternsResponse>, Status> {
-        let patterns = self
-            .patterns
-            .iter()
-            .map(|h| to_proto(h, &h.status()))
-            .collect();
+        let patterns = self.patterns.iter().map(|h| self.report(h)).collect();
         Ok(Response::new(pb::ListPatternsResponse { patterns }))
     }
 
@@ -144,7 +173,7 @@ impl Admin for AdminService {
         req: Request<pb::GetPatternRequest>,
     ) -> Result<Response<pb::Pattern>, Status> {
         let h = self.find(&req.get_ref().name)?;
-        Ok(Response::new(to_proto(h, &h.status())))
+        Ok(Response::new(self.report(h)))
     }
 
     async fn start_pattern(
@@ -152,7 +181,7 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let h = self.find(&req.get_ref().name)?;
-        Self::action(h, h.start().await)
+        self.action(h, h.start().await)
     }
 
     async fn stop_pattern(
@@ -160,7 +189,7 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let h = self.find(&req.get_ref().name)?;
-        Self::action(h, h.stop().await)
+        self.action(h, h.stop().await)
     }
 
     async fn restart_pattern(
@@ -168,7 +197,7 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let h = self.find(&req.get_ref().name)?;
-        Self::action(h, h.restart().await)
+        self.action(h, h.restart().await)
     }
 
     type WatchPatternsStream = EventStream;

@@ -515,6 +515,25 @@ fn describe(p: &admin::Pattern, now: SystemTime) -> String {
             p.last_error.clone()
         },
     );
+    for c in &p.circuits {
+        let opens_in = c
+            .opens_in
+            .and_then(|d| std::time::Duration::try_from(d).ok())
+            .map(|d| {
+                format!(
+                    ", probes in {}",
+                    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+                )
+            })
+            .unwrap_or_default();
+        line(
+            "circuit",
+            format!(
+                "{}: {} ({} trips, {} failures in a row{opens_in})",
+                c.namespace, c.state, c.trips, c.consecutive_failures
+            ),
+        );
+    }
     s.push_str("stderr tail:\n");
     for l in &p.stderr_tail {
         s.push_str(&format!("  {l}\n"));

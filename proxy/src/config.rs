@@ -746,10 +746,10 @@ impl Config {
         let mut problems = Vec::new();
         let mut bad = |field: String, message: String| problems.push(Problem { field, message });
 
-        if self.request_timeout.is_zero() {
+        if self.request_timeout.is_zero() || self.request_timeout > crate::policy::MAX_DURATION {
             bad(
                 "request_timeout".into(),
-                "must be greater than zero, e.g. \"5s\"".into(),
+                "must be greater than zero and at most 1h, e.g. \"5s\"".into(),
             );
         }
         let traces = &self.telemetry.traces;

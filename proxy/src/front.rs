@@ -28,6 +28,8 @@ use crate::dataplane::{CallBody, DataPlane};
 pub struct FrontDoor {
     data: Arc<DataPlane>,
     services: Routes,
+    /// The client of the connection this copy serves.
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl FrontDoor {
@@ -36,6 +38,16 @@ impl FrontDoor {
         FrontDoor {
             data: Arc::new(data),
             services,
+            peer: None,
+        }
+    }
+
+    /// This front door for one client connection: its calls carry the
+    /// client's address (`dataplane::Peer`).
+    pub fn for_peer(&self, peer: std::net::SocketAddr) -> Self {
+        FrontDoor {
+            peer: Some(peer),
+            ..self.clone()
         }
     }
 }
@@ -93,7 +105,10 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<B>) -> BoxFuture {
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(crate::dataplane::Peer(peer));
+        }
         if crate::dataplane::is_data_path(req.uri().path()) {
             let data = self.data.clone();
             Box::pin(async move { Ok(data.handle(req).await.map(FrontBody::Data)) })
@@ -133,8 +148,8 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = shutdown.wait_for(|down| *down) => break,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off a little instead of spinning.
                 warn!(error = %e, "accepting a gRPC connection failed");
@@ -144,7 +159,7 @@ pub async fn serve(
         };
         // Without it a response waits on Nagle + delayed ACK (~40 ms).
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(front.clone());
+        let service = TowerToHyperService::new(front.for_peer(peer));
         let conn = http2.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

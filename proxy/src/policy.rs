@@ -31,6 +31,30 @@ pub const DEFAULT: &str = "default";
 /// The most attempts a call may get, counting the first (gRPC's A6 cap).
 pub const MAX_ATTEMPTS: u32 = 5;
 
+/// The longest any policy duration may be (a timeout, a backoff, a
+/// window): longer is a typo, and would overflow the clock's arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// The most retries per second a budget may allow regardless of traffic.
+pub const MAX_MIN_PER_SECOND: u32 = 1_000_000;
+
+/// The most calls that may wait for a concurrency slot.
+pub const MAX_QUEUE: u32 = 100_000;
+
+/// `d` is within (0, MAX_DURATION]; else what is allowed.
+fn duration_problem(d: Duration) -> Option<String> {
+    if d.is_zero() {
+        Some("must be greater than zero, e.g. \"5s\"; allowed: up to 1h".into())
+    } else if d > MAX_DURATION {
+        Some(format!(
+            "{} is out of range; allowed: above 0, up to 1h",
+            humantime::format_duration(d)
+        ))
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
@@ -238,8 +262,8 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
     let mut out = Vec::new();
     let at = |f: &str| format!("policies.{name}.{f}");
     let mut bad = |f: &str, m: String| out.push((at(f), m));
-    if p.timeout.is_some_and(|t| t.is_zero()) {
-        bad("timeout", "must be greater than zero, e.g. \"5s\"".into());
+    if let Some(m) = p.timeout.and_then(duration_problem) {
+        bad("timeout", m);
     }
     for (m, t) in &p.method_timeouts {
         if !methods.contains(&m.as_str()) {
@@ -250,11 +274,8 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
                     methods.join(", ")
                 ),
             );
-        } else if t.0.is_zero() {
-            bad(
-                &format!("method_timeouts.{m}"),
-                "must be greater than zero".into(),
-            );
+        } else if let Some(problem) = duration_problem(t.0) {
+            bad(&format!("method_timeouts.{m}"), problem);
         }
     }
     let r = &p.retries;
@@ -267,13 +288,12 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
             ),
         );
     }
-    if r.initial_backoff.is_zero() {
-        bad(
-            "retries.initial_backoff",
-            "must be greater than zero".into(),
-        );
+    if let Some(m) = duration_problem(r.initial_backoff) {
+        bad("retries.initial_backoff", m);
     }
-    if r.max_backoff < r.initial_backoff {
+    if let Some(m) = duration_problem(r.max_backoff) {
+        bad("retries.max_backoff", m);
+    } else if r.max_backoff < r.initial_backoff {
         bad(
             "retries.max_backoff",
             "must be at least retries.initial_backoff".into(),
@@ -292,12 +312,15 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
         );
     }
     for (i, c) in r.retryable_codes.iter().enumerate() {
-        if code_by_name(c).is_none() || c == "OK" {
+        let at = format!("retries.retryable_codes[{i}]");
+        if c == "OK" {
+            bad(&at, "OK is a success and cannot be retried".into());
+        } else if code_by_name(c).is_none() {
             bad(
-                &format!("retries.retryable_codes[{i}]"),
+                &at,
                 format!(
-                    "{c:?} is not a gRPC status code name; allowed: e.g. UNAVAILABLE, \
-                     RESOURCE_EXHAUSTED, ABORTED, DEADLINE_EXCEEDED"
+                    "{c:?} is not a gRPC status code name (written in capitals); allowed: e.g. \
+                     UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, DEADLINE_EXCEEDED"
                 ),
             );
         }
@@ -325,6 +348,15 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
             "is out of range; allowed: 1s to 60s".into(),
         );
     }
+    if r.budget.min_per_second > MAX_MIN_PER_SECOND {
+        bad(
+            "retries.budget.min_per_second",
+            format!(
+                "{} is out of range; allowed: 0 to {MAX_MIN_PER_SECOND}",
+                r.budget.min_per_second
+            ),
+        );
+    }
     let b = &p.circuit_breaker;
     if b.consecutive_failures == 0 {
         bad(
@@ -341,14 +373,14 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
             ),
         );
     }
-    if b.window.is_zero() {
-        bad("circuit_breaker.window", "must be greater than zero".into());
+    if b.min_calls == 0 {
+        bad("circuit_breaker.min_calls", "must be at least 1".into());
     }
-    if b.open_for.is_zero() {
-        bad(
-            "circuit_breaker.open_for",
-            "must be greater than zero".into(),
-        );
+    if let Some(m) = duration_problem(b.window) {
+        bad("circuit_breaker.window", m);
+    }
+    if let Some(m) = duration_problem(b.open_for) {
+        bad("circuit_breaker.open_for", m);
     }
     if b.probes == 0 {
         bad("circuit_breaker.probes", "must be at least 1".into());
@@ -360,11 +392,16 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
             "must be at least 1 (to stop a namespace, route it nowhere)".into(),
         );
     }
-    if c.queue > 0 && c.queue_timeout.is_zero() {
+    if c.queue > MAX_QUEUE {
         bad(
-            "concurrency.queue_timeout",
-            "must be greater than zero when queue > 0".into(),
+            "concurrency.queue",
+            format!("{} is out of range; allowed: 0 to {MAX_QUEUE}", c.queue),
         );
+    }
+    if c.queue > 0
+        && let Some(m) = duration_problem(c.queue_timeout)
+    {
+        bad("concurrency.queue_timeout", format!("{m} (when queue > 0)"));
     }
     let l = &p.rate_limit;
     if l.per_second == Some(0) {
@@ -379,13 +416,27 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
     if l.burst.is_some() && l.per_second.is_none() {
         bad("rate_limit.burst", "needs rate_limit.per_second".into());
     }
-    if let Some(k) = &l.caller_key
-        && http::HeaderName::from_bytes(k.as_bytes()).is_err()
-    {
-        bad(
-            "rate_limit.caller_key",
-            format!("{k:?} is not a valid metadata key (lowercase letters, digits, '-', '_')"),
-        );
+    if l.per_second.is_none() && (l.per_caller || l.caller_key.is_some()) {
+        let f = if l.per_caller {
+            "rate_limit.per_caller"
+        } else {
+            "rate_limit.caller_key"
+        };
+        bad(f, "needs rate_limit.per_second".into());
+    }
+    if let Some(k) = &l.caller_key {
+        let valid = !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid || k.starts_with("grpc-") || k.ends_with("-bin") || k.starts_with(':') {
+            bad(
+                "rate_limit.caller_key",
+                format!(
+                    "{k:?} is not a usable metadata key; allowed: lowercase letters, digits, '-' \
+                     and '_', not starting with grpc- nor ending in -bin (e.g. x-client-id)"
+                ),
+            );
+        }
     }
     out
 }

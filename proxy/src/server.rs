@@ -68,8 +68,11 @@ pub async fn run(
         telemetry,
         crate::dataplane::Policies::new(&config),
         config.request_timeout,
+        config.max_in_flight,
     );
-    let admin = AdminServer::new(AdminService::new(patterns, stop_rx.clone()));
+    let admin = AdminServer::new(
+        AdminService::new(patterns, stop_rx.clone()).with_circuits(data.circuits()),
+    );
     // The proxy's own services; data calls never reach them.
     let mut services = tonic::service::RoutesBuilder::default();
     services.add_service(health_service).add_service(admin);

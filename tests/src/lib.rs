@@ -119,6 +119,8 @@ pub struct ProxyBuilder {
     top: String,
     log_level: Option<String>,
     env: Vec<(String, String)>,
+    /// Namespace → the traffic policy it names.
+    policies: Vec<(String, String)>,
 }
 
 impl ProxyBuilder {
@@ -166,6 +168,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Namespace `ns` uses the policy named `policy` (define it with `top`).
+    pub fn policy(mut self, ns: &str, policy: &str) -> Self {
+        self.policies.push((ns.into(), policy.into()));
+        self
+    }
+
     /// Extra top-level YAML, e.g. "request_timeout: 2s".
     pub fn top(mut self, yaml: &str) -> Self {
         self.top.push_str(yaml);
@@ -203,6 +211,9 @@ impl ProxyBuilder {
         for p in &self.patterns {
             for ns in &p.namespaces {
                 y.push_str(&format!("  - name: {ns}\n    pattern: {}\n", p.name));
+                if let Some((_, policy)) = self.policies.iter().find(|(n, _)| n == ns) {
+                    y.push_str(&format!("    policy: {policy}\n"));
+                }
             }
         }
         y

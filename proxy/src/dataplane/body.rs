@@ -113,6 +113,12 @@ impl CallBody {
         });
     }
 
+    /// The status of a trailers-only answer (the pattern's, or one the
+    /// proxy made): the call failed before any message.
+    pub fn trailers_only(&self) -> Option<Code> {
+        self.status_in_headers
+    }
+
     fn finish(&mut self, code: Code) {
         if let Some(f) = self.on_end.take() {
             f(code);

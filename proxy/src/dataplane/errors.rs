@@ -286,6 +286,95 @@ pub fn shutting_down() -> ApiError {
     )
 }
 
+/// The proxy holds `max` calls already (`max_in_flight`).
+pub fn overloaded(namespace: &str, max: u32) -> ApiError {
+    ApiError::new(
+        Code::Unavailable,
+        "PROXY_OVERLOADED",
+        format!(
+            "the proxy is at its limit of {max} calls in flight (`max_in_flight`), so this call \
+             was refused before it started; retry after the delay, preferably on another replica"
+        ),
+    )
+    .meta("namespace", namespace)
+    .meta("limit", max.to_string())
+}
+
+/// The namespace's (or the caller's) token bucket is empty.
+pub fn rate_limited(
+    namespace: &str,
+    policy: &str,
+    per_second: u32,
+    caller: Option<&str>,
+    wait: Duration,
+) -> ApiError {
+    let whose = match caller {
+        Some(c) => format!("caller {c:?} in namespace {namespace:?}"),
+        None => format!("namespace {namespace:?}"),
+    };
+    let mut e = ApiError::new(
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+        format!(
+            "{whose} is over its rate limit of {per_second} calls per second (policy \
+             {policy:?}, `rate_limit`); retry after {}",
+            human(wait)
+        ),
+    )
+    .meta("namespace", namespace)
+    .meta("policy", policy)
+    .meta("limit", per_second.to_string())
+    .retry_after(wait);
+    if let Some(c) = caller {
+        e = e.meta("caller", c);
+    }
+    e
+}
+
+/// The namespace has `max` calls in flight (and its queue, if any, is
+/// full or the wait ran out).
+pub fn concurrency_limited(namespace: &str, policy: &str, max: u32, queued: bool) -> ApiError {
+    let how = if queued {
+        "no slot came free within the queue's wait"
+    } else {
+        "it is at its limit"
+    };
+    ApiError::new(
+        Code::ResourceExhausted,
+        "CONCURRENCY_LIMIT",
+        format!(
+            "namespace {namespace:?} allows {max} calls in flight (policy {policy:?}, \
+             `concurrency.max_in_flight`) and {how}; retry after the delay, or send fewer \
+             calls at once"
+        ),
+    )
+    .meta("namespace", namespace)
+    .meta("policy", policy)
+    .meta("limit", max.to_string())
+    .retry_after(CONCURRENCY_RETRY)
+}
+
+/// What a refused call is told to wait when a slot's freeing is not known.
+pub const CONCURRENCY_RETRY: Duration = Duration::from_millis(100);
+
+/// The namespace's circuit is open (or half-open with every probe out).
+pub fn circuit_open(namespace: &str, pattern: &str, policy: &str, wait: Duration) -> ApiError {
+    ApiError::new(
+        Code::Unavailable,
+        "CIRCUIT_OPEN",
+        format!(
+            "the circuit for namespace {namespace:?} (pattern {pattern:?}) is open after repeated \
+             failures (policy {policy:?}, `circuit_breaker`), so the call was not sent; retry \
+             after {}, and see `trellis patterns get {pattern}`",
+            human(wait)
+        ),
+    )
+    .meta("namespace", namespace)
+    .meta("pattern", pattern)
+    .meta("policy", policy)
+    .retry_after(wait)
+}
+
 pub fn internal(what: &str) -> ApiError {
     ApiError::new(Code::Internal, "INTERNAL", what.to_string())
 }

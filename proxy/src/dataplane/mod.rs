@@ -30,12 +30,16 @@
 //! `Deadline`, so each attempt gets the time that is left.
 
 mod body;
+mod breaker;
 mod deadline;
 mod drain;
 mod errors;
 mod forward;
+mod limits;
 mod methods;
 mod observe;
+mod outcome;
+mod retry;
 mod route;
 pub mod wire;
 
@@ -53,6 +57,7 @@ use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
 pub use body::CallBody;
+pub use breaker::{CircuitView, Circuits};
 pub use methods::{DataMethod, Methods, is_data_path};
 pub use observe::Telemetry;
 pub use route::Router;
@@ -61,6 +66,11 @@ pub use wire::MAX_MESSAGE_BYTES;
 use crate::error::ApiError;
 use crate::policy::Resolved;
 use crate::upstream::Upstream;
+
+/// The client's address, put in a request's extensions by the door it
+/// came through.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// One data call, as it travels down the stack.
 pub struct Call {
@@ -81,30 +91,93 @@ pub struct Call {
     pub budget: Duration,
     /// The namespace's traffic policy.
     pub policy: Arc<Resolved>,
+    /// The client's address, when the front door knows it.
+    pub peer: Option<std::net::SocketAddr>,
     /// Set by `Route`.
     pub upstream: Option<Upstream>,
     /// The call's server span, set by `Observe` while traces are on.
     pub trace: Option<opentelemetry::Context>,
 }
 
+impl Call {
+    /// A copy of the call for another attempt (`Retry`).
+    fn again(&self) -> Call {
+        Call {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            namespace: self.namespace.clone(),
+            headers: self.headers.clone(),
+            message: self.message.clone(),
+            received: self.received,
+            deadline: self.deadline,
+            budget: self.budget,
+            policy: self.policy.clone(),
+            peer: self.peer,
+            upstream: self.upstream.clone(),
+            trace: self.trace.clone(),
+        }
+    }
+}
+
 /// The stack below the edge.
 pub type Stack = observe::Observe<
-    route::Route<deadline::Deadline<drain::Drain<observe::Hop<forward::Forward>>>>,
+    limits::Shed<
+        route::Route<
+            limits::RateLimit<
+                limits::Concurrency<
+                    breaker::Breaker<
+                        retry::Retry<
+                            deadline::Deadline<drain::Drain<observe::Hop<forward::Forward>>>,
+                        >,
+                    >,
+                >,
+            >,
+        >,
+    >,
 >;
 
-/// Builds the stack, outermost layer first.
-pub fn stack(router: Router, stopping: watch::Receiver<bool>, telemetry: Arc<Telemetry>) -> Stack {
-    let forward = forward::Forward;
+/// Builds the stack, innermost layer first; each layer's place, and why:
+///
+/// 1. `Observe` — outermost: every call, refused ones included, is
+///    measured and logged.
+/// 2. `Shed` — the proxy's own overload comes before any per-namespace
+///    work: refusing early is the point.
+/// 3. `Route` — NOT_FOUND / UNAVAILABLE / UNIMPLEMENTED; the layers below
+///    act on a known, serving pattern.
+/// 4. `RateLimit` — before `Concurrency`, so a caller over its rate never
+///    holds a slot.
+/// 5. `Concurrency` — slots per namespace; a call refused by the breaker
+///    below gives its slot back at once.
+/// 6. `Breaker` — sees each call's final outcome (after retries): an open
+///    circuit fails calls before they wait on retries or the pattern.
+/// 7. `Retry` — each attempt runs the layers below afresh, all inside the
+///    call's one deadline.
+/// 8. `Deadline`, `Drain`, `Hop`, `Forward` — one attempt.
+pub fn stack(
+    router: Router,
+    stopping: watch::Receiver<bool>,
+    telemetry: Arc<Telemetry>,
+    policies: &Policies,
+    circuits: Arc<Circuits>,
+    max_in_flight: u32,
+) -> Stack {
+    let t = || telemetry.clone();
+    let attempt = forward::Forward;
     // Just above forwarding: the hop to the pattern, timed from the send.
-    let forward = observe::HopLayer::new(telemetry.clone()).layer(forward);
+    let attempt = observe::HopLayer::new(t()).layer(attempt);
     // Only a stream that reached the pattern can be drained.
-    let forward = drain::DrainLayer::new(stopping).layer(forward);
+    let attempt = drain::DrainLayer::new(stopping).layer(attempt);
     // Inside Route, so the deadline's messages can name the pattern, and
     // outside Drain, so a stream is bounded until it opens.
-    let forward = deadline::DeadlineLayer.layer(forward);
-    let routed = route::RouteLayer::new(router).layer(forward);
+    let attempt = deadline::DeadlineLayer.layer(attempt);
+    let call = retry::RetryLayer::new(policies, t()).layer(attempt);
+    let call = breaker::BreakerLayer::new(circuits, t()).layer(call);
+    let call = limits::ConcurrencyLayer::new(policies, t()).layer(call);
+    let call = limits::RateLimitLayer::new(policies, t()).layer(call);
+    let routed = route::RouteLayer::new(router).layer(call);
+    let shed = limits::ShedLayer::new(t(), max_in_flight).layer(routed);
     // Outermost: every call, refused ones included.
-    observe::ObserveLayer::new(telemetry).layer(routed)
+    observe::ObserveLayer::new(telemetry).layer(shed)
 }
 
 /// The edge of the data plane: HTTP/2 requests in, gRPC responses out.
@@ -115,6 +188,7 @@ pub struct DataPlane {
     request_timeout: Duration,
     policies: Arc<Policies>,
     telemetry: Arc<Telemetry>,
+    circuits: Arc<Circuits>,
 }
 
 /// Each namespace's traffic policy.
@@ -150,6 +224,11 @@ impl Policies {
         }
     }
 
+    /// Every configured namespace with its policy.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &Arc<Resolved>)> {
+        self.by_namespace.iter().map(|(ns, p)| (ns.as_str(), p))
+    }
+
     pub fn get(&self, namespace: &str) -> Arc<Resolved> {
         self.by_namespace
             .get(namespace)
@@ -166,14 +245,30 @@ impl DataPlane {
         telemetry: Arc<Telemetry>,
         policies: Policies,
         request_timeout: Duration,
+        max_in_flight: u32,
     ) -> Self {
+        let circuits = Arc::new(Circuits::new(&policies, &telemetry));
+        let stack = stack(
+            router,
+            stopping,
+            telemetry.clone(),
+            &policies,
+            circuits.clone(),
+            max_in_flight,
+        );
         DataPlane {
             methods: Arc::new(methods),
+            stack,
             policies: Arc::new(policies),
-            stack: stack(router, stopping, telemetry.clone()),
             request_timeout,
             telemetry,
+            circuits,
         }
+    }
+
+    /// The namespaces' circuit breakers (for the admin API).
+    pub fn circuits(&self) -> Arc<Circuits> {
+        self.circuits.clone()
     }
 
     /// Answers one call; never fails: errors are gRPC statuses.
@@ -252,6 +347,7 @@ impl DataPlane {
             deadline,
             budget,
             policy,
+            peer: parts.extensions.get::<Peer>().map(|p| p.0),
             upstream: None,
             trace: None,
         })

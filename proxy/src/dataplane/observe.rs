@@ -18,8 +18,6 @@
 //! a branch.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +29,7 @@ use tower::{Layer, Service};
 use tracing::Level;
 
 use super::body::CallBody;
+use super::outcome::WhenDone;
 use super::{Call, DataMethod};
 use crate::config::{CallLog, CallLogLevel};
 use crate::error::{ApiError, code_name};
@@ -96,6 +95,16 @@ impl Telemetry {
         request_id: Option<&HeaderValue>,
     ) {
         self.log(path, "", e.code, received.elapsed(), request_id, None);
+    }
+
+    /// The metrics, for layers that record their own (policies).
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_deref()
+    }
+
+    /// The metrics, for what outlives a call (the circuits).
+    pub fn metrics_arc(&self) -> Option<Arc<Metrics>> {
+        self.metrics.clone()
     }
 
     fn pattern_of(&self, namespace: &str) -> &str {
@@ -212,7 +221,7 @@ where
 {
     type Response = Response<CallBody>;
     type Error = ApiError;
-    type Future = Observed<S::Future>;
+    type Future = WhenDone<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ApiError>> {
         self.inner.poll_ready(cx)
@@ -250,45 +259,11 @@ where
             trace_id,
             span,
         };
-        Observed {
-            inner: self.inner.call(call),
-            end: Some((self.telemetry.clone(), record)),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    pub struct Observed<F> {
-        #[pin]
-        inner: F,
-        end: Option<(Arc<Telemetry>, Record)>,
-    }
-}
-
-impl<F> Future for Observed<F>
-where
-    F: Future<Output = Result<Response<CallBody>, ApiError>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        let Some((telemetry, record)) = this.end.take() else {
-            return Poll::Ready(result);
-        };
-        match result {
-            Err(e) => {
-                telemetry.ended(&record, e.code);
-                Poll::Ready(Err(e))
-            }
-            Ok(mut response) => {
-                response
-                    .body_mut()
-                    .on_end(Box::new(move |code| telemetry.ended(&record, code)));
-                Poll::Ready(Ok(response))
-            }
-        }
+        let telemetry = self.telemetry.clone();
+        WhenDone::new(
+            self.inner.call(call),
+            Box::new(move |code| telemetry.ended(&record, code)),
+        )
     }
 }
 
@@ -325,7 +300,7 @@ where
 {
     type Response = Response<CallBody>;
     type Error = ApiError;
-    type Future = Hopped<S::Future>;
+    type Future = WhenDone<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ApiError>> {
         self.inner.poll_ready(cx)
@@ -353,55 +328,21 @@ where
             }
             _ => None,
         };
-        Hopped {
-            inner: self.inner.call(call),
-            end,
-            span,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    pub struct Hopped<F> {
-        #[pin]
-        inner: F,
-        end: Option<(Arc<Metrics>, CallKey, Instant)>,
-        span: Option<TraceContext>,
-    }
-}
-
-impl<F> Future for Hopped<F>
-where
-    F: Future<Output = Result<Response<CallBody>, ApiError>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        let (end, span) = (this.end.take(), this.span.take());
         if end.is_none() && span.is_none() {
-            return Poll::Ready(result);
+            return WhenDone::passing(self.inner.call(call));
         }
-        let finish = move |code| {
-            if let Some((metrics, key, sent)) = end {
-                metrics
-                    .calls
-                    .observe(key, Side::Client, code, sent.elapsed());
-            }
-            if let Some(span) = span {
-                traces::end(&span, code);
-            }
-        };
-        match result {
-            Err(e) => {
-                finish(e.code);
-                Poll::Ready(Err(e))
-            }
-            Ok(mut response) => {
-                response.body_mut().on_end(Box::new(finish));
-                Poll::Ready(Ok(response))
-            }
-        }
+        WhenDone::new(
+            self.inner.call(call),
+            Box::new(move |code| {
+                if let Some((metrics, key, sent)) = end {
+                    metrics
+                        .calls
+                        .observe(key, Side::Client, code, sent.elapsed());
+                }
+                if let Some(span) = span {
+                    traces::end(&span, code);
+                }
+            }),
+        )
     }
 }

@@ -3,7 +3,8 @@
 //! Built in, always: `X-Request-ID` is accepted (if it is 1–128 visible
 //! ASCII characters) or generated, sent to the pattern as `x-request-id`
 //! metadata and echoed on the response; W3C `traceparent`/`tracestate` pass
-//! through; `Authorization` passes through but is never logged. Configured
+//! through; `Authorization` passes through but is never logged;
+//! `X-Client-Id` and `Idempotency-Key` pass through for the traffic policies. Configured
 //! rules (`http.headers`) add more, with defaults and simple transforms.
 //! Hop-by-hop headers are never forwarded.
 
@@ -13,7 +14,15 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use crate::config::{HeaderMapping, HeaderRule};
 
 pub use crate::metadata::{REQUEST_ID, is_hop_by_hop, request_id};
-const PASS_THROUGH: &[&str] = &["traceparent", "tracestate", "authorization"];
+/// Passed as they are: trace context, credentials, and what the traffic
+/// policies read (the default `rate_limit.caller_key`, the idempotency key).
+const PASS_THROUGH: &[&str] = &[
+    "traceparent",
+    "tracestate",
+    "authorization",
+    "x-client-id",
+    "idempotency-key",
+];
 
 /// The trace id of the request's W3C `traceparent`, if it has a valid one.
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {

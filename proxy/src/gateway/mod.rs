@@ -65,6 +65,11 @@ struct Ctx {
     request_id: String,
     trace_id: Option<String>,
     path: String,
+    /// The client's address (for per-caller rate limits).
+    peer: Option<crate::dataplane::Peer>,
+    /// The client's deadline, from a `Grpc-Timeout` header (as
+    /// grpc-gateway reads it).
+    timeout: Option<std::time::Duration>,
 }
 
 pub struct Gateway {
@@ -120,6 +125,11 @@ impl Gateway {
             request_id: headers::request_id(req.headers()),
             trace_id: headers::trace_id(req.headers()),
             path: req.uri().path().to_string(),
+            peer: req.extensions().get::<crate::dataplane::Peer>().copied(),
+            timeout: req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| crate::dataplane::wire::parse_grpc_timeout(v.as_bytes())),
         };
         let method = req.method().clone();
         let version = req.version();
@@ -468,7 +478,14 @@ impl Gateway {
         let path = http::uri::PathAndQuery::from_maybe_shared(route.grpc_path.clone())
             .map_err(|e| ApiError::new(Code::Internal, "BAD_ROUTE", e.to_string()))?;
         let codec = DynamicCodec::new(route.method.output());
-        let request = tonic::Request::from_parts(metadata, tonic::Extensions::default(), message);
+        let mut extensions = tonic::Extensions::default();
+        if let Some(peer) = ctx.peer {
+            extensions.insert(peer);
+        }
+        let mut request = tonic::Request::from_parts(metadata, extensions, message);
+        if let Some(t) = ctx.timeout {
+            request.set_timeout(t);
+        }
 
         if route.method.is_server_streaming() {
             let resp = grpc
@@ -574,9 +591,9 @@ pub async fn serve(
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.wait_for(|down| *down) => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     warn!(error = %e, "accepting an HTTP connection failed");
                     continue;
@@ -586,7 +603,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let gw = gateway.clone();
-        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(crate::dataplane::Peer(peer));
             let gw = gw.clone();
             async move { Ok::<_, Infallible>(gw.handle(req).await) }
         });
@@ -637,6 +655,7 @@ mod tests {
             std::sync::Arc::new(crate::dataplane::Telemetry::off()),
             crate::dataplane::Policies::defaults(),
             std::time::Duration::from_secs(1),
+            10_000,
         );
         let metrics = crate::metrics::Metrics::new(&[], &[], &[]);
         Gateway::new(

@@ -8,6 +8,8 @@
 //! - `patterns`: supervision (state, restarts by reason, start duration,
 //!   memory) per pattern.
 //! - `process`: the proxy's own `process_*` metrics.
+//! - `policies`: what the traffic policies did (refusals, retries, the
+//!   circuit breaker).
 //! - `from_patterns`: each pattern's own metrics (`Lifecycle/Metrics`),
 //!   fetched at scrape time and merged in with a `pattern` label.
 //! - [`HttpLabels`]: the HTTP gateway's request durations (recorded by
@@ -19,6 +21,7 @@ pub mod calls;
 pub mod from_patterns;
 pub mod histogram;
 pub mod patterns;
+pub mod policies;
 pub mod process;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -58,6 +61,7 @@ pub struct Metrics {
     /// The HTTP gateway's requests; the gateway records them.
     pub http: HttpHistograms,
     pub patterns: PatternMetrics,
+    pub policies: policies::PolicyMetrics,
     /// The patterns' own metrics, fetched at scrape time.
     pub from_patterns: from_patterns::FromPatterns,
 }
@@ -82,12 +86,15 @@ impl Metrics {
         );
         let from_patterns = from_patterns::FromPatterns::new(patterns, &mut registry);
         let patterns = PatternMetrics::new(patterns, &mut registry);
+        let configured: Vec<String> = namespaces.iter().map(|(ns, _)| ns.clone()).collect();
+        let policies = policies::PolicyMetrics::new(&configured, &mut registry);
         registry.register_collector(Box::new(process::ProcessCollector));
         Metrics {
             registry,
             calls,
             http,
             patterns,
+            policies,
             from_patterns,
         }
     }

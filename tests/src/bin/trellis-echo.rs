@@ -51,7 +51,7 @@
 //! - `down:<id>`: every call fails UNAVAILABLE;
 //! - `pushback:<ms>:<id>`: the first call fails UNAVAILABLE with
 //!   `grpc-retry-pushback-ms: <ms>`, later ones succeed;
-//! - `Put mode` with value `fail` / `ok`: from then on `Get m:<anything>`
+//! - `Put mode` with value `fail` / `ok`: from then on `Get m:<id>`
 //!   fails UNAVAILABLE / succeeds (a pattern that starts failing, then
 //!   recovers);
 //! - `Get cancelled`: how many `sleep:` calls ended because the caller
@@ -311,6 +311,7 @@ impl Echo {
                 (Some(ms.to_string()), id)
             }
             "m" => {
+                self.count(rest);
                 return Some(if self.failing.load(Ordering::SeqCst) {
                     Err(Status::unavailable("echo: failing (mode fail)"))
                 } else {
@@ -319,12 +320,7 @@ impl Echo {
             }
             _ => return None,
         };
-        let n = {
-            let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
-            let n = attempts.entry(id.to_string()).or_default();
-            *n += 1;
-            *n
-        };
+        let n = self.count(id);
         Some(match (kind, n) {
             ("down", _) | (_, 1) => {
                 let mut status = Status::unavailable(format!("echo: {kind} {id}, attempt {n}"));
@@ -337,6 +333,14 @@ impl Echo {
             }
             _ => Ok(()),
         })
+    }
+
+    /// Counts one more call to fault `id`; the count so far.
+    fn count(&self, id: &str) -> u64 {
+        let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = attempts.entry(id.to_string()).or_default();
+        *n += 1;
+        *n
     }
 
     fn serving(&self, service: &str) -> Result<(), Status> {
