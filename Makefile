@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers
+.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers bench-soak
 
 all: build
 
@@ -25,7 +25,7 @@ test: setup build
 	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines
-bench: bench-supervisor bench-gateway bench-backends bench-peers
+bench: bench-supervisor bench-gateway bench-backends bench-peers bench-soak
 
 ## bench-supervisor: crash detection, restart-to-serving, cold start, idle cost
 bench-supervisor:
@@ -59,3 +59,11 @@ bench-peers:
 	./scripts/setup-peers.sh
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p trellis-tests --bench peers
+
+## bench-soak: leak and soak proof: 1,000,000 mixed calls (SOAK_CALLS=n for
+## another count, SOAK_IN_FLIGHT=n for other than 32 in flight); prints the
+## RSS/fds/tasks curve, PASS or FAIL (exit 1)
+bench-soak:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p trellis-tests --bench soak
+

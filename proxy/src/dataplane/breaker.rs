@@ -13,7 +13,11 @@
 //! Failures are UNAVAILABLE, DEADLINE_EXCEEDED and INTERNAL — the pattern's
 //! own statuses and the proxy's failures to reach it alike. Every other
 //! status is a success (NOT_FOUND is the pattern working), except
-//! CANCELLED: a client that went away says nothing about the pattern.
+//! CANCELLED, and DEADLINE_EXCEEDED of a call whose client chose a deadline
+//! shorter than the policy's: a client that went away, or asked for less
+//! time than the pattern is allowed, says nothing about the pattern (else
+//! one client sending 10 ms deadlines to a slow method would open the
+//! circuit for every caller).
 //! While open, calls fail at once with UNAVAILABLE `CIRCUIT_OPEN` and a
 //! `RetryInfo` of the time left; half-open, `probes` calls go through and
 //! the rest are refused the same way.
@@ -195,9 +199,9 @@ impl Circuit {
         }
     }
 
-    fn record(&self, ticket: &mut Ticket, code: Code) {
+    fn record(&self, ticket: &mut Ticket, code: Code, client_deadline: bool) {
         ticket.recorded = true;
-        if code == Code::Cancelled {
+        if code == Code::Cancelled || (code == Code::DeadlineExceeded && client_deadline) {
             if ticket.probe {
                 self.release_probe();
             }
@@ -372,7 +376,8 @@ where
         match circuit.admit() {
             Ok(mut ticket) => {
                 let circuit = circuit.clone();
-                let hook = Box::new(move |code| circuit.record(&mut ticket, code));
+                let client_deadline = call.client_deadline;
+                let hook = Box::new(move |code| circuit.record(&mut ticket, code, client_deadline));
                 Either::Left(WhenDone::new(self.inner.call(call), hook))
             }
             Err(wait) => {
@@ -402,7 +407,7 @@ mod tests {
 
     fn call(c: &Arc<Circuit>, code: Code) -> Result<(), Duration> {
         let mut t = c.admit()?;
-        c.record(&mut t, code);
+        c.record(&mut t, code, false);
         Ok(())
     }
 
@@ -420,9 +425,9 @@ mod tests {
         let mut first = c.admit().expect("the first probe");
         let mut second = c.admit().expect("the second probe");
         assert!(c.admit().is_err(), "only two probes at a time");
-        c.record(&mut first, Code::Ok);
+        c.record(&mut first, Code::Ok, false);
         assert_eq!(c.view().state, "half_open");
-        c.record(&mut second, Code::Ok);
+        c.record(&mut second, Code::Ok, false);
         assert_eq!(c.view().state, "closed");
         assert_eq!(c.view().trips, 1);
     }
@@ -434,13 +439,14 @@ mod tests {
         tokio::time::advance(Duration::from_millis(51)).await;
         drop(c.admit().expect("a probe"));
         let mut probe = c.admit().expect("the dropped probe's place");
-        c.record(&mut probe, Code::DeadlineExceeded);
+        c.record(&mut probe, Code::DeadlineExceeded, false);
         assert_eq!(c.view().state, "open");
         assert_eq!(c.view().trips, 2);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn cancelled_calls_count_for_nothing_and_ratio_trips_over_a_window() {
+    async fn cancelled_calls_and_client_deadlines_count_for_nothing_and_ratio_trips_over_a_window()
+    {
         let config = CircuitBreaker {
             consecutive_failures: 100,
             failure_ratio: 0.5,
@@ -450,6 +456,8 @@ mod tests {
         let c = Arc::new(Circuit::new("ns", "p", config, None));
         for _ in 0..10 {
             call(&c, Code::Cancelled).unwrap();
+            let mut t = c.admit().unwrap();
+            c.record(&mut t, Code::DeadlineExceeded, true); // the client's own short deadline
         }
         call(&c, Code::Ok).unwrap();
         call(&c, Code::Unavailable).unwrap();

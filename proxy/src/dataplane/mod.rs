@@ -89,6 +89,10 @@ pub struct Call {
     pub deadline: Instant,
     /// The deadline's length, for messages.
     pub budget: Duration,
+    /// The client chose a deadline shorter than the proxy's bound: running
+    /// out of it says nothing about the pattern (the circuit breaker does
+    /// not count it).
+    pub client_deadline: bool,
     /// The namespace's traffic policy.
     pub policy: Arc<Resolved>,
     /// The client's address, when the front door knows it.
@@ -111,6 +115,7 @@ impl Call {
             received: self.received,
             deadline: self.deadline,
             budget: self.budget,
+            client_deadline: self.client_deadline,
             policy: self.policy.clone(),
             peer: self.peer,
             upstream: self.upstream.clone(),
@@ -330,6 +335,7 @@ impl DataPlane {
         let policy = self.policies.get(&namespace);
         let bound = policy.timeout(&method.name).unwrap_or(self.request_timeout);
         let budget = client_timeout.map_or(bound, |t| t.min(bound));
+        let client_deadline = client_timeout.is_some_and(|t| t < bound);
         let deadline = received + budget;
         crate::metadata::prepare_for_pattern(&mut parts.headers);
         let path = parts
@@ -346,6 +352,7 @@ impl DataPlane {
             received,
             deadline,
             budget,
+            client_deadline,
             policy,
             peer: parts.extensions.get::<Peer>().map(|p| p.0),
             upstream: None,

@@ -2,7 +2,9 @@
 //! Prometheus client library uses (client_golang's process collector):
 //! `process_cpu_seconds_total`, `process_resident_memory_bytes`,
 //! `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
-//! `process_start_time_seconds`.
+//! `process_start_time_seconds`. Beside them, `trellis_runtime_alive_tasks`:
+//! the tokio tasks alive in the proxy's runtime (a task leak shows there
+//! long before it shows in memory).
 //!
 //! prometheus-client has no built-in process collector (the Rust
 //! `prometheus` crate's lives behind its own registry type), so this reads
@@ -29,6 +31,9 @@ pub struct Reading {
     pub open_fds: Option<u64>,
     pub max_fds: Option<u64>,
     pub start_time_seconds: Option<f64>,
+    /// Tasks alive in the tokio runtime the reading is taken in; `None`
+    /// outside a runtime.
+    pub alive_tasks: Option<u64>,
 }
 
 impl Reading {
@@ -60,8 +65,17 @@ impl Reading {
                 .zip(ticks)
                 .zip(boot_time)
                 .map(|((s, t), boot)| boot as f64 + s.starttime as f64 / t as f64),
+            alive_tasks: alive_tasks(),
         }
     }
+}
+
+/// Tasks alive (spawned, not yet finished) in the current tokio runtime;
+/// `None` when called outside one. The scrape is rendered on the runtime,
+/// so this is the proxy's own runtime.
+fn alive_tasks() -> Option<u64> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    u64::try_from(handle.metrics().num_alive_tasks()).ok()
 }
 
 /// The fields of /proc/<pid>/stat used here (see proc(5)).
@@ -177,6 +191,12 @@ impl Collector for ProcessCollector {
             "Start time of the process since unix epoch in seconds.",
             r.start_time_seconds,
         )?;
+        gauge(
+            &mut encoder,
+            "trellis_runtime_alive_tasks",
+            "Tasks alive in the proxy's tokio runtime: spawned and not yet finished.",
+            r.alive_tasks,
+        )?;
         Ok(())
     }
 }
@@ -238,5 +258,34 @@ mod tests {
                 .is_some_and(|t| t <= now + 1.0 && t > 1_577_836_800.0),
             "{r:?}"
         );
+        // No runtime here, so no task count.
+        assert_eq!(r.alive_tasks, None, "{r:?}");
+    }
+
+    #[test]
+    fn alive_tasks_are_counted_in_the_runtime_and_exported() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let before = Reading::now().alive_tasks.expect("inside a runtime");
+            let (release, wait) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let _ = wait.await;
+            });
+            assert_eq!(Reading::now().alive_tasks, Some(before + 1));
+
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register_collector(Box::new(ProcessCollector));
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            assert!(
+                text.contains(&format!("\ntrellis_runtime_alive_tasks {}\n", before + 1)),
+                "{text}"
+            );
+
+            release.send(()).unwrap();
+            task.await.unwrap();
+        });
     }
 }
