@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers bench-soak
+.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers bench-soak bench-chaos
 
 all: build
 
@@ -25,7 +25,7 @@ test: setup build
 	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines
-bench: bench-supervisor bench-gateway bench-backends bench-peers bench-soak
+bench: bench-supervisor bench-gateway bench-backends bench-peers bench-soak bench-chaos
 
 ## bench-supervisor: crash detection, restart-to-serving, cold start, idle cost
 bench-supervisor:
@@ -67,3 +67,10 @@ bench-soak:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p trellis-tests --bench soak
 
+## bench-chaos: random SIGKILLs of patterns and of private Redis/PostgreSQL/NATS
+## under mixed load with policies on (CHAOS_SECS=120, CHAOS_SEED=n to replay);
+## prints kills, outcomes by code and reason, lost writes, PASS or FAIL (exit 1);
+## needs the servers `make setup` finds
+bench-chaos:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p trellis-tests --bench chaos

@@ -75,6 +75,30 @@ where
     }
 }
 
+/// Live (not zombie) processes whose parent is `parent`, from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces and parens).
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (state, ppid) = (
+            fields.first().copied(),
+            fields.get(1).and_then(|p| p.parse::<u32>().ok()),
+        );
+        if ppid == Some(parent) && state != Some("Z") {
+            kids.push(pid);
+        }
+    }
+    kids
+}
+
 /// Is the process gone (or a zombie nobody will ever run again)?
 pub fn process_gone(pid: u32) -> bool {
     let raw = nix::unistd::Pid::from_raw(pid as i32);
@@ -314,26 +338,7 @@ impl Proxy {
 
     /// Live processes whose parent is this proxy.
     pub fn children(&self) -> Vec<u32> {
-        let me = self.pid();
-        let mut kids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                continue;
-            };
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let (state, ppid) = (
-                fields.first().copied(),
-                fields.get(1).and_then(|p| p.parse::<u32>().ok()),
-            );
-            if ppid == Some(me) && state != Some("Z") {
-                kids.push(pid);
-            }
-        }
-        kids
+        children_of(self.pid())
     }
 
     pub fn pid(&self) -> u32 {
