@@ -59,6 +59,16 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
 
+    /// An idempotency key was used before for a different request.
+    /// `INVALID_ARGUMENT`, reason `IDEMPOTENCY_KEY_REUSED`.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
+
+    /// The first call with an idempotency key is still running. `ABORTED`,
+    /// reason `IDEMPOTENCY_KEY_IN_USE`, with a retry delay.
+    #[error("{0}")]
+    IdempotencyKeyInUse(String),
+
     /// A bug or an unexpected failure. The detail is logged by the pattern;
     /// the caller gets a generic message. `INTERNAL`.
     #[error("internal error: {0}")]
@@ -110,6 +120,8 @@ impl Error {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::IdempotencyKeyReused(_) => Code::InvalidArgument,
+            Self::IdempotencyKeyInUse(_) => Code::Aborted,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -125,6 +137,9 @@ pub const DOMAIN: &str = "trellis.pattern";
 /// The retry delay suggested with UNAVAILABLE and RESOURCE_EXHAUSTED.
 pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The retry delay suggested while an idempotency key's first call runs.
+pub const IN_USE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A `google.rpc.Status` with details: `ErrorInfo` (a stable reason),
 /// `BadRequest` with every field violation, `RetryInfo` where retrying
 /// helps. Internal details are logged, never sent.
@@ -138,10 +153,18 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Error::Unavailable(_) => "BACKEND_UNAVAILABLE",
             Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Error::IdempotencyKeyReused(_) => "IDEMPOTENCY_KEY_REUSED",
+            Error::IdempotencyKeyInUse(_) => "IDEMPOTENCY_KEY_IN_USE",
             Error::Internal(_) => "INTERNAL",
         };
         let mut details = ErrorDetails::new();
         details.set_error_info(reason, DOMAIN, std::collections::HashMap::new());
+        if let Error::IdempotencyKeyReused(m) = &err {
+            details.set_bad_request(vec![tonic_types::FieldViolation::new(
+                crate::idempotency::KEY,
+                m.clone(),
+            )]);
+        }
         if let Error::InvalidArgument(violations) = &err {
             details.set_bad_request(
                 violations
@@ -152,6 +175,9 @@ impl From<Error> for Status {
         }
         if matches!(err, Error::Unavailable(_) | Error::ResourceExhausted(_)) {
             details.set_retry_info(Some(RETRY_AFTER));
+        }
+        if matches!(err, Error::IdempotencyKeyInUse(_)) {
+            details.set_retry_info(Some(IN_USE_RETRY));
         }
         let message = match err {
             Error::Internal(detail) => {

@@ -11,8 +11,14 @@ use trellis_proto::data::v1::{
     PutRequest, PutResponse,
 };
 
+use prost::Message;
+
+use crate::idempotency::{self, Once};
 use crate::lifecycle::Slot;
 use crate::{Error, KeyValue, validate};
+
+const PUT: &str = "/trellis.data.v1.KeyValue/Put";
+const DELETE: &str = "/trellis.data.v1.KeyValue/Delete";
 
 /// The generated `KeyValue` server trait, implemented by delegating to `P`.
 pub(crate) struct KeyValueService<P> {
@@ -38,20 +44,48 @@ impl<P: KeyValue> KeyValueService<P> {
         }
     }
 
-    async fn put_value(&self, req: PutRequest) -> Result<PutResponse, Error> {
+    /// The answer, and whether it is an idempotent replay.
+    async fn put_value(
+        &self,
+        req: PutRequest,
+        once: Option<Once>,
+    ) -> Result<(PutResponse, bool), Error> {
         let args = validate::put(req)?;
         let pattern = self.slot.running()?;
-        pattern
-            .put(&args.namespace, &args.key, args.value, args.ttl)
-            .await?;
-        Ok(PutResponse {})
+        let replayed = match once {
+            None => {
+                pattern
+                    .put(&args.namespace, &args.key, args.value, args.ttl)
+                    .await?;
+                false
+            }
+            Some(once) => {
+                let outcome = pattern
+                    .put_once(&args.namespace, &args.key, args.value, args.ttl, &once)
+                    .await?;
+                idempotency::settle(outcome, &once.key)?.1
+            }
+        };
+        Ok((PutResponse {}, replayed))
     }
 
-    async fn delete_key(&self, req: DeleteRequest) -> Result<DeleteResponse, Error> {
+    async fn delete_key(
+        &self,
+        req: DeleteRequest,
+        once: Option<Once>,
+    ) -> Result<(DeleteResponse, bool), Error> {
         let args = validate::delete(req)?;
         let pattern = self.slot.running()?;
-        let deleted = pattern.delete(&args.namespace, &args.key).await?;
-        Ok(DeleteResponse { deleted })
+        let (deleted, replayed) = match once {
+            None => (pattern.delete(&args.namespace, &args.key).await?, false),
+            Some(once) => {
+                let outcome = pattern
+                    .delete_once(&args.namespace, &args.key, &once)
+                    .await?;
+                idempotency::settle(outcome, &once.key)?
+            }
+        };
+        Ok((DeleteResponse { deleted }, replayed))
     }
 
     async fn list_page(&self, req: ListRequest) -> Result<ListResponse, Error> {
@@ -76,6 +110,16 @@ fn reply<T>(result: Result<T, Error>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
+/// A write's answer, marked `idempotent-replayed: true` when it is a replay.
+pub(crate) fn reply_once<T>(result: Result<(T, bool), Error>) -> Result<Response<T>, Status> {
+    let (value, replayed) = result.map_err(Status::from)?;
+    let mut response = Response::new(value);
+    if replayed {
+        idempotency::mark_replayed(&mut response);
+    }
+    Ok(response)
+}
+
 #[tonic::async_trait]
 impl<P: KeyValue> key_value_server::KeyValue for KeyValueService<P> {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -89,11 +133,18 @@ impl<P: KeyValue> key_value_server::KeyValue for KeyValueService<P> {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let span = request_span(&request, "put", "trellis.data.v1.KeyValue/Put");
-        let result = self
-            .put_value(request.into_inner())
-            .instrument(span.clone())
-            .await;
-        answered(&span, reply(result))
+        let once = idempotency::from_metadata(request.metadata(), PUT, || {
+            request.get_ref().encode_to_vec()
+        });
+        let result = match once {
+            Ok(once) => {
+                self.put_value(request.into_inner(), once)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        answered(&span, reply_once(result))
     }
 
     async fn delete(
@@ -101,11 +152,18 @@ impl<P: KeyValue> key_value_server::KeyValue for KeyValueService<P> {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let span = request_span(&request, "delete", "trellis.data.v1.KeyValue/Delete");
-        let result = self
-            .delete_key(request.into_inner())
-            .instrument(span.clone())
-            .await;
-        answered(&span, reply(result))
+        let once = idempotency::from_metadata(request.metadata(), DELETE, || {
+            request.get_ref().encode_to_vec()
+        });
+        let result = match once {
+            Ok(once) => {
+                self.delete_key(request.into_inner(), once)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        answered(&span, reply_once(result))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

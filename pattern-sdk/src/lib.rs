@@ -85,6 +85,7 @@ pub mod conformance;
 mod error;
 mod handshake;
 mod health;
+pub mod idempotency;
 mod kv;
 mod lifecycle;
 mod listen;

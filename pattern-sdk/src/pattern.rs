@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio_stream::Stream;
 
 use crate::Error;
+use crate::idempotency::{Once, Outcome};
 use crate::observe::{Backend, Metrics, Pool, PoolStatus};
 
 /// A pattern's life cycle. The SDK creates the pattern with [`Pattern::init`]
@@ -152,6 +153,38 @@ pub trait KeyValue: Pattern {
         key: &str,
     ) -> impl Future<Output = Result<bool, Error>> + Send;
 
+    /// [`put`](Self::put) once per idempotency key (see
+    /// [`crate::idempotency`]): in one atomic step, if `(namespace,
+    /// once.key)` has a live record, answer [`Outcome::Replayed`] when its
+    /// fingerprint is `once.fingerprint` and [`Outcome::Reused`] when not,
+    /// without writing; else write and record the fingerprint for
+    /// `once.retention`, and answer [`Outcome::Executed`]. A write that
+    /// fails records nothing. The default refuses every key.
+    fn put_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        once: &Once,
+    ) -> impl Future<Output = Result<Outcome<()>, Error>> + Send {
+        let _ = (namespace, key, value, ttl, once);
+        async { Err(crate::idempotency::unsupported(Self::NAME)) }
+    }
+
+    /// [`delete`](Self::delete) once per idempotency key, as
+    /// [`put_once`](Self::put_once): the record keeps whether a live key
+    /// was removed, so a replay answers `deleted` as the first call did.
+    fn delete_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        once: &Once,
+    ) -> impl Future<Output = Result<Outcome<bool>, Error>> + Send {
+        let _ = (namespace, key, once);
+        async { Err(crate::idempotency::unsupported(Self::NAME)) }
+    }
+
     /// One page of the live entries whose keys start with `query.prefix`, in
     /// ascending key order.
     fn list(
@@ -242,6 +275,25 @@ pub trait PubSub: Pattern {
         payload: Bytes,
         attributes: BTreeMap<String, String>,
     ) -> impl Future<Output = Result<String, Error>> + Send;
+
+    /// [`publish`](Self::publish) once per idempotency key (see
+    /// [`crate::idempotency`]): the record keeps the message id, so a
+    /// replay answers the same id and publishes nothing. A backend that
+    /// cannot claim, publish and record atomically claims the key first
+    /// (answering [`Outcome::InUse`] to a duplicate meanwhile, with a lease
+    /// so a crash does not hold it forever), or keeps this default, which
+    /// refuses every key.
+    fn publish_once(
+        &self,
+        namespace: &str,
+        topic: &str,
+        payload: Bytes,
+        attributes: BTreeMap<String, String>,
+        once: &Once,
+    ) -> impl Future<Output = Result<Outcome<String>, Error>> + Send {
+        let _ = (namespace, topic, payload, attributes, once);
+        async { Err(crate::idempotency::unsupported(Self::NAME)) }
+    }
 
     /// Subscribes to `topic`: fan-out when `queue_group` is `None`, otherwise
     /// load-shared among the group's members. Return once the subscription

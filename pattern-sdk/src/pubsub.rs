@@ -17,6 +17,7 @@ use tracing::Instrument;
 use trellis_proto::data::v1 as pb;
 use trellis_proto::data::v1::pub_sub_server;
 
+use crate::idempotency::{self, Once};
 use crate::kv::{answered, request_span};
 use crate::lifecycle::Slot;
 use crate::observe::{Metrics, OpenSubscription};
@@ -41,13 +42,34 @@ impl<P: PubSub> PubSubService<P> {
         }
     }
 
-    async fn publish_message(&self, req: pb::PublishRequest) -> Result<pb::PublishResponse, Error> {
+    async fn publish_message(
+        &self,
+        req: pb::PublishRequest,
+        once: Option<Once>,
+    ) -> Result<(pb::PublishResponse, bool), Error> {
         let args = validate::publish(req)?;
         let pattern = self.slot.running()?;
-        let message_id = pattern
-            .publish(&args.namespace, &args.topic, args.payload, args.attributes)
-            .await?;
-        Ok(pb::PublishResponse { message_id })
+        let (message_id, replayed) = match once {
+            None => {
+                let id = pattern
+                    .publish(&args.namespace, &args.topic, args.payload, args.attributes)
+                    .await?;
+                (id, false)
+            }
+            Some(once) => {
+                let outcome = pattern
+                    .publish_once(
+                        &args.namespace,
+                        &args.topic,
+                        args.payload,
+                        args.attributes,
+                        &once,
+                    )
+                    .await?;
+                idempotency::settle(outcome, &once.key)?
+            }
+        };
+        Ok((pb::PublishResponse { message_id }, replayed))
     }
 
     async fn open_subscription(&self, req: pb::SubscribeRequest) -> Result<Subscription, Error> {
@@ -147,11 +169,20 @@ impl<P: PubSub> pub_sub_server::PubSub for PubSubService<P> {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let span = request_span(&request, "publish", "trellis.data.v1.PubSub/Publish");
-        let result = self
-            .publish_message(request.into_inner())
-            .instrument(span.clone())
-            .await;
-        answered(&span, result.map(Response::new).map_err(Status::from))
+        let once = idempotency::from_metadata(
+            request.metadata(),
+            "/trellis.data.v1.PubSub/Publish",
+            || prost::Message::encode_to_vec(request.get_ref()),
+        );
+        let result = match once {
+            Ok(once) => {
+                self.publish_message(request.into_inner(), once)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        answered(&span, crate::kv::reply_once(result))
     }
 
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::Message, Status>> + Send>>;

@@ -19,6 +19,7 @@ pub mod pattern {
     }
 }
 
+pub mod idempotency;
 pub mod json;
 
 pub mod google {

@@ -96,7 +96,10 @@ pub fn prepare_for_pattern(headers: &mut HeaderMap) {
 /// over the lists.
 fn forwarded(name: &HeaderName) -> bool {
     let n = name.as_str();
+    // `trellis-idempotency-*` is the proxy's to set (dataplane), never a
+    // client's: a forged fingerprint would replay another request's answer.
     !(n.starts_with("grpc-")
+        || n.starts_with("trellis-idempotency-")
         || matches!(
             n,
             "connection"

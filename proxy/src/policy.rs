@@ -68,7 +68,27 @@ pub struct Policy {
     pub circuit_breaker: CircuitBreaker,
     pub concurrency: Concurrency,
     pub rate_limit: RateLimit,
+    pub idempotency: Idempotency,
 }
+
+/// How long patterns keep a write's idempotency record (docs/idempotency.md).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Idempotency {
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Idempotency {
+            retention: trellis_proto::idempotency::DEFAULT_RETENTION,
+        }
+    }
+}
+
+/// The longest an idempotency record may be kept.
+pub const MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A duration written as in the rest of the config (`250ms`, `5s`).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -402,6 +422,13 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
         && let Some(m) = duration_problem(c.queue_timeout)
     {
         bad("concurrency.queue_timeout", format!("{m} (when queue > 0)"));
+    }
+    let retention = p.idempotency.retention;
+    if retention < Duration::from_secs(1) || retention > MAX_RETENTION {
+        bad(
+            "idempotency.retention",
+            "is out of range; allowed: 1s to 30 days (default 24h)".into(),
+        );
     }
     let l = &p.rate_limit;
     if l.per_second == Some(0) {

@@ -4,6 +4,7 @@
 //! in `topics.rs`), and runs one background task that purges expired keys.
 //! Everything else — protocol, validation, health, shutdown — is the SDK's.
 
+mod records;
 mod store;
 mod topics;
 
@@ -12,10 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use pattern_sdk::idempotency::{Once, Outcome};
 use pattern_sdk::{
     Error, FieldViolation, InitContext, KeyValue, ListPage, ListQuery, MessageStream, Pattern,
     PubSub,
 };
+use records::{Answer, Records};
 use serde::Deserialize;
 use tokio::task::AbortHandle;
 
@@ -51,6 +54,7 @@ impl Default for Config {
 pub struct MemStore {
     store: Arc<Store>,
     topics: Arc<Topics>,
+    records: Arc<Records>,
     sweeper: AbortHandle,
 }
 
@@ -80,9 +84,15 @@ impl Pattern for MemStore {
             return Err(Error::InvalidArgument(problems));
         }
         let store = Arc::new(Store::new(config.max_keys));
-        let sweeper = tokio::spawn(sweep(Arc::clone(&store), config.sweep_interval));
+        let records = Arc::new(Records::new(config.max_keys));
+        let sweeper = tokio::spawn(sweep(
+            Arc::clone(&store),
+            Arc::clone(&records),
+            config.sweep_interval,
+        ));
         Ok(Self {
             store,
+            records,
             topics: Topics::new(config.subscriber_buffer),
             sweeper: sweeper.abort_handle(),
         })
@@ -99,14 +109,19 @@ impl Drop for MemStore {
     }
 }
 
-/// Purges expired keys every `every`, until aborted.
-async fn sweep(store: Arc<Store>, every: Duration) {
+/// Purges expired keys and idempotency records every `every`, until aborted.
+async fn sweep(store: Arc<Store>, records: Arc<Records>, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     loop {
         ticks.tick().await;
         let purged = store.purge_expired();
-        if purged > 0 {
-            tracing::debug!(purged, "purged expired keys");
+        let forgotten = records.purge_expired();
+        if purged + forgotten > 0 {
+            tracing::debug!(
+                purged,
+                forgotten,
+                "purged expired keys and idempotency records"
+            );
         }
     }
 }
@@ -130,6 +145,37 @@ impl KeyValue for MemStore {
         Ok(self.store.delete(namespace, key))
     }
 
+    async fn put_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        once: &Once,
+    ) -> Result<Outcome<()>, Error> {
+        let done = self.records.once(namespace, once, || {
+            self.store
+                .put(namespace, key, value, ttl)
+                .map(|()| Answer::Put)
+        })?;
+        records::outcome(done, |a| (a == Answer::Put).then_some(()))
+    }
+
+    async fn delete_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        once: &Once,
+    ) -> Result<Outcome<bool>, Error> {
+        let done = self.records.once(namespace, once, || {
+            Ok(Answer::Deleted(self.store.delete(namespace, key)))
+        })?;
+        records::outcome(done, |a| match a {
+            Answer::Deleted(d) => Some(d),
+            _ => None,
+        })
+    }
+
     async fn list(&self, namespace: &str, query: ListQuery) -> Result<ListPage, Error> {
         self.store.list(namespace, &query)
     }
@@ -144,6 +190,24 @@ impl PubSub for MemStore {
         attributes: BTreeMap<String, String>,
     ) -> Result<String, Error> {
         Ok(self.topics.publish(namespace, topic, payload, attributes))
+    }
+
+    async fn publish_once(
+        &self,
+        namespace: &str,
+        topic: &str,
+        payload: Bytes,
+        attributes: BTreeMap<String, String>,
+        once: &Once,
+    ) -> Result<Outcome<String>, Error> {
+        let done = self.records.once(namespace, once, || {
+            let id = self.topics.publish(namespace, topic, payload, attributes);
+            Ok(Answer::Published(id))
+        })?;
+        records::outcome(done, |a| match a {
+            Answer::Published(id) => Some(id),
+            _ => None,
+        })
     }
 
     async fn subscribe(

@@ -110,6 +110,10 @@ pub fn malformed_request(e: super::wire::ScanError) -> ApiError {
     )
 }
 
+pub fn bad_idempotency_key(rule: &str) -> ApiError {
+    ApiError::invalid_argument(trellis_proto::idempotency::KEY, rule)
+}
+
 pub fn empty_namespace() -> ApiError {
     ApiError::invalid_argument(
         "namespace",

@@ -23,6 +23,14 @@ pub struct DataMethod {
     pub server_streaming: bool,
 }
 
+impl DataMethod {
+    /// Whether the method changes data (`Put`, `Delete`, `Publish`): the
+    /// ones an idempotency key applies to.
+    pub fn writes(&self) -> bool {
+        matches!(self.name.as_str(), "Put" | "Delete" | "Publish")
+    }
+}
+
 pub struct Methods {
     by_path: HashMap<String, Arc<DataMethod>>,
 }

@@ -338,6 +338,14 @@ impl DataPlane {
         let client_deadline = client_timeout.is_some_and(|t| t < bound);
         let deadline = received + budget;
         crate::metadata::prepare_for_pattern(&mut parts.headers);
+        if method.writes() {
+            idempotency_metadata(
+                &mut parts.headers,
+                parts.uri.path(),
+                &message[wire::PREFIX_LEN..],
+                &policy,
+            )?;
+        }
         let path = parts
             .uri
             .path_and_query()
@@ -359,6 +367,38 @@ impl DataPlane {
             trace: None,
         })
     }
+}
+
+/// For a write with an `idempotency-key`: checks the key and adds what the
+/// pattern needs to record it (trellis_proto::idempotency): the request's
+/// fingerprint and the namespace's retention. The client's own
+/// `trellis-idempotency-*` headers are gone already (`metadata`).
+fn idempotency_metadata(
+    headers: &mut HeaderMap,
+    path: &str,
+    message: &[u8],
+    policy: &Resolved,
+) -> Result<(), ApiError> {
+    use trellis_proto::idempotency as idem;
+    let Some(key) = headers.get(idem::KEY) else {
+        return Ok(());
+    };
+    let key = key
+        .to_str()
+        .map_err(|_| errors::bad_idempotency_key("must be printable ASCII (0x20 to 0x7E)"))?;
+    idem::check_key(key).map_err(|rule| errors::bad_idempotency_key(&rule))?;
+    let fingerprint = idem::fingerprint(path, message);
+    let retention = policy.policy.idempotency.retention.as_millis().to_string();
+    for (name, value) in [
+        (idem::FINGERPRINT, fingerprint),
+        (idem::RETENTION_MS, retention),
+    ] {
+        if let Ok(mut v) = http::HeaderValue::from_str(&value) {
+            v.set_sensitive(true);
+            headers.insert(name, v);
+        }
+    }
+    Ok(())
 }
 
 /// Reads the one request message of a call: prefix checked before the rest

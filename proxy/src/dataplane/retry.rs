@@ -47,7 +47,7 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<CallBody>, ApiError
 const PREVIOUS_ATTEMPTS: HeaderName = HeaderName::from_static("grpc-previous-rpc-attempts");
 const PUSHBACK: &str = "grpc-retry-pushback-ms";
 /// The metadata that makes a write safe to retry (see the idempotency keys).
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const IDEMPOTENCY_KEY: &str = trellis_proto::idempotency::KEY;
 
 /// Methods that are always safe to repeat.
 const SAFE: [&str; 3] = ["Get", "List", "Subscribe"];

@@ -4,7 +4,9 @@
 //! ASCII characters) or generated, sent to the pattern as `x-request-id`
 //! metadata and echoed on the response; W3C `traceparent`/`tracestate` pass
 //! through; `Authorization` passes through but is never logged;
-//! `X-Client-Id` and `Idempotency-Key` pass through for the traffic policies. Configured
+//! `X-Client-Id` passes through for the traffic policies; `Idempotency-Key`
+//! (a structured-field string or a bare token) becomes `idempotency-key`
+//! metadata, and `idempotent-replayed` comes back as a header. Configured
 //! rules (`http.headers`) add more, with defaults and simple transforms.
 //! Hop-by-hop headers are never forwarded.
 
@@ -16,13 +18,34 @@ use crate::config::{HeaderMapping, HeaderRule};
 pub use crate::metadata::{REQUEST_ID, is_hop_by_hop, request_id};
 /// Passed as they are: trace context, credentials, and what the traffic
 /// policies read (the default `rate_limit.caller_key`, the idempotency key).
-const PASS_THROUGH: &[&str] = &[
-    "traceparent",
-    "tracestate",
-    "authorization",
-    "x-client-id",
-    "idempotency-key",
-];
+const PASS_THROUGH: &[&str] = &["traceparent", "tracestate", "authorization", "x-client-id"];
+
+/// Response metadata passed on as headers (`idempotent-replayed`).
+const PASS_BACK: &[&str] = &[trellis_proto::idempotency::REPLAYED];
+
+/// The key of an `Idempotency-Key` header: the IETF draft's structured
+/// string (`"8e0f…"`, quotes and `\` escapes undone), or a bare token.
+/// `None` for a malformed string (the data plane then refuses the call).
+pub fn idempotency_key(value: &str) -> Option<String> {
+    let v = value.trim();
+    let Some(inner) = v.strip_prefix('"') else {
+        return Some(v.to_string());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('"' | '\\')) => out.push(e),
+                _ => return None,
+            },
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
 
 /// The trace id of the request's W3C `traceparent`, if it has a valid one.
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
@@ -61,6 +84,16 @@ pub fn to_metadata(
             md.insert(*name, v);
         }
     }
+    if let Some(key) = headers
+        .get(trellis_proto::idempotency::KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        // A malformed one was refused before this (gateway::dispatch).
+        let key = idempotency_key(key).unwrap_or_else(|| key.to_string());
+        if let Ok(v) = MetadataValue::try_from(key.as_str()) {
+            md.insert(trellis_proto::idempotency::KEY, v);
+        }
+    }
     if rules.skip_paths.iter().any(|p| p == path) {
         return md;
     }
@@ -82,6 +115,13 @@ pub fn to_metadata(
 
 /// Response headers from the gRPC response metadata.
 pub fn from_metadata(md: &MetadataMap, path: &str, rules: &HeaderMapping, out: &mut HeaderMap) {
+    for name in PASS_BACK {
+        if let Some(v) = md.get(*name).and_then(|v| v.to_str().ok())
+            && let Ok(v) = http::HeaderValue::from_str(v)
+        {
+            out.insert(*name, v);
+        }
+    }
     if rules.skip_paths.iter().any(|p| p == path) {
         return;
     }
@@ -103,6 +143,18 @@ pub fn from_metadata(md: &MetadataMap, path: &str, rules: &HeaderMapping, out: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_keys_are_structured_strings_or_tokens() {
+        assert_eq!(idempotency_key("\"8e0f-a\"").as_deref(), Some("8e0f-a"));
+        assert_eq!(idempotency_key("\"a\\\"b\"").as_deref(), Some("a\"b"));
+        assert_eq!(
+            idempotency_key("plain-token").as_deref(),
+            Some("plain-token")
+        );
+        assert_eq!(idempotency_key("\"open"), None);
+        assert_eq!(idempotency_key("\"a\"b\""), None);
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -284,6 +284,14 @@ impl Gateway {
             _ => StreamFormat::NdJson,
         };
         let query = req.uri().query().map(str::to_string);
+        if let Some(v) = req.headers().get(trellis_proto::idempotency::KEY)
+            && v.to_str().ok().and_then(headers::idempotency_key).is_none()
+        {
+            return Err(ApiError::invalid_argument(
+                "Idempotency-Key",
+                "is not a structured-field string (\"…\", with \\\" and \\\\ escapes) nor a bare token",
+            ));
+        }
         let metadata =
             headers::to_metadata(req.headers(), &ctx.request_id, &ctx.path, &self.headers);
         let body = self.read_body(req).await?;

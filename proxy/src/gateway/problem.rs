@@ -17,7 +17,7 @@ pub fn document(
     request_id: &str,
     trace_id: Option<&str>,
 ) -> (StatusCode, serde_json::Value) {
-    let status = StatusCode::from_u16(e.http_status.unwrap_or_else(|| http_status(e.code)))
+    let status = StatusCode::from_u16(e.http_status.unwrap_or_else(|| status_for(e)))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let errors: Vec<serde_json::Value> = e
         .violations
@@ -47,6 +47,16 @@ pub fn document(
         }
     }
     (status, doc)
+}
+
+/// The HTTP status for an error: grpc-gateway's table, except where a
+/// reason has its own (the IETF Idempotency-Key draft's 422 for a key
+/// reused with another request).
+fn status_for(e: &ApiError) -> u16 {
+    match e.reason.as_str() {
+        "IDEMPOTENCY_KEY_REUSED" => 422,
+        _ => http_status(e.code),
+    }
 }
 
 /// A complete problem response (body bytes; the caller wraps the body type).
