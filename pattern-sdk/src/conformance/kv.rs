@@ -130,6 +130,16 @@ impl Kit {
         &self.namespace
     }
 
+    /// The namespace the checks write in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The bound on waits ([`Kit::patience`]).
+    pub fn patience_left(&self) -> Duration {
+        self.patience
+    }
+
     async fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), Status> {
         put_in(&mut self.client(), self.ns(), key, value, ttl).await
     }
