@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 pub use trellis_proto::idempotency::{
-    DEFAULT_RETENTION, FINGERPRINT, KEY, MAX_KEY_LEN, REPLAYED, RETENTION_MS, check_key,
-    fingerprint,
+    DEFAULT_RETENTION, FINGERPRINT, KEY, MAX_KEY_LEN, MAX_RETENTION, MIN_RETENTION, REPLAYED,
+    RETENTION_MS, check_key, fingerprint,
 };
 
 use crate::Error;
@@ -79,7 +79,9 @@ pub(crate) fn from_metadata(
         .get(RETENTION_MS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .map_or(DEFAULT_RETENTION, Duration::from_millis);
+        .map_or(DEFAULT_RETENTION, Duration::from_millis)
+        // A call made straight to the pattern is not checked by the proxy.
+        .clamp(MIN_RETENTION, MAX_RETENTION);
     Ok(Some(Once {
         key: key.to_string(),
         fingerprint,

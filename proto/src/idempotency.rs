@@ -15,6 +15,10 @@ pub const FINGERPRINT: &str = "trellis-idempotency-fingerprint";
 pub const RETENTION_MS: &str = "trellis-idempotency-retention-ms";
 /// Response metadata on a replayed answer.
 pub const REPLAYED: &str = "idempotent-replayed";
+/// The longest a record may be kept (the proxy's policy allows 1 s to this).
+pub const MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The shortest a record is kept.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
 /// The longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
 /// How long a record is kept when the caller does not say.

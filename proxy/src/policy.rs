@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tonic::Code;
+use trellis_proto::idempotency::{MAX_RETENTION, MIN_RETENTION};
 
 /// The name of the policy a namespace without `policy:` gets (the
 /// built-in defaults when the config defines none by that name).
@@ -86,9 +87,6 @@ impl Default for Idempotency {
         }
     }
 }
-
-/// The longest an idempotency record may be kept.
-pub const MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A duration written as in the rest of the config (`250ms`, `5s`).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -424,7 +422,7 @@ pub fn validate(name: &str, p: &Policy, methods: &[&str]) -> Vec<(String, String
         bad("concurrency.queue_timeout", format!("{m} (when queue > 0)"));
     }
     let retention = p.idempotency.retention;
-    if retention < Duration::from_secs(1) || retention > MAX_RETENTION {
+    if !(MIN_RETENTION..=MAX_RETENTION).contains(&retention) {
         bad(
             "idempotency.retention",
             "is out of range; allowed: 1s to 30 days (default 24h)".into(),

@@ -91,3 +91,57 @@ async fn redis_down_at_boot_starts_not_serving_then_serves_once_redis_is_up() {
     assert_eq!(after.pid, p.pid, "the pattern process was replaced");
     assert_eq!(after.restarts, 0);
 }
+
+/// Two proxies, each with its own trellis-redis, on one Redis share the
+/// idempotency records: a keyed Put through A, repeated through B, is a
+/// replay there and does not write again.
+#[tokio::test]
+async fn two_proxies_on_one_redis_share_idempotency_records() {
+    use tonic::Request;
+    use trellis_proto::data::v1::PutRequest;
+
+    fn keyed(message: PutRequest, key: &str) -> Request<PutRequest> {
+        let mut req = Request::new(message);
+        req.metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        req
+    }
+    fn replayed<T>(r: &tonic::Response<T>) -> bool {
+        r.metadata()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    let redis = RedisServer::start().await;
+    let a = Proxy::builder()
+        .pattern(redis_pattern("cache", &["cache"], &redis.url(), ""))
+        .start()
+        .await;
+    let b = Proxy::builder()
+        .pattern(redis_pattern("cache", &["cache"], &redis.url(), ""))
+        .start()
+        .await;
+    let (mut kv_a, mut kv_b) = (a.kv().await, b.kv().await);
+
+    let first = kv_a
+        .put(keyed(put("cache", "k", b"first"), "shared-key"))
+        .await
+        .expect("the keyed Put through A");
+    assert!(!replayed(&first), "the first keyed Put runs");
+    // Someone writes the key in between, without an idempotency key.
+    kv_a.put(put("cache", "k", b"between"))
+        .await
+        .expect("the Put without a key through A");
+    let again = kv_b
+        .put(keyed(put("cache", "k", b"first"), "shared-key"))
+        .await
+        .expect("the same keyed Put through B");
+    assert!(replayed(&again), "B replays A's write");
+    for (name, kv) in [("A", &mut kv_a), ("B", &mut kv_b)] {
+        let value = kv.get(get("cache", "k")).await.unwrap().into_inner().value;
+        assert_eq!(
+            value, b"between",
+            "the replay through B wrote again (read via {name})"
+        );
+    }
+}

@@ -111,17 +111,16 @@ impl Records {
     }
 }
 
-/// The answer of a [`Records::once`] as the type the SDK wants, or an
-/// internal error if a record answered a different method (it cannot: the
-/// fingerprint covers the method).
+/// The answer of a [`Records::once`] as the type the SDK wants. A record
+/// of another method's answer with the same fingerprint (only a forged
+/// fingerprint can do that: it covers the method) is a reuse of the key.
 pub fn outcome<T>(
     outcome: Outcome<Answer>,
     pick: impl Fn(Answer) -> Option<T>,
 ) -> Result<Outcome<T>, Error> {
-    let mismatch = || Error::internal("an idempotency record holds another method's answer");
     Ok(match outcome {
-        Outcome::Executed(a) => Outcome::Executed(pick(a).ok_or_else(mismatch)?),
-        Outcome::Replayed(a) => Outcome::Replayed(pick(a).ok_or_else(mismatch)?),
+        Outcome::Executed(a) => pick(a).map_or(Outcome::Reused, Outcome::Executed),
+        Outcome::Replayed(a) => pick(a).map_or(Outcome::Reused, Outcome::Replayed),
         Outcome::Reused => Outcome::Reused,
         Outcome::InUse => Outcome::InUse,
     })

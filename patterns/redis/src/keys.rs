@@ -7,11 +7,14 @@
 //! | `P{ns}:v:{key}` | string | the value (with the TTL as the key's own expiry) |
 //! | `P{ns}:i` | sorted set | every key of the namespace, score 0: the ordered index `List` pages through |
 //! | `P{ns}:e` | sorted set | keys with a TTL, scored by expiry (ms): lets writes reap stale index entries |
+//! | `P{ns}:idem:{idempotency key}` | string | an idempotency record: `<result> <method> <fingerprint>`, with the retention as the key's own expiry |
 //!
 //! `{ns}` is escaped (`%` → `%25`, `:` → `%3A`) so it never contains `:`:
 //! the first `:` after the prefix always ends the namespace, and two
 //! namespaces can never share a Redis key. Names allowed by the proxy
-//! (`[a-z0-9_-]`) are unchanged by the escaping.
+//! (`[a-z0-9_-]`) are unchanged by the escaping. Within a namespace the
+//! part after that `:` (`v:`, `i`, `e`, `idem:`) keeps values, indexes and
+//! records apart, whatever the user's keys and idempotency keys are.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,6 +29,9 @@ pub struct Namespace {
     pub index: String,
     /// `P{ns}:e`
     pub expiry: String,
+    /// `P{ns}:idem:`; an idempotency record's key is this followed by the
+    /// client's idempotency key.
+    pub record_prefix: String,
 }
 
 impl Namespace {
@@ -35,12 +41,18 @@ impl Namespace {
             value_prefix: format!("{base}:v:"),
             index: format!("{base}:i"),
             expiry: format!("{base}:e"),
+            record_prefix: format!("{base}:idem:"),
         }
     }
 
     /// The Redis key holding `key`'s value.
     pub fn value_key(&self, key: &str) -> String {
         format!("{}{key}", self.value_prefix)
+    }
+
+    /// The Redis key holding the record of idempotency key `key`.
+    pub fn record_key(&self, key: &str) -> String {
+        format!("{}{key}", self.record_prefix)
     }
 }
 
@@ -116,6 +128,7 @@ mod tests {
         assert_eq!(ns.value_key("a/b"), "trellis:default:v:a/b");
         assert_eq!(ns.index, "trellis:default:i");
         assert_eq!(ns.expiry, "trellis:default:e");
+        assert_eq!(ns.record_key("req-1"), "trellis:default:idem:req-1");
     }
 
     #[test]
@@ -125,11 +138,32 @@ mod tests {
         let two = Namespace::new("p:", "a");
         assert_ne!(one.value_key("c"), two.value_key("b:v:c"));
         assert_ne!(one.index, two.value_key("b:i"));
+        assert_ne!(one.record_key("c"), two.value_key("b:idem:c"));
+        assert_ne!(one.record_key("c"), two.record_key("b:idem:c"));
         // Escaping is injective: distinct names give distinct escapes.
         let names = ["a:b", "a%3Ab", "a%b", "a%25b", "a", "a:", "a%"];
         let escaped: std::collections::HashSet<_> = names.iter().map(|n| escape(n)).collect();
         assert_eq!(escaped.len(), names.len());
         assert!(escaped.iter().all(|e| !e.contains(':')));
+    }
+
+    #[test]
+    fn records_never_share_a_key_with_values_or_indexes() {
+        let ns = Namespace::new("p:", "ns");
+        // Whatever the user's key, a value key starts `p:ns:v:`, and a
+        // record key `p:ns:idem:`: neither starts the other.
+        for key in ["", "idem:x", ":idem:x", "i", "e"] {
+            let value = ns.value_key(key);
+            let record = ns.record_key(key);
+            assert!(!record.starts_with(&ns.value_prefix), "{record}");
+            assert!(!value.starts_with(&ns.record_prefix), "{value}");
+            assert!(record != ns.index && record != ns.expiry, "{record}");
+        }
+        // Namespaces stay apart for records too.
+        assert_ne!(
+            Namespace::new("p:", "a:idem:b").record_key("c"),
+            Namespace::new("p:", "a").record_key("b:idem:c")
+        );
     }
 
     #[test]

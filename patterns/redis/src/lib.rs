@@ -11,10 +11,16 @@
 //!   index in step). See README.md for why.
 //! - Health is a `PING`: `NOT_SERVING` while Redis is unreachable, `SERVING`
 //!   again once it answers. The pattern never exits because Redis is down.
+//! - Idempotency keys (`put_once`, `delete_once`): one script per call
+//!   checks the key's record (`P{ns}:idem:{key}`), and if there is none
+//!   does the write and then `SET`s the record with the retention as its
+//!   `PX` expiry, atomically; so a crash cannot separate the write from its
+//!   record, several pattern instances on one Redis share the records, and
+//!   Redis expires them (no sweeper).
 //! - Every command and script runs through the SDK's
 //!   [`Backend`](pattern_sdk::observe::Backend) (`GET`, and the scripts
-//!   `PUT`, `DELETE`, `LIST`): a latency histogram by outcome and a span
-//!   each. The multiplexed connection is exported as a pool of one
+//!   `PUT`, `DELETE`, `PUT_ONCE`, `DELETE_ONCE`, `LIST`): a latency
+//!   histogram by outcome and a span each. The multiplexed connection is exported as a pool of one
 //!   (`in_use` while a command is in flight). Health `PING`s are not
 //!   counted.
 
@@ -25,12 +31,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use pattern_sdk::idempotency::{Once, Outcome};
 use pattern_sdk::observe::{Backend, PoolStatus};
 use pattern_sdk::{
     Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use redis::{ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind};
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -41,6 +48,10 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 /// The most index entries one `List` call looks at (dead ones included),
 /// so a page never blocks Redis for long; a page may then be short.
 const LIST_SCAN_BUDGET: usize = 2000;
+/// The longest an idempotency record is kept (a retention beyond it is
+/// cut to it): 100 years, far past any policy's, and far from the end of
+/// Redis's expiry clock, which refuses a `PX` that overflows it.
+const MAX_RECORD_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 /// The `config:` block of a redis entry in the proxy configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -258,6 +269,73 @@ fn ttl_millis(ttl: Duration) -> u128 {
     ttl.as_nanos().div_ceil(1_000_000).max(1)
 }
 
+/// An idempotency record's retention as `SET … PX` takes it: at least 1 ms
+/// (`PX 0` is an error) and at most [`MAX_RECORD_MS`].
+fn retention_millis(retention: Duration) -> u128 {
+    ttl_millis(retention).min(MAX_RECORD_MS)
+}
+
+/// The [`PUT`](scripts::PUT) call, or the start of a [`PUT_ONCE`](scripts::PUT_ONCE) one.
+fn put_call<'a>(
+    script: &'a Script,
+    ns: &Namespace,
+    key: &str,
+    value: &[u8],
+    ttl: Option<Duration>,
+) -> ScriptInvocation<'a> {
+    let mut call = script.prepare_invoke();
+    call.key(ns.value_key(key))
+        .key(&ns.index)
+        .key(&ns.expiry)
+        .arg(key)
+        .arg(value)
+        .arg(ttl.map_or(0, ttl_millis).to_string())
+        .arg(&ns.value_prefix);
+    call
+}
+
+/// The [`DELETE`](scripts::DELETE) call, or the start of a
+/// [`DELETE_ONCE`](scripts::DELETE_ONCE) one.
+fn delete_call<'a>(script: &'a Script, ns: &Namespace, key: &str) -> ScriptInvocation<'a> {
+    let mut call = script.prepare_invoke();
+    call.key(ns.value_key(key))
+        .key(&ns.index)
+        .key(&ns.expiry)
+        .arg(key);
+    call
+}
+
+/// Makes a plain write's call a once one: the record's key, the claim
+/// (`method` and the fingerprint: a record answers only the same method
+/// and request) and the retention go last, as the once scripts want them.
+fn add_once(call: &mut ScriptInvocation<'_>, ns: &Namespace, method: &str, once: &Once) {
+    let (record, claim, retention) = once_args(ns, method, once);
+    call.key(record).arg(claim).arg(retention);
+}
+
+/// What [`add_once`] adds: the record's key, the claim, the retention in ms.
+fn once_args(ns: &Namespace, method: &str, once: &Once) -> (String, String, String) {
+    (
+        ns.record_key(&once.key),
+        format!("{method} {}", once.fingerprint),
+        retention_millis(once.retention).to_string(),
+    )
+}
+
+/// The [`Outcome`] of a once script's reply `(outcome, result)`; `answer`
+/// turns the write's integer result into the method's answer.
+fn outcome<T>(reply: (i64, i64), answer: impl FnOnce(i64) -> T) -> Result<Outcome<T>, Error> {
+    match reply {
+        (scripts::EXECUTED, result) => Ok(Outcome::Executed(answer(result))),
+        (scripts::REPLAYED, result) => Ok(Outcome::Replayed(answer(result))),
+        (scripts::REUSED, _) => Ok(Outcome::Reused),
+        (other, _) => Err(Error::internal(format!(
+            "an idempotent write's script answered outcome {other}, which trellis-redis does not \
+             know"
+        ))),
+    }
+}
+
 impl KeyValue for RedisKv {
     async fn get(&self, namespace: &str, key: &str) -> Result<Option<Bytes>, Error> {
         let key = self.namespace(namespace).value_key(key);
@@ -276,16 +354,8 @@ impl KeyValue for RedisKv {
         ttl: Option<Duration>,
     ) -> Result<(), Error> {
         let ns = self.namespace(namespace);
-        let ttl_ms = ttl.map_or(0, ttl_millis);
         let mut conn = self.conn.clone();
-        let mut call = scripts::PUT.prepare_invoke();
-        call.key(ns.value_key(key))
-            .key(&ns.index)
-            .key(&ns.expiry)
-            .arg(key)
-            .arg(value.as_ref())
-            .arg(ttl_ms.to_string())
-            .arg(&ns.value_prefix);
+        let call = put_call(&scripts::PUT, &ns, key, &value, ttl);
         let _: i64 = self.run("PUT", call.invoke_async(&mut conn)).await?;
         Ok(())
     }
@@ -293,13 +363,41 @@ impl KeyValue for RedisKv {
     async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Error> {
         let ns = self.namespace(namespace);
         let mut conn = self.conn.clone();
-        let mut call = scripts::DELETE.prepare_invoke();
-        call.key(ns.value_key(key))
-            .key(&ns.index)
-            .key(&ns.expiry)
-            .arg(key);
+        let call = delete_call(&scripts::DELETE, &ns, key);
         let removed: i64 = self.run("DELETE", call.invoke_async(&mut conn)).await?;
         Ok(removed > 0)
+    }
+
+    async fn put_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        once: &Once,
+    ) -> Result<Outcome<()>, Error> {
+        let ns = self.namespace(namespace);
+        let mut conn = self.conn.clone();
+        let mut call = put_call(&scripts::PUT_ONCE, &ns, key, &value, ttl);
+        add_once(&mut call, &ns, "PUT", once);
+        let reply = self.run("PUT_ONCE", call.invoke_async(&mut conn)).await?;
+        outcome(reply, |_| ())
+    }
+
+    async fn delete_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        once: &Once,
+    ) -> Result<Outcome<bool>, Error> {
+        let ns = self.namespace(namespace);
+        let mut conn = self.conn.clone();
+        let mut call = delete_call(&scripts::DELETE_ONCE, &ns, key);
+        add_once(&mut call, &ns, "DELETE", once);
+        let reply = self
+            .run("DELETE_ONCE", call.invoke_async(&mut conn))
+            .await?;
+        outcome(reply, |removed| removed > 0)
     }
 
     async fn list(&self, namespace: &str, query: ListQuery) -> Result<ListPage, Error> {
@@ -430,5 +528,59 @@ mod tests {
         assert_eq!(ttl_millis(Duration::from_nanos(1)), 1);
         assert_eq!(ttl_millis(Duration::from_micros(1500)), 2);
         assert_eq!(ttl_millis(Duration::from_secs(3)), 3000);
+    }
+
+    #[test]
+    fn retentions_are_a_valid_px() {
+        assert_eq!(retention_millis(Duration::ZERO), 1);
+        assert_eq!(retention_millis(Duration::from_secs(2)), 2000);
+        assert_eq!(retention_millis(Duration::MAX), MAX_RECORD_MS);
+        assert!(MAX_RECORD_MS < i64::MAX as u128 / 2);
+    }
+
+    #[test]
+    fn once_replies_become_outcomes() {
+        let deleted = |n: i64| n > 0;
+        assert_eq!(
+            outcome((scripts::EXECUTED, 1), deleted).unwrap(),
+            Outcome::Executed(true)
+        );
+        assert_eq!(
+            outcome((scripts::REPLAYED, 0), deleted).unwrap(),
+            Outcome::Replayed(false)
+        );
+        assert_eq!(
+            outcome((scripts::REUSED, 0), deleted).unwrap(),
+            Outcome::Reused
+        );
+        assert!(matches!(outcome((7, 0), deleted), Err(Error::Internal(_))));
+    }
+
+    #[test]
+    fn once_calls_append_the_record_key_the_claim_and_the_retention() {
+        let ns = Namespace::new("p:", "ns");
+        let once = Once {
+            key: "req-1".into(),
+            fingerprint: "ab12".into(),
+            retention: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            once_args(&ns, "DELETE", &once),
+            (
+                "p:ns:idem:req-1".to_string(),
+                "DELETE ab12".to_string(),
+                "1500".to_string()
+            )
+        );
+        // One key and two arguments more than the plain call: the scripts
+        // find them as KEYS[#KEYS], ARGV[#ARGV - 1] and ARGV[#ARGV].
+        let mut call = delete_call(&scripts::DELETE_ONCE, &ns, "k");
+        add_once(&mut call, &ns, "DELETE", &once);
+        let shown = format!("{call:?}");
+        assert!(shown.contains("args: 3, keys: 4"), "{shown}");
+        let mut call = put_call(&scripts::PUT_ONCE, &ns, "k", b"v", None);
+        add_once(&mut call, &ns, "PUT", &once);
+        let shown = format!("{call:?}");
+        assert!(shown.contains("args: 6, keys: 4"), "{shown}");
     }
 }
