@@ -171,3 +171,101 @@ async fn postgres_down_at_boot_starts_not_serving_then_creates_the_table_and_ser
     assert_eq!(after.pid, p.pid, "the pattern process was replaced");
     assert_eq!(after.restarts, 0);
 }
+
+fn with_idempotency_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut()
+        .insert("idempotency-key", key.parse().expect("a valid key"));
+    req
+}
+
+fn idempotent_replayed<T>(r: &tonic::Response<T>) -> bool {
+    r.metadata()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}
+
+/// The idempotency record lives in PostgreSQL with the data, not in a
+/// pattern process: two proxies, each with its own trellis-postgres on the
+/// same database, share it. A keyed Put through A, then the same keyed Put
+/// through B, is a replay that does not write again: a value written
+/// without a key in between survives.
+#[tokio::test]
+async fn a_keyed_put_through_one_proxy_is_replayed_through_another_on_the_same_database() {
+    let pg = PostgresServer::start().await;
+    let start = || {
+        Proxy::builder()
+            .top(REQUEST_TIMEOUT)
+            .pattern(postgres_pattern("db", &["db"], &pg.url(), PG_CONFIG))
+            .start()
+    };
+    let a = start().await;
+    let b = start().await;
+    let (mut kv_a, mut kv_b) = (a.kv().await, b.kv().await);
+
+    let first = kv_a
+        .put(with_idempotency_key(put("db", "k", b"first"), "order-1"))
+        .await
+        .expect("the keyed Put through A");
+    assert!(!idempotent_replayed(&first), "the first keyed Put runs");
+
+    kv_b.put(put("db", "k", b"between"))
+        .await
+        .expect("a Put without a key through B");
+
+    let again = kv_b
+        .put(with_idempotency_key(put("db", "k", b"first"), "order-1"))
+        .await
+        .expect("the same keyed Put through B");
+    assert!(
+        idempotent_replayed(&again),
+        "B replays the record A's pattern committed"
+    );
+    for kv in [&mut kv_a, &mut kv_b] {
+        assert_eq!(
+            kv.get(get("db", "k")).await.unwrap().into_inner().value,
+            b"between",
+            "the replay did not write again"
+        );
+    }
+}
+
+/// Expired idempotency records are purged from the database, as expired
+/// rows are.
+#[tokio::test]
+async fn expired_idempotency_records_are_purged() {
+    let pg = PostgresServer::start().await;
+    let proxy = Proxy::builder()
+        .top("request_timeout: 5s\npolicies:\n  default:\n    idempotency: { retention: 1s }")
+        .pattern(postgres_pattern(
+            "db",
+            &["db"],
+            &pg.url(),
+            "purge_interval: 100ms",
+        ))
+        .start()
+        .await;
+    let mut kv = proxy.kv().await;
+    kv.put(with_idempotency_key(put("db", "k", b"v"), "once"))
+        .await
+        .expect("the keyed Put");
+    let db = pg.connect().await;
+    let records = || async {
+        let row = db
+            .query_one("SELECT count(*) FROM trellis_kv_idempotency", &[])
+            .await
+            .expect("count the records");
+        row.get::<_, i64>(0)
+    };
+    assert_eq!(records().await, 1, "the keyed Put left its record");
+    trellis_tests::eventually("the expired record purged", || async {
+        (records().await == 0).then_some(())
+    })
+    .await;
+    // Purged means forgotten: the key runs again.
+    let again = kv
+        .put(with_idempotency_key(put("db", "k", b"v"), "once"))
+        .await
+        .expect("the keyed Put after the retention");
+    assert!(!idempotent_replayed(&again));
+}

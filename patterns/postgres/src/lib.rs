@@ -4,6 +4,10 @@
 //! - Every write is one statement in its own transaction (autocommit), so
 //!   an acknowledged Put is committed (durable with the server's default
 //!   `synchronous_commit = on`).
+//! - A write with an idempotency key is one transaction that claims the
+//!   key in `<table>_idempotency`, writes with the same SQL, and records
+//!   the answer (`records.rs`): the record commits with the write or not
+//!   at all, and a duplicate waits for the first to commit, then replays.
 //! - Put is an upsert (`INSERT … ON CONFLICT DO UPDATE`); TTL is a column,
 //!   `expires_at`, checked by every read and purged by a background task.
 //! - List is keyset pagination on the primary key (`namespace`, `key`
@@ -16,7 +20,8 @@
 //!   is unreachable; the pool reconnects by itself once it is back.
 //! - Every query runs through the SDK's
 //!   [`Backend`](pattern_sdk::observe::Backend) (`GET`, `PUT`, `DELETE`,
-//!   `LIST`, and the background `PURGE`): a latency histogram by outcome and
+//!   `LIST`, the keyed `PUT_ONCE` and `DELETE_ONCE` (their whole
+//!   transaction), and the background `PURGE`): a latency histogram by outcome and
 //!   a span each, timed once a connection is in hand. The pool's figures
 //!   (`Pool::status()`), its waits and its timeouts are exported too.
 //!
@@ -25,7 +30,9 @@
 
 mod errors;
 mod keys;
+mod records;
 mod schema;
+mod writes;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +43,7 @@ use bytes::Bytes;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts, tokio_postgres,
 };
+use pattern_sdk::idempotency::{Once, Outcome};
 use pattern_sdk::observe::{Backend, PoolStatus};
 use pattern_sdk::{
     Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
@@ -292,7 +300,7 @@ impl Pattern for Postgres {
         let queries = Queries::new(&config.table);
         let purger = tokio::spawn(purge(
             pool.clone(),
-            queries.purge.clone(),
+            [queries.purge.clone(), queries.purge_records.clone()],
             config.purge_interval,
             Arc::clone(&schema),
             backend.clone(),
@@ -550,10 +558,11 @@ fn error_type(e: &tokio_postgres::Error) -> &str {
     }
 }
 
-/// Deletes expired rows every `every`, in batches, until aborted.
+/// Deletes expired rows, then expired idempotency records, every `every`,
+/// in batches, until aborted.
 async fn purge(
     pool: Pool,
-    sql: String,
+    [rows_sql, records_sql]: [String; 2],
     every: Duration,
     schema: Arc<SchemaState>,
     backend: Backend,
@@ -572,35 +581,52 @@ async fn purge(
                 continue;
             }
         };
-        let mut purged = 0u64;
-        // Bounded, so a huge backlog never holds a connection for long.
-        for _ in 0..100 {
-            let measured = backend.start("PURGE");
-            let result = client
-                .execute(sql.as_str(), &[])
-                .instrument(measured.span().clone())
-                .await;
-            match &result {
-                Ok(_) => measured.ok(),
-                Err(e) => measured.error(error_type(e)),
-            }
-            match result {
-                Ok(n) => {
-                    purged += n;
-                    if n < schema::PURGE_BATCH as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "purging expired rows failed; retrying next interval");
+        let purged = purge_batches(&client, &rows_sql, &backend, "rows").await;
+        let forgotten = purge_batches(&client, &records_sql, &backend, "idempotency records").await;
+        if purged + forgotten > 0 {
+            tracing::debug!(
+                purged,
+                forgotten,
+                "purged expired rows and idempotency records"
+            );
+        }
+    }
+}
+
+/// Runs one purge statement until it deletes less than a batch (at most
+/// 100 times, so a huge backlog never holds the connection for long);
+/// how many it deleted.
+async fn purge_batches(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    backend: &Backend,
+    what: &str,
+) -> u64 {
+    let mut purged = 0u64;
+    for _ in 0..100 {
+        let measured = backend.start("PURGE");
+        let result = client
+            .execute(sql, &[])
+            .instrument(measured.span().clone())
+            .await;
+        match &result {
+            Ok(_) => measured.ok(),
+            Err(e) => measured.error(error_type(e)),
+        }
+        match result {
+            Ok(n) => {
+                purged += n;
+                if n < schema::PURGE_BATCH as u64 {
                     break;
                 }
             }
-        }
-        if purged > 0 {
-            tracing::debug!(purged, "purged expired rows");
+            Err(e) => {
+                tracing::warn!(error = %e, "purging expired {what} failed; retrying next interval");
+                break;
+            }
         }
     }
+    purged
 }
 
 impl Postgres {
@@ -650,9 +676,26 @@ impl Postgres {
                 )))
             })
     }
+
+    /// Runs `write` once per idempotency key, in one transaction
+    /// (`records::once`), measured as backend operation `what`.
+    async fn once(
+        &self,
+        what: &'static str,
+        namespace: &str,
+        once: &Once,
+        write: records::Write<'_>,
+    ) -> Result<records::Claimed, Error> {
+        let queries = &self.queries;
+        self.with_client(what, |mut client| async move {
+            records::once(&mut client, queries, namespace, once, write).await
+        })
+        .await
+    }
 }
 
-/// A TTL in whole microseconds (rounded up), as the SQL expects.
+/// A TTL (or a retention) in whole microseconds (rounded up), as the SQL
+/// expects.
 fn ttl_micros(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_nanos().div_ceil(1000).max(1)).unwrap_or(i64::MAX)
 }
@@ -679,11 +722,7 @@ impl KeyValue for Postgres {
         let sql = self.queries.put.as_str();
         let ttl = ttl.map(ttl_micros);
         self.with_client("PUT", |client| async move {
-            let stmt = client.prepare_cached(sql).await?;
-            client
-                .execute(&stmt, &[&namespace, &key, &value.as_ref(), &ttl])
-                .await
-                .map(|_| ())
+            writes::put(&client, sql, namespace, key, &value, ttl).await
         })
         .await
     }
@@ -691,13 +730,40 @@ impl KeyValue for Postgres {
     async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Error> {
         let sql = self.queries.delete.as_str();
         self.with_client("DELETE", |client| async move {
-            let stmt = client.prepare_cached(sql).await?;
-            let row = client.query_opt(&stmt, &[&namespace, &key]).await?;
-            row.map(|r| r.try_get::<_, bool>(0))
-                .transpose()
-                .map(|live| live.unwrap_or(false))
+            writes::delete(&client, sql, namespace, key).await
         })
         .await
+    }
+
+    async fn put_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        once: &Once,
+    ) -> Result<Outcome<()>, Error> {
+        let write = records::Write::Put {
+            key,
+            value: &value,
+            ttl: ttl.map(ttl_micros),
+        };
+        let claimed = self.once("PUT_ONCE", namespace, once, write).await?;
+        records::outcome(claimed, once, |a| (a == records::Answer::Put).then_some(()))
+    }
+
+    async fn delete_once(
+        &self,
+        namespace: &str,
+        key: &str,
+        once: &Once,
+    ) -> Result<Outcome<bool>, Error> {
+        let write = records::Write::Delete { key };
+        let claimed = self.once("DELETE_ONCE", namespace, once, write).await?;
+        records::outcome(claimed, once, |a| match a {
+            records::Answer::Deleted(d) => Some(d),
+            records::Answer::Put => None,
+        })
     }
 
     async fn list(&self, namespace: &str, query: ListQuery) -> Result<ListPage, Error> {

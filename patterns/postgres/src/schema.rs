@@ -10,6 +10,16 @@
 //! );
 //! CREATE INDEX <table>_expires_at ON <table> (expires_at) WHERE expires_at IS NOT NULL;
 //!
+//! CREATE TABLE <table>_idempotency (           -- idempotency records (version 2)
+//!     namespace   text COLLATE "C" NOT NULL,
+//!     key         text COLLATE "C" NOT NULL,   -- the client's idempotency key
+//!     fingerprint text             NOT NULL,   -- of the first request with the key
+//!     answer      text,                        -- what it answered; see records.rs
+//!     expires_at  timestamptz      NOT NULL,   -- the end of the retention
+//!     PRIMARY KEY (namespace, key)
+//! );
+//! CREATE INDEX <table>_idem_expiry ON <table>_idempotency (expires_at);
+//!
 //! CREATE TABLE trellis_schema_version (        -- one row per data table
 //!     table_name text PRIMARY KEY,
 //!     version    integer NOT NULL,
@@ -27,9 +37,15 @@ use pattern_sdk::{Error, FieldViolation};
 /// Serializes migrations of every trellis-postgres table in one database.
 const MIGRATION_LOCK: i64 = 0x0074_7265_6c6c_6973; // "trellis" in ASCII
 
-/// The longest table name: the index name adds 11 characters and
+/// The longest table name: the longest name made from it
+/// (`<table>_idempotency`, `<table>_idem_expiry`) adds 12 characters and
 /// PostgreSQL truncates identifiers past 63.
 pub const MAX_TABLE_NAME: usize = 48;
+
+/// The table of idempotency records that goes with the data table `table`.
+pub fn records_table(table: &str) -> String {
+    format!("{table}_idempotency")
+}
 
 /// Checks a table name: a plain lowercase SQL identifier, so it can be
 /// written into SQL without quoting surprises.
@@ -54,8 +70,10 @@ pub fn validate_table(name: &str) -> Result<(), FieldViolation> {
 
 /// Migration `i` takes a table from version `i` to `i + 1`.
 pub fn migrations(table: &str) -> Vec<String> {
-    vec![format!(
-        r#"CREATE TABLE IF NOT EXISTS {table} (
+    let records = records_table(table);
+    vec![
+        format!(
+            r#"CREATE TABLE IF NOT EXISTS {table} (
     namespace  text COLLATE "C" NOT NULL,
     key        text COLLATE "C" NOT NULL,
     value      bytea            NOT NULL,
@@ -64,7 +82,22 @@ pub fn migrations(table: &str) -> Vec<String> {
 );
 CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at) WHERE expires_at IS NOT NULL;
 COMMENT ON TABLE {table} IS 'trellis-postgres key-value data; schema version in trellis_schema_version';"#
-    )]
+        ),
+        // 2: idempotency records. `answer` is NULL only inside the
+        // transaction that claimed the key, so never in a committed record.
+        format!(
+            r#"CREATE TABLE IF NOT EXISTS {records} (
+    namespace   text COLLATE "C" NOT NULL,
+    key         text COLLATE "C" NOT NULL,
+    fingerprint text             NOT NULL,
+    answer      text,
+    expires_at  timestamptz      NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+CREATE INDEX IF NOT EXISTS {table}_idem_expiry ON {records} (expires_at);
+COMMENT ON TABLE {records} IS 'trellis-postgres idempotency records of table {table}; purged after expires_at';"#
+        ),
+    ]
 }
 
 /// Brings `table` to the latest version. Returns the version found before.
@@ -140,6 +173,16 @@ pub struct Queries {
     pub delete: String,
     pub list: String,
     pub purge: String,
+    /// Claims an idempotency key: inserts its record, or takes over an
+    /// expired one; returns a row only then. A live record is left alone
+    /// (but locked until the transaction ends).
+    pub claim: String,
+    /// The fingerprint and answer of a key's record.
+    pub recorded: String,
+    /// Stores the answer in the record the transaction claimed.
+    pub record: String,
+    /// Deletes expired idempotency records, like `purge`.
+    pub purge_records: String,
 }
 
 /// How many expired rows one purge statement removes at most.
@@ -147,6 +190,7 @@ pub const PURGE_BATCH: i64 = 1000;
 
 impl Queries {
     pub fn new(table: &str) -> Self {
+        let records = records_table(table);
         Self {
             get: format!(
                 "SELECT value FROM {table} WHERE namespace = $1 AND key = $2 \
@@ -175,6 +219,30 @@ impl Queries {
             purge: format!(
                 "DELETE FROM {table} WHERE ctid = ANY(ARRAY( \
                  SELECT ctid FROM {table} WHERE expires_at <= now() LIMIT {PURGE_BATCH}))"
+            ),
+            // $3: the fingerprint, $4: the retention in microseconds.
+            claim: format!(
+                "INSERT INTO {records} AS r (namespace, key, fingerprint, answer, expires_at) \
+                 VALUES ($1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond') \
+                 ON CONFLICT (namespace, key) DO UPDATE \
+                 SET fingerprint = EXCLUDED.fingerprint, answer = NULL, \
+                 expires_at = EXCLUDED.expires_at \
+                 WHERE r.expires_at <= now() \
+                 RETURNING true"
+            ),
+            recorded: format!(
+                "SELECT fingerprint, answer FROM {records} WHERE namespace = $1 AND key = $2"
+            ),
+            // $3: the answer.
+            record: format!("UPDATE {records} SET answer = $3 WHERE namespace = $1 AND key = $2"),
+            // A record a claim takes over (updates) while the purge waits
+            // for its lock must survive: PostgreSQL rechecks the ctid on the
+            // row's new version (seen on 15), and the outer `expires_at <=
+            // now()`, checked on that version too, makes sure of it.
+            purge_records: format!(
+                "DELETE FROM {records} WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM {records} WHERE expires_at <= now() LIMIT {PURGE_BATCH})) \
+                 AND expires_at <= now()"
             ),
         }
     }
@@ -211,5 +279,19 @@ mod tests {
             assert!(sql.contains("my_kv"), "{sql}");
         }
         assert!(migrations("my_kv")[0].contains("COLLATE \"C\""));
+    }
+
+    #[test]
+    fn records_queries_name_the_records_table_within_the_identifier_limit() {
+        let q = Queries::new("my_kv");
+        for sql in [&q.claim, &q.recorded, &q.record, &q.purge_records] {
+            assert!(sql.contains("my_kv_idempotency"), "{sql}");
+        }
+        let longest = "a".repeat(MAX_TABLE_NAME);
+        let step = &migrations(&longest)[1];
+        for name in [records_table(&longest), format!("{longest}_idem_expiry")] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(step.contains(&name), "{step}");
+        }
     }
 }
