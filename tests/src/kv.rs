@@ -64,3 +64,18 @@ pub fn spawn_writer(
         (acked, failed)
     })
 }
+
+/// `message` with an `idempotency-key` (docs/idempotency.md).
+pub fn with_idempotency_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut()
+        .insert("idempotency-key", key.parse().expect("a valid key"));
+    req
+}
+
+/// Whether an answer is marked `idempotent-replayed: true`.
+pub fn idempotent_replayed<T>(r: &tonic::Response<T>) -> bool {
+    r.metadata()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}

@@ -172,18 +172,7 @@ async fn postgres_down_at_boot_starts_not_serving_then_creates_the_table_and_ser
     assert_eq!(after.restarts, 0);
 }
 
-fn with_idempotency_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    req.metadata_mut()
-        .insert("idempotency-key", key.parse().expect("a valid key"));
-    req
-}
-
-fn idempotent_replayed<T>(r: &tonic::Response<T>) -> bool {
-    r.metadata()
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true")
-}
+use trellis_tests::kv::{idempotent_replayed, with_idempotency_key};
 
 /// The idempotency record lives in PostgreSQL with the data, not in a
 /// pattern process: two proxies, each with its own trellis-postgres on the

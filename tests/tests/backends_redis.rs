@@ -97,20 +97,8 @@ async fn redis_down_at_boot_starts_not_serving_then_serves_once_redis_is_up() {
 /// replay there and does not write again.
 #[tokio::test]
 async fn two_proxies_on_one_redis_share_idempotency_records() {
-    use tonic::Request;
-    use trellis_proto::data::v1::PutRequest;
 
-    fn keyed(message: PutRequest, key: &str) -> Request<PutRequest> {
-        let mut req = Request::new(message);
-        req.metadata_mut()
-            .insert("idempotency-key", key.parse().unwrap());
-        req
-    }
-    fn replayed<T>(r: &tonic::Response<T>) -> bool {
-        r.metadata()
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
+    use trellis_tests::kv::{idempotent_replayed as replayed, with_idempotency_key as keyed};
 
     let redis = RedisServer::start().await;
     let a = Proxy::builder()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use http::{Method, StatusCode};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use trellis_proto::data::v1::pub_sub_client::PubSubClient;
 use trellis_proto::data::v1::{DeleteRequest, PublishRequest, SubscribeRequest};
@@ -18,18 +18,7 @@ use trellis_tests::http as web;
 use trellis_tests::kv::{get, put};
 use trellis_tests::{Proxy, eventually};
 
-fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut req = Request::new(message);
-    req.metadata_mut()
-        .insert("idempotency-key", key.parse().unwrap());
-    req
-}
-
-fn replayed<T>(r: &tonic::Response<T>) -> bool {
-    r.metadata()
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true")
-}
+use trellis_tests::kv::{idempotent_replayed as replayed, with_idempotency_key as with_key};
 
 fn reason(s: &Status) -> String {
     s.get_details_error_info()
