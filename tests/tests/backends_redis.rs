@@ -97,7 +97,6 @@ async fn redis_down_at_boot_starts_not_serving_then_serves_once_redis_is_up() {
 /// replay there and does not write again.
 #[tokio::test]
 async fn two_proxies_on_one_redis_share_idempotency_records() {
-
     use trellis_tests::kv::{idempotent_replayed as replayed, with_idempotency_key as keyed};
 
     let redis = RedisServer::start().await;
