@@ -5,10 +5,10 @@
 
 use tonic::Code;
 use trellis_proto::admin::v1::PatternState;
-use trellis_tests::Proxy;
 use trellis_tests::backends::{PostgresServer, postgres_pattern};
 use trellis_tests::kv::{get, put};
 use trellis_tests::outage::{die_and_return, others_keep_serving};
+use trellis_tests::{Proxy, eventually};
 
 const REQUEST_TIMEOUT: &str = "request_timeout: 5s";
 const PG_CONFIG: &str =
@@ -257,4 +257,93 @@ async fn expired_idempotency_records_are_purged() {
         .await
         .expect("the keyed Put after the retention");
     assert!(!idempotent_replayed(&again));
+}
+
+/// A crash in the middle of keyed writes leaves each key either free (the
+/// write did not happen: a retry runs it) or complete (a retry replays it),
+/// never claimed forever: the claim, the row and the answer commit in one
+/// transaction, so a SIGKILLed pattern — or PostgreSQL stopped at once —
+/// rolls every unfinished one back. Writers keep claiming new keys while
+/// the crash happens; afterwards every key any of them sent is retried:
+/// the retry succeeds, the value is there, and the next retry is a replay.
+#[tokio::test]
+async fn keyed_writes_cut_off_by_a_crash_are_never_claimed_forever() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const WRITERS: usize = 16;
+    let mut pg = PostgresServer::start().await;
+    let proxy = Proxy::builder()
+        .top(REQUEST_TIMEOUT)
+        .pattern(postgres_pattern("db", &["db"], &pg.url(), PG_CONFIG))
+        .with(FAST_HEALTH)
+        .start()
+        .await;
+    let key = |crash: &str, w: usize, n: usize| format!("crash/{crash}/{w}/{n}");
+    let write = |k: &str| with_idempotency_key(put("db", k, k.as_bytes()), k);
+    for crash in ["pattern", "postgres"] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let channel = proxy.channel().await;
+        // Each writer sends keys n = 0, 1, … (each until acknowledged or
+        // the crash is over) and says how many it sent.
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let mut kv =
+                    trellis_proto::data::v1::key_value_client::KeyValueClient::new(channel.clone());
+                let (stop, acked) = (stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        if kv.put(write(&key(crash, w, n))).await.is_ok() {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                            n += 1;
+                        }
+                    }
+                    n + 1
+                })
+            })
+            .collect();
+        // Crash while claims are in flight: after some writes landed.
+        eventually("writes to land before the crash", || async {
+            (acked.load(Ordering::Relaxed) >= 2 * WRITERS).then_some(())
+        })
+        .await;
+        match crash {
+            "pattern" => {
+                let pid = proxy.pattern("db").await.pid;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .expect("SIGKILL the pattern");
+            }
+            _ => {
+                pg.stop_immediate().await;
+                pg.restart().await;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut sent = Vec::new();
+        for w in writers {
+            sent.push(w.await.expect("writer task"));
+        }
+        proxy.wait_serving("db").await;
+        let mut kv = proxy.kv().await;
+        for (w, count) in sent.into_iter().enumerate() {
+            for n in 0..count {
+                let k = key(crash, w, n);
+                eventually(&format!("{k}'s retry after the {crash} crash"), || {
+                    let mut kv = kv.clone();
+                    let req = write(&k);
+                    async move { kv.put(req).await.ok() }
+                })
+                .await;
+                let again = kv.put(write(&k)).await.expect("a retry");
+                assert!(idempotent_replayed(&again), "{k} after the {crash} crash");
+                let v = kv.get(get("db", &k)).await.unwrap().into_inner().value;
+                assert_eq!(v, k.as_bytes());
+            }
+        }
+    }
 }
