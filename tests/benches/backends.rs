@@ -7,7 +7,9 @@
 //!   share of the cost;
 //! - client → bare forwarder → pattern → server: the least a gRPC proxy on
 //!   the same stack (tonic, hyper, h2, tokio) costs — see `forwarder`;
-//! - client → trellis → pattern → server.
+//! - client → trellis → pattern → server;
+//! - the same with a new idempotency key on every Put (the pattern records
+//!   each atomically with its write: docs/idempotency.md), and the ratio.
 //!
 //! The proxies inherit the environment, so `TRELLIS_WORKER_THREADS=1 make
 //! bench-backends` measures a single-threaded proxy.
@@ -84,21 +86,27 @@ impl Choices {
 
 // Clients --------------------------------------------------------------------
 
-struct Grpc(KeyValueClient<Channel>);
+/// A gRPC client; with `keys`, every Put carries a new idempotency key
+/// (`keys` is this client's prefix and count), so the pattern records each.
+struct Grpc(KeyValueClient<Channel>, Option<(String, u64)>);
 
 impl Client for Grpc {
     fn op(&mut self, put: bool, key_index: usize) -> BoxFut<'_> {
         Box::pin(async move {
             if put {
-                self.0
-                    .put(PutRequest {
-                        namespace: NS.into(),
-                        key: key(key_index),
-                        value: VALUE.to_vec(),
-                        ttl: None,
-                    })
-                    .await
-                    .map(|_| ())
+                let mut req = tonic::Request::new(PutRequest {
+                    namespace: NS.into(),
+                    key: key(key_index),
+                    value: VALUE.to_vec(),
+                    ttl: None,
+                });
+                if let Some((prefix, n)) = &mut self.1 {
+                    *n += 1;
+                    if let Ok(v) = format!("{prefix}-{n}").parse() {
+                        req.metadata_mut().insert("idempotency-key", v);
+                    }
+                }
+                self.0.put(req).await.map(|_| ())
             } else {
                 self.0
                     .get(GetRequest {
@@ -116,8 +124,15 @@ impl Client for Grpc {
 /// `CLIENTS` gRPC clients of `addr` (`http://host:port`): the proxy, or a
 /// pattern's own endpoint to measure the pattern without the proxy.
 async fn grpc_clients(addr: &str) -> Vec<Grpc> {
+    grpc_clients_keyed(addr, false).await
+}
+
+/// As [`grpc_clients`]; `keyed`: every Put carries a new idempotency key.
+async fn grpc_clients_keyed(addr: &str, keyed: bool) -> Vec<Grpc> {
+    static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut v = Vec::new();
-    for _ in 0..CLIENTS {
+    for c in 0..CLIENTS {
         // A channel each: its own HTTP/2 connection, like separate clients.
         let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
             .expect("uri")
@@ -125,7 +140,8 @@ async fn grpc_clients(addr: &str) -> Vec<Grpc> {
             .connect()
             .await
             .expect("connect to the proxy");
-        v.push(Grpc(KeyValueClient::new(channel)));
+        let keys = keyed.then(|| (format!("bench-{}-{run}-{c}", std::process::id()), 0));
+        v.push(Grpc(KeyValueClient::new(channel), keys));
     }
     v
 }
@@ -383,10 +399,18 @@ async fn pattern_paths(entry: PatternEntry) -> Vec<(String, Path)> {
         path(grpc_clients(&forwarder.addr).await).await
     };
     let proxied = path(grpc_clients(&proxy.addr).await).await;
+    let keyed = path(grpc_clients_keyed(&proxy.addr, true).await).await;
+    println!(
+        "  {name}: Puts with idempotency keys through trellis: throughput ×{:.2} of Puts without, \
+         p50 {:+.3} ms",
+        keyed.rps / proxied.rps,
+        ms(keyed.lat.0) - ms(proxied.lat.0)
+    );
     vec![
         (format!("client → {name} pattern"), alone),
         (format!("client → bare forwarder → {name} pattern"), bare),
         (format!("client → trellis → {name} pattern"), proxied),
+        (format!("client → trellis → {name}, keyed Puts"), keyed),
     ]
 }
 
