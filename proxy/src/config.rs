@@ -31,6 +31,7 @@ const ENV_ROOTS: &[&str] = &[
     "log",
     "request_timeout",
     "shutdown_grace",
+    "drain_delay",
     "worker_threads",
     "http",
     "telemetry",
@@ -71,6 +72,11 @@ pub struct Config {
     /// it kills what is left.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT, how long health `""` answers NOT_SERVING while
+    /// calls are still served, before the doors close: the time a load
+    /// balancer needs to take the proxy out of rotation.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
     /// Where Unix sockets of `transport: unix` patterns are created;
     /// default `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
     pub socket_dir: Option<PathBuf>,
@@ -97,6 +103,7 @@ impl Default for Config {
             log: Log::default(),
             request_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
+            drain_delay: Duration::from_secs(3),
             socket_dir: None,
             worker_threads: None,
             http: Http::default(),
@@ -746,6 +753,12 @@ impl Config {
         let mut problems = Vec::new();
         let mut bad = |field: String, message: String| problems.push(Problem { field, message });
 
+        if self.drain_delay > crate::policy::MAX_DURATION {
+            bad(
+                "drain_delay".into(),
+                "is out of range; allowed: 0s (no delay) to 1h, e.g. \"5s\"".into(),
+            );
+        }
         if self.request_timeout.is_zero() || self.request_timeout > crate::policy::MAX_DURATION {
             bad(
                 "request_timeout".into(),

@@ -2,14 +2,34 @@
 //! fed by the patterns' status channels. Service `""` is SERVING when every
 //! pattern is; each pattern's name is a service that follows its pattern;
 //! any other name is NOT_FOUND, as the health protocol says.
+//!
+//! A status is sent only when it changes: `Watch` streams never see the
+//! same status twice in a row (tonic-health's reporter would repeat any
+//! status it is given). On shutdown the proxy first turns readiness off
+//! ([`Phase::Draining`]: `""` is NOT_SERVING while calls are still
+//! served), then ends every `Watch` stream ([`Phase::Closing`]) so none
+//! holds the exit.
+
+use std::collections::HashMap;
 
 use futures::StreamExt;
 use futures::stream::select_all;
+use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::supervisor::{PatternHandle, State};
+
+/// Where the proxy is in its life, as health reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Shutting down, still serving: readiness (`""`) off.
+    Draining,
+    /// The doors are closing: every `Watch` stream ends.
+    Closing,
+}
 
 fn serving(state: State) -> ServingStatus {
     if state == State::Serving {
@@ -19,22 +39,52 @@ fn serving(state: State) -> ServingStatus {
     }
 }
 
-/// Keeps `reporter` in step with every pattern until all status channels
-/// close (the supervisor is gone).
-pub async fn report(reporter: HealthReporter, patterns: Vec<PatternHandle>) {
-    let overall = |patterns: &[PatternHandle]| {
-        if patterns.iter().all(|p| p.status().state == State::Serving) {
+/// The reporter, and what it last said per service: a status goes out
+/// only when it changes.
+struct Statuses {
+    reporter: HealthReporter,
+    last: HashMap<String, ServingStatus>,
+}
+
+impl Statuses {
+    async fn set(&mut self, service: &str, status: ServingStatus) {
+        if self.last.get(service) != Some(&status) {
+            self.last.insert(service.to_string(), status);
+            self.reporter.set_service_status(service, status).await;
+        }
+    }
+
+    /// Ends every `Watch` stream (each service's sender is dropped).
+    async fn clear(&mut self) {
+        for service in std::mem::take(&mut self.last).into_keys() {
+            self.reporter.clear_service_status(&service).await;
+        }
+    }
+}
+
+/// Keeps `reporter` in step with every pattern and with `phase`, until the
+/// phase is [`Phase::Closing`] or the supervisor is gone.
+pub async fn report(
+    reporter: HealthReporter,
+    patterns: Vec<PatternHandle>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let overall = |patterns: &[PatternHandle], phase: Phase| {
+        if phase == Phase::Running && patterns.iter().all(|p| p.status().state == State::Serving) {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         }
     };
+    let mut statuses = Statuses {
+        reporter,
+        last: HashMap::new(),
+    };
     for p in &patterns {
-        reporter
-            .set_service_status(p.name(), serving(p.status().state))
-            .await;
+        statuses.set(p.name(), serving(p.status().state)).await;
     }
-    reporter.set_service_status("", overall(&patterns)).await;
+    let now = *phase.borrow();
+    statuses.set("", overall(&patterns, now)).await;
 
     let mut changes = select_all(
         patterns
@@ -42,10 +92,21 @@ pub async fn report(reporter: HealthReporter, patterns: Vec<PatternHandle>) {
             .enumerate()
             .map(|(i, p)| WatchStream::from_changes(p.watch()).map(move |s| (i, s.state))),
     );
-    while let Some((i, state)) = changes.next().await {
-        reporter
-            .set_service_status(patterns[i].name(), serving(state))
-            .await;
-        reporter.set_service_status("", overall(&patterns)).await;
+    loop {
+        tokio::select! {
+            change = changes.next() => {
+                let Some((i, state)) = change else { break };
+                statuses.set(patterns[i].name(), serving(state)).await;
+            }
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Closing {
+                    break;
+                }
+            }
+        }
+        let now = *phase.borrow();
+        statuses.set("", overall(&patterns, now)).await;
     }
+    statuses.set("", ServingStatus::NotServing).await;
+    statuses.clear().await;
 }

@@ -38,10 +38,8 @@ pub async fn run(
     let patterns = supervisor.handles().to_vec();
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    let health_task = tokio::spawn(health::report(reporter, patterns.clone()));
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(health::Phase::Running);
+    let health_task = tokio::spawn(health::report(reporter, patterns.clone(), phase_rx));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let methods = Methods::from_descriptors().map_err(anyhow::Error::msg)?;
@@ -114,7 +112,19 @@ pub async fn run(
     ));
 
     shutdown.await;
-    info!("shutting down: draining requests, then stopping patterns");
+    // Readiness off first, still serving, so load balancers stop sending
+    // calls before the doors close; a second signal skips the wait.
+    let _ = phase_tx.send(health::Phase::Draining);
+    info!(
+        drain_delay = ?config.drain_delay,
+        "shutting down: health \"\" is NOT_SERVING; calls are served until the drain delay ends"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(config.drain_delay) => {}
+        _ = signal() => info!("a second signal: skipping the drain delay"),
+    }
+    info!("closing the doors: draining requests, then stopping patterns");
+    let _ = phase_tx.send(health::Phase::Closing);
     let _ = stop_tx.send(true);
     if let Err(e) = grpc_task.await {
         warn!(error = %e, "the gRPC front door's task failed");
@@ -123,7 +133,7 @@ pub async fn run(
         let _ = t.await;
     }
     supervisor.shutdown().await;
-    health_task.abort();
+    let _ = health_task.await;
     if let Some(t) = tracing {
         // Flushing blocks on the collector: off the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;

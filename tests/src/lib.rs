@@ -212,6 +212,10 @@ impl ProxyBuilder {
             "listen:\n  grpc: 127.0.0.1:0\n  http: 127.0.0.1:0\nlog:\n  level: \"{},trellis::server=info\"\n",
             self.log_level.as_deref().unwrap_or("debug")
         );
+        // Tests stop proxies often: no drain delay unless a test sets one.
+        if !self.top.contains("drain_delay:") {
+            y.push_str("drain_delay: 0s\n");
+        }
         y.push_str(&self.top);
         y.push_str("patterns:\n");
         for p in &self.patterns {

@@ -1,0 +1,136 @@
+//! The shutdown lifecycle as a load balancer and a health watcher see it:
+//! on SIGTERM, readiness (`""`) turns NOT_SERVING at once while calls are
+//! still served for `drain_delay`; then every `Watch` stream ends, the
+//! doors close, the patterns stop, and the proxy exits 0. And `Watch`
+//! sends a status only when it changes.
+
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use trellis_tests::kv::{get, put};
+use trellis_tests::{PATIENCE, Proxy, eventually, process_gone};
+
+fn sigterm(proxy: &Proxy) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+}
+
+#[tokio::test]
+async fn sigterm_turns_readiness_off_at_once_serves_through_the_drain_delay_and_ends_watches() {
+    const DRAIN: Duration = Duration::from_secs(2);
+    let mut proxy = Proxy::builder()
+        .top("drain_delay: 2s")
+        .memstore("mem", &["m"])
+        .start()
+        .await;
+    let pattern_pid = proxy.pattern("mem").await.pid;
+    let mut kv = proxy.kv().await;
+    kv.put(put("m", "k", b"v")).await.unwrap();
+    let mut watch = proxy
+        .health()
+        .await
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    sigterm(&proxy);
+    let signalled = Instant::now();
+    let next = tokio::time::timeout(PATIENCE, watch.message())
+        .await
+        .expect("a status after the signal")
+        .expect("the watch stream")
+        .expect("a message, not the end");
+    let seen_after = signalled.elapsed();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    println!("NOT_SERVING seen {seen_after:?} after SIGTERM");
+    assert!(
+        seen_after < DRAIN,
+        "readiness turned off only after {seen_after:?}"
+    );
+
+    // Calls keep succeeding while readiness is off, until the drain delay.
+    let mut served = 0;
+    while signalled.elapsed() < DRAIN - Duration::from_millis(500) {
+        let v = kv
+            .get(get("m", "k"))
+            .await
+            .expect("served during the drain delay");
+        assert_eq!(v.into_inner().value, b"v");
+        served += 1;
+    }
+    assert!(served > 0);
+
+    // Then the watch stream ends (it does not hold the exit), and the
+    // proxy exits 0 without waiting out `shutdown_grace` (15 s).
+    let end = tokio::time::timeout(PATIENCE, watch.message())
+        .await
+        .expect("the watch stream ends");
+    assert!(
+        matches!(end, Ok(None) | Err(_)),
+        "no further status after NOT_SERVING: {end:?}"
+    );
+    assert_eq!(proxy.terminate().await, Some(0), "{}", proxy.log_text());
+    let took = signalled.elapsed();
+    assert!(
+        took >= DRAIN && took < DRAIN + Duration::from_secs(10),
+        "exited {took:?} after the signal"
+    );
+    assert!(process_gone(pattern_pid), "the pattern outlived the proxy");
+}
+
+#[tokio::test]
+async fn a_watcher_sees_each_status_once_across_a_pattern_crash_and_restart() {
+    let proxy = Proxy::builder().memstore("mem", &["m"]).start().await;
+    let pid = proxy.pattern("mem").await.pid;
+    let mut watch = proxy
+        .health()
+        .await
+        .watch(HealthCheckRequest {
+            service: "mem".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = vec![watch.message().await.unwrap().unwrap().status()];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while seen.len() < 3 {
+        let m = tokio::time::timeout(PATIENCE, watch.message())
+            .await
+            .expect("a status change")
+            .unwrap()
+            .unwrap();
+        seen.push(m.status());
+    }
+    assert_eq!(
+        seen,
+        [
+            ServingStatus::Serving,
+            ServingStatus::NotServing,
+            ServingStatus::Serving
+        ]
+    );
+    eventually("the restarted pattern to be listed", || async {
+        (proxy.pattern("mem").await.pid != pid).then_some(())
+    })
+    .await;
+    // Nothing more: a repeat of SERVING would arrive with the next health
+    // poll (every second); wait past two of them.
+    let more = tokio::time::timeout(Duration::from_millis(2500), watch.message()).await;
+    assert!(
+        more.is_err(),
+        "an unchanged status was sent again: {more:?}"
+    );
+}
