@@ -21,6 +21,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::supervisor::{PatternHandle, State};
 
+/// The liveness service: SERVING while the proxy's own loops run, whatever
+/// its patterns' state (`""` is readiness). Kubernetes: liveness probe on
+/// this, readiness and startup on `""`.
+pub const LIVENESS: &str = "trellis.liveness";
+
 /// Where the proxy is in its life, as health reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -85,6 +90,7 @@ pub async fn report(
     }
     let now = *phase.borrow();
     statuses.set("", overall(&patterns, now)).await;
+    statuses.set(LIVENESS, ServingStatus::Serving).await;
 
     let mut changes = select_all(
         patterns

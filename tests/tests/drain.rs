@@ -134,3 +134,38 @@ async fn a_watcher_sees_each_status_once_across_a_pattern_crash_and_restart() {
         "an unchanged status was sent again: {more:?}"
     );
 }
+
+/// Liveness is not readiness: with its only pattern down for good, the
+/// proxy is not ready (`""`, `GET /readyz` 503) but alive
+/// (`trellis.liveness`, `GET /livez` 200), so a liveness probe does not
+/// restart it for a backend's sake.
+#[tokio::test]
+async fn liveness_stays_on_while_readiness_follows_the_patterns() {
+    let proxy = Proxy::builder()
+        .memstore("mem", &["m"])
+        .with("restart:\n  policy: never")
+        .start()
+        .await;
+    let base = proxy.http.clone().expect("an HTTP listener");
+    let ready = trellis_tests::http::get(&format!("{base}/readyz")).await;
+    assert_eq!(ready.status, http::StatusCode::OK, "{}", ready.text());
+    assert_eq!(ready.text(), "ok\n");
+    let pid = proxy.pattern("mem").await.pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("readiness to turn off", || async {
+        (proxy.health_of("").await == Some(ServingStatus::NotServing)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        proxy.health_of("trellis.liveness").await,
+        Some(ServingStatus::Serving)
+    );
+    let ready = trellis_tests::http::get(&format!("{base}/readyz")).await;
+    assert_eq!(ready.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    let live = trellis_tests::http::get(&format!("{base}/livez")).await;
+    assert_eq!(live.status, http::StatusCode::OK, "{}", live.text());
+}

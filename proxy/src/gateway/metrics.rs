@@ -52,13 +52,15 @@ pub enum RouteId {
     Table(usize),
     Metrics,
     OpenApi,
+    Livez,
+    Readyz,
     Unmatched,
 }
 
 pub struct HttpMetrics {
     family: HttpHistograms,
     /// The `http_route` value of each route id, then `/metrics`,
-    /// `/openapi.json`, `_unmatched`.
+    /// `/openapi.json`, `/livez`, `/readyz`, `_unmatched`.
     routes: Vec<String>,
     /// `[route][method][status]`.
     slots: Box<[OnceLock<AtomicHistogram>]>,
@@ -74,6 +76,8 @@ impl HttpMetrics {
         routes.extend([
             "/metrics".into(),
             "/openapi.json".into(),
+            "/livez".into(),
+            "/readyz".into(),
             "_unmatched".into(),
         ]);
         let slots = (0..routes.len() * METHODS.len() * STATUSES.len())
@@ -87,12 +91,14 @@ impl HttpMetrics {
     }
 
     fn route_index(&self, route: RouteId) -> usize {
-        let table = self.routes.len() - 3;
+        let table = self.routes.len() - 5;
         match route {
             RouteId::Table(i) if i < table => i,
-            RouteId::Table(_) | RouteId::Unmatched => table + 2,
+            RouteId::Table(_) | RouteId::Unmatched => table + 4,
             RouteId::Metrics => table,
             RouteId::OpenApi => table + 1,
+            RouteId::Livez => table + 2,
+            RouteId::Readyz => table + 3,
         }
     }
 

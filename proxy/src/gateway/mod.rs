@@ -215,6 +215,15 @@ impl Gateway {
             *route_id = RouteId::Metrics;
             return self.metrics(&req, ctx).await;
         }
+        if req.method() == Method::GET && (ctx.path == "/livez" || ctx.path == "/readyz") {
+            let (service, id) = if ctx.path == "/livez" {
+                (crate::health::LIVENESS, RouteId::Livez)
+            } else {
+                ("", RouteId::Readyz)
+            };
+            *route_id = id;
+            return Ok(self.probe(service).await);
+        }
         if req.method() == Method::GET && ctx.path == "/openapi.json" {
             *route_id = RouteId::OpenApi;
             let mut r = Response::new(full(self.openapi.clone()));
@@ -465,6 +474,31 @@ impl Gateway {
             }
         };
         let _ = tokio::time::timeout(self.limits.read_timeout, drain).await;
+    }
+
+    /// `GET /livez` / `/readyz`: the health service `service` (through the
+    /// same front door as gRPC), as Kubernetes-style plain text: 200 `ok`
+    /// when SERVING, else 503.
+    async fn probe(&self, service: &str) -> Response<Body> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.grpc.clone());
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        let (code, text) = match status {
+            Ok(ServingStatus::Serving) => (StatusCode::OK, "ok\n"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
+        };
+        let mut r = Response::new(full(text));
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
     }
 
     async fn call(
