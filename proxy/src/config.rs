@@ -523,10 +523,15 @@ pub struct RestartConfig {
     #[serde(with = "humantime_serde")]
     pub reset_after: Duration,
     /// Crash-loop breaker: more than `max_starts` starts within
-    /// `start_window` and the pattern is FAILED until an operator starts it.
+    /// `start_window` and the pattern is FAILED…
     pub max_starts: u32,
     #[serde(with = "humantime_serde")]
     pub start_window: Duration,
+    /// …until `cool_down` has passed (then it is started again, as
+    /// Kubernetes' CrashLoopBackOff does at its cap) or an operator starts
+    /// it; `null`: until an operator starts it.
+    #[serde(with = "humantime_serde")]
+    pub cool_down: Option<Duration>,
 }
 
 impl Default for RestartConfig {
@@ -539,6 +544,7 @@ impl Default for RestartConfig {
             reset_after: Duration::from_secs(60),
             max_starts: 5,
             start_window: Duration::from_secs(60),
+            cool_down: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -928,6 +934,15 @@ impl Config {
                 bad(
                     at("restart.max_backoff"),
                     "must be at least restart.initial_backoff".into(),
+                );
+            }
+            if p.restart
+                .cool_down
+                .is_some_and(|d| d < Duration::from_secs(1))
+            {
+                bad(
+                    at("restart.cool_down"),
+                    "must be at least 1s; `null` keeps a FAILED pattern down until an operator starts it".into(),
                 );
             }
             if p.restart.max_starts == 0 {

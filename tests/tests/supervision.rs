@@ -684,3 +684,33 @@ async fn the_cli_follows_state_changes() {
         .expect("a CRASHED line");
     assert!(crashed.contains("SIGKILL"), "{crashed}");
 }
+
+/// The breaker heals: after `restart.cool_down` a FAILED pattern is started
+/// again without an operator (and, still crashing, trips the breaker again).
+#[tokio::test]
+async fn a_pattern_failed_by_the_breaker_is_started_again_after_its_cool_down() {
+    let proxy = Proxy::builder()
+        .chaos("loop", &["x"], "exit_after: 10ms\nexit_code: 1")
+        .with(
+            "restart:\n  initial_backoff: 1ms\n  max_backoff: 2ms\n  max_starts: 2\n  start_window: 1h\n  cool_down: 1s",
+        )
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("loop", "FAILED by the breaker", failed)
+        .await;
+    assert_eq!(p.restarts, 1, "two starts: the first and one restart");
+    assert!(
+        p.last_error.contains("started again in 1s"),
+        "says when it heals: {}",
+        p.last_error
+    );
+    // No operator: the cool-down starts it again (its two starts trip the
+    // breaker once more, as it still crashes).
+    let p = proxy
+        .wait_pattern("loop", "started again after the cool-down", |p| {
+            p.restarts >= 3
+        })
+        .await;
+    assert!(p.restarts >= 3, "{p:?}");
+}

@@ -255,9 +255,28 @@ impl Owner {
         // `why` is decided wherever the next spawn is decided.
         let mut spawned_before = false;
         let mut why = RestartReason::Operator;
+        // Set when the crash-loop breaker failed the pattern and its
+        // `restart.cool_down` will start it again.
+        let mut cool_down_until: Option<Instant> = None;
         loop {
             if !want_running {
-                match self.commands.recv().await {
+                let command = match cool_down_until {
+                    Some(at) => tokio::select! {
+                        c = self.commands.recv() => c,
+                        _ = tokio::time::sleep_until(at) => {
+                            info!("the crash-loop cool-down is over: starting again");
+                            cool_down_until = None;
+                            self.schedule.reset();
+                            why = RestartReason::CoolDown;
+                            want_running = true;
+                            continue;
+                        }
+                    },
+                    None => self.commands.recv().await,
+                };
+                // An operator's command takes over from the cool-down.
+                cool_down_until = None;
+                match command {
                     None => return,
                     Some(Command::Shutdown(done)) => {
                         let _ = done.send(());
@@ -283,9 +302,19 @@ impl Owner {
             }
             if !self.schedule.allow_start(Instant::now()) {
                 let c = self.schedule.config();
+                let until = match c.cool_down {
+                    Some(d) => {
+                        cool_down_until = Some(Instant::now() + d);
+                        format!(
+                            "it is started again in {} or when an operator starts it",
+                            humantime::format_duration(d)
+                        )
+                    }
+                    None => "it stays down until an operator starts it".to_string(),
+                };
                 let reason = format!(
-                    "crash loop: {} starts within {}; the pattern stays down until an operator \
-                     starts it (`trellis patterns start {}`) — see its last exit and stderr",
+                    "crash loop: {} starts within {}; {until} (`trellis patterns start {}`) — \
+                     see its last exit and stderr",
                     c.max_starts,
                     humantime::format_duration(c.start_window),
                     self.cfg.name

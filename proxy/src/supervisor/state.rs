@@ -91,15 +91,18 @@ pub enum RestartReason {
     Memory,
     /// An operator restarted it, or started it after a stop or a failure.
     Operator,
+    /// The crash-loop breaker's cool-down ended (`restart.cool_down`).
+    CoolDown,
 }
 
 impl RestartReason {
-    pub const ALL: [RestartReason; 5] = [
+    pub const ALL: [RestartReason; 6] = [
         RestartReason::Exit,
         RestartReason::Signal,
         RestartReason::Unhealthy,
         RestartReason::Memory,
         RestartReason::Operator,
+        RestartReason::CoolDown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +112,7 @@ impl RestartReason {
             RestartReason::Unhealthy => "unhealthy",
             RestartReason::Memory => "memory",
             RestartReason::Operator => "operator",
+            RestartReason::CoolDown => "cool_down",
         }
     }
 
@@ -129,7 +133,7 @@ impl std::fmt::Display for RestartReason {
 
 /// Restarts so far, by reason; they add up to [`Status::restarts`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Restarts([u32; 5]);
+pub struct Restarts([u32; RestartReason::ALL.len()]);
 
 impl Restarts {
     pub fn get(&self, reason: RestartReason) -> u32 {
