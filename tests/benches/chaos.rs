@@ -1260,12 +1260,17 @@ async fn shutdown(proxy: &mut Proxy, seen: BTreeMap<u32, String>) -> Shutdown {
         .map(|(p, n)| (*p, n.clone()))
         .collect();
     let alive_at_exit = orphans.len();
-    if !orphans.is_empty() {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    // A pattern reaped a moment after the proxy: give them 2 s to go.
+    let gone_by = Instant::now() + Duration::from_secs(2);
+    while !orphans.is_empty() && Instant::now() < gone_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
         orphans.retain(|(pid, _)| !process_gone(*pid));
     }
-    // Let the log reader take the last lines.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The log reader has the last lines once the proxy's final line is in.
+    let logged_by = Instant::now() + Duration::from_secs(5);
+    while !proxy.log_text().contains("\"stopped\"") && Instant::now() < logged_by {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Shutdown {
         exited_ok: matches!(&exit, Ok(Ok(s)) if s.success()),
         exit: desc,

@@ -46,8 +46,6 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<CallBody>, ApiError
 
 const PREVIOUS_ATTEMPTS: HeaderName = HeaderName::from_static("grpc-previous-rpc-attempts");
 const PUSHBACK: &str = "grpc-retry-pushback-ms";
-/// The metadata that makes a write safe to retry (see the idempotency keys).
-const IDEMPOTENCY_KEY: &str = trellis_proto::idempotency::KEY;
 
 /// Methods that are always safe to repeat.
 const SAFE: [&str; 3] = ["Get", "List", "Subscribe"];
@@ -98,7 +96,7 @@ pub struct Retry<S> {
 fn safe_to_repeat(call: &Call, retries: &Retries) -> bool {
     let name = call.method.name.as_str();
     SAFE.contains(&name)
-        || call.headers.contains_key(IDEMPOTENCY_KEY)
+        || call.headers.contains_key(trellis_proto::idempotency::KEY)
         || retries.idempotent_methods.iter().any(|m| m == name)
 }
 
