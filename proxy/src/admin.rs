@@ -1,7 +1,6 @@
 //! `trellis.admin.v1.Admin`: reports on and controls the supervised
 //! patterns through their handles. It never touches a process itself.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,44 +12,48 @@ use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1 as pb;
 use trellis_proto::admin::v1::admin_server::Admin;
 
-use crate::dataplane::Circuits;
+use crate::dataplane::DataPlane;
+use crate::reload::{ReloadError, Reloader};
 use crate::supervisor::process::Exit;
-use crate::supervisor::{CommandError, PatternHandle, State, Status as PatternStatus};
+use crate::supervisor::{CommandError, PatternHandle, Roster, State, Status as PatternStatus};
 
 pub struct AdminService {
-    patterns: Vec<PatternHandle>,
-    by_name: HashMap<String, usize>,
+    reloader: Reloader,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    circuits: Option<Arc<Circuits>>,
+    data: Option<DataPlane>,
+    /// Set by `Drain`: the proxy starts its shutdown, as on SIGTERM.
+    drain: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AdminService {
     /// `shutdown` turns true when the proxy is stopping; watch streams end then.
-    pub fn new(patterns: Vec<PatternHandle>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        let by_name = patterns
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name().to_string(), i))
-            .collect();
+    pub fn new(reloader: Reloader, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         AdminService {
-            patterns,
-            by_name,
+            reloader,
             shutdown,
-            circuits: None,
+            data: None,
+            drain: None,
         }
     }
 
     /// Reports the namespaces' circuit breakers with each pattern.
-    pub fn with_circuits(mut self, circuits: Arc<Circuits>) -> Self {
-        self.circuits = Some(circuits);
+    pub fn with_data_plane(mut self, data: DataPlane) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// `Drain` notifies `drain`.
+    pub fn with_drain(mut self, drain: Arc<tokio::sync::Notify>) -> Self {
+        self.drain = Some(drain);
         self
     }
 
     /// A pattern as the API reports it, its circuits included.
     fn report(&self, handle: &PatternHandle) -> pb::Pattern {
         let mut p = to_proto(handle, &handle.status());
-        if let Some(c) = &self.circuits {
-            p.circuits = c
+        if let Some(data) = &self.data {
+            p.circuits = data
+                .circuits()
                 .views(handle.namespaces().iter().map(String::as_str))
                 .into_iter()
                 .map(|v| pb::Circuit {
@@ -67,39 +70,36 @@ impl AdminService {
         p
     }
 
-    fn find(&self, name: &str) -> Result<&PatternHandle, Status> {
-        self.by_name
-            .get(name)
-            .map(|&i| &self.patterns[i])
-            .ok_or_else(|| {
-                let known: Vec<&str> = self.patterns.iter().map(|p| p.name()).collect();
-                crate::error::ApiError::new(
-                    tonic::Code::NotFound,
-                    "PATTERN_NOT_FOUND",
-                    format!(
-                        "no pattern is named {name:?}; known patterns: {}",
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                )
-                .meta("pattern", name)
-                .into()
-            })
+    fn find(&self, name: &str) -> Result<PatternHandle, Status> {
+        let roster = self.reloader.roster().borrow().clone();
+        if let Some(h) = roster.get(name) {
+            return Ok(h.clone());
+        }
+        Err(not_found(name, &roster))
     }
 
     fn action(
         &self,
-        handle: &PatternHandle,
+        name: &str,
         result: Result<String, CommandError>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         match result {
+            // Reported from the roster now: a blue/green restart put a new
+            // handle there.
             Ok(message) => Ok(Response::new(pb::PatternActionResponse {
                 message,
-                pattern: Some(self.report(handle)),
+                pattern: Some(self.report(&self.find(name)?)),
             })),
+            Err(CommandError::NotFound(_)) => {
+                Err(not_found(name, &self.reloader.roster().borrow().clone()))
+            }
+            Err(e @ CommandError::NotReplaced(_)) => Err(crate::error::ApiError::new(
+                tonic::Code::Unavailable,
+                "NOT_REPLACED",
+                e.to_string(),
+            )
+            .meta("pattern", name)
+            .into()),
             Err(e @ CommandError::AlreadyRunning(_)) => Err(crate::error::ApiError::new(
                 tonic::Code::FailedPrecondition,
                 "ALREADY_RUNNING",
@@ -112,6 +112,51 @@ impl AdminService {
                 e.to_string(),
             )
             .into()),
+        }
+    }
+}
+
+fn not_found(name: &str, roster: &Roster) -> Status {
+    let known: Vec<&str> = roster.patterns().iter().map(|p| p.name()).collect();
+    crate::error::ApiError::new(
+        tonic::Code::NotFound,
+        "PATTERN_NOT_FOUND",
+        format!(
+            "no pattern is named {name:?}; known patterns: {}",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ),
+    )
+    .meta("pattern", name)
+    .into()
+}
+
+/// A refused reload as a status: INVALID_ARGUMENT with one field
+/// violation per problem, or UNAVAILABLE when a new process did not serve.
+fn reload_refused(e: &ReloadError) -> Status {
+    match e {
+        ReloadError::Invalid { problems, .. } => {
+            let mut err = crate::error::ApiError::new(
+                tonic::Code::InvalidArgument,
+                "INVALID_CONFIG",
+                e.to_string(),
+            );
+            for p in problems {
+                err = err.violation(&p.field, &p.message);
+            }
+            err.into()
+        }
+        ReloadError::NotServing { pattern, .. } => {
+            crate::error::ApiError::new(tonic::Code::Unavailable, "NOT_REPLACED", e.to_string())
+                .meta("pattern", pattern)
+                .into()
+        }
+        ReloadError::ShuttingDown => {
+            crate::error::ApiError::new(tonic::Code::Unavailable, "SHUTTING_DOWN", e.to_string())
+                .into()
         }
     }
 }
@@ -164,7 +209,8 @@ impl Admin for AdminService {
         &self,
         _req: Request<pb::ListPatternsRequest>,
     ) -> Result<Response<pb::ListPatternsResponse>, Status> {
-        let patterns = self.patterns.iter().map(|h| self.report(h)).collect();
+        let roster = self.reloader.roster().borrow().clone();
+        let patterns = roster.patterns().iter().map(|h| self.report(h)).collect();
         Ok(Response::new(pb::ListPatternsResponse { patterns }))
     }
 
@@ -173,31 +219,34 @@ impl Admin for AdminService {
         req: Request<pb::GetPatternRequest>,
     ) -> Result<Response<pb::Pattern>, Status> {
         let h = self.find(&req.get_ref().name)?;
-        Ok(Response::new(self.report(h)))
+        Ok(Response::new(self.report(&h)))
     }
 
     async fn start_pattern(
         &self,
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
-        let h = self.find(&req.get_ref().name)?;
-        self.action(h, h.start().await)
+        let name = &req.get_ref().name;
+        let h = self.find(name)?;
+        self.action(name, h.start().await)
     }
 
     async fn stop_pattern(
         &self,
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
-        let h = self.find(&req.get_ref().name)?;
-        self.action(h, h.stop().await)
+        let name = &req.get_ref().name;
+        let h = self.find(name)?;
+        self.action(name, h.stop().await)
     }
 
     async fn restart_pattern(
         &self,
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
-        let h = self.find(&req.get_ref().name)?;
-        self.action(h, h.restart().await)
+        let name = &req.get_ref().name;
+        self.find(name)?;
+        self.action(name, self.reloader.restart(name).await)
     }
 
     type WatchPatternsStream = EventStream;
@@ -208,9 +257,9 @@ impl Admin for AdminService {
     ) -> Result<Response<EventStream>, Status> {
         let name = req.into_inner().name;
         let selected: Vec<PatternHandle> = if name.is_empty() {
-            self.patterns.clone()
+            self.reloader.roster().borrow().patterns().to_vec()
         } else {
-            vec![self.find(&name)?.clone()]
+            vec![self.find(&name)?]
         };
         let streams = selected.into_iter().map(|h| {
             // Subscribe before taking the snapshot, so no change falls between.
@@ -246,5 +295,41 @@ impl Admin for AdminService {
         };
         let events = futures::stream::select_all(streams).take_until(stop);
         Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn reload(
+        &self,
+        _req: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let applied = self
+            .reloader
+            .reload()
+            .await
+            .map_err(|e| reload_refused(&e))?;
+        Ok(Response::new(pb::ReloadResponse {
+            message: applied.to_string(),
+            added: applied.added,
+            removed: applied.removed,
+            replaced: applied.replaced,
+            unchanged: applied.unchanged,
+            source: applied.source,
+        }))
+    }
+
+    async fn drain(
+        &self,
+        _req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let Some(drain) = &self.drain else {
+            return Err(Status::unimplemented(
+                "this proxy cannot be drained over its API",
+            ));
+        };
+        drain.notify_one();
+        Ok(Response::new(pb::DrainResponse {
+            message: "draining: readiness is off now; the doors close after drain_delay, then \
+                      patterns stop"
+                .into(),
+        }))
     }
 }

@@ -83,6 +83,18 @@ pub enum Command {
         #[command(subcommand)]
         op: Option<PatternsOp>,
     },
+    /// Make a running proxy read its configuration file again and apply
+    /// it (as SIGHUP does): 0 when applied, 2 with every problem when
+    /// refused (nothing changed then), 1 when the proxy could not be asked.
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a running proxy drain and stop (as SIGTERM does).
+    Drain {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// gRPC health of the proxy ("") and of each pattern.
     Health {
         #[command(flatten)]
@@ -168,7 +180,9 @@ pub enum PatternsOp {
     Start { name: String },
     /// Stop a pattern and keep it down.
     Stop { name: String },
-    /// Replace a pattern's process.
+    /// Replace a pattern's process: a SERVING one blue/green (the new
+    /// process serves before the old one stops taking calls). memstore
+    /// keeps its data in its process: its restart starts empty.
     Restart { name: String },
     /// Print every state change as it happens, until interrupted.
     Watch { name: Option<String> },
@@ -397,6 +411,38 @@ pub async fn patterns(client: ClientArgs, op: Option<PatternsOp>) -> anyhow::Res
             }
         }
     }
+    Ok(())
+}
+
+/// How `trellis reload` ended.
+pub enum Reloaded {
+    Applied,
+    /// The proxy refused the configuration; it keeps the one it had.
+    Refused,
+}
+
+pub async fn reload(client: ClientArgs) -> anyhow::Result<Reloaded> {
+    let mut admin = AdminClient::new(channel(&client).await?);
+    match admin.reload(admin::ReloadRequest {}).await {
+        Ok(r) => {
+            println!("{}", r.into_inner().message);
+            Ok(Reloaded::Applied)
+        }
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            eprintln!("{}", s.message());
+            Ok(Reloaded::Refused)
+        }
+        Err(s) => Err(status_err(s)),
+    }
+}
+
+pub async fn drain(client: ClientArgs) -> anyhow::Result<()> {
+    let mut admin = AdminClient::new(channel(&client).await?);
+    let r = admin
+        .drain(admin::DrainRequest {})
+        .await
+        .map_err(status_err)?;
+    println!("{}", r.into_inner().message);
     Ok(())
 }
 

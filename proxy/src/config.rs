@@ -635,6 +635,44 @@ impl fmt::Display for ConfigError {
 pub struct Loaded {
     pub config: Config,
     pub source: Source,
+    /// The environment overrides it was read with (`TRELLIS_*`, `OTEL_*`),
+    /// applied again by a reload.
+    pub env: Vec<(String, String)>,
+}
+
+impl Loaded {
+    /// Reads the same source again, with the same overrides (a reload).
+    pub fn reread(&self) -> Result<Loaded, ConfigError> {
+        let path = match &self.source {
+            Source::File(p) => Some(p.as_path()),
+            Source::Embedded => None,
+        };
+        load(path, self.env.clone())
+    }
+}
+
+/// The settings a running proxy cannot change, each a `(field, old ==
+/// new)` check; a reload that changes one is refused, naming it.
+pub fn fixed_changes(old: &Config, new: &Config) -> Vec<Problem> {
+    let restart = "cannot change while the proxy runs; restart the proxy to apply it, or put                    back the running value";
+    let checks: [(&str, bool); 8] = [
+        ("listen.grpc", old.listen.grpc == new.listen.grpc),
+        ("listen.http", old.listen.http == new.listen.http),
+        ("log", old.log == new.log),
+        ("socket_dir", old.socket_dir == new.socket_dir),
+        ("worker_threads", old.worker_threads == new.worker_threads),
+        ("http", old.http == new.http),
+        ("telemetry", old.telemetry == new.telemetry),
+        ("shutdown_grace", old.shutdown_grace == new.shutdown_grace),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(field, _)| Problem {
+            field: field.to_string(),
+            message: restart.to_string(),
+        })
+        .collect()
 }
 
 /// Loads `path` (or the embedded default when `None`), applies `TRELLIS_*`
@@ -660,12 +698,20 @@ pub fn load(
         }
         None => (Source::Embedded, EMBEDDED_DEFAULT.to_string()),
     };
-    let config = parse(&yaml, &source, env)?;
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("TRELLIS_") || k.starts_with("OTEL_"))
+        .collect();
+    let config = parse(&yaml, &source, env.clone())?;
     config.validate().map_err(|problems| ConfigError {
         source_name: source.to_string(),
         problems,
     })?;
-    Ok(Loaded { config, source })
+    Ok(Loaded {
+        config,
+        source,
+        env,
+    })
 }
 
 /// Parses YAML text plus environment overrides into a [`Config`] without

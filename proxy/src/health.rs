@@ -11,6 +11,7 @@
 //! holds the exit.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::select_all;
@@ -19,7 +20,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::supervisor::{PatternHandle, State};
+use crate::supervisor::{PatternHandle, Roster, State};
 
 /// The liveness service: SERVING while the proxy's own loops run, whatever
 /// its patterns' state (`""` is readiness). Kubernetes: liveness probe on
@@ -59,6 +60,12 @@ impl Statuses {
         }
     }
 
+    /// Ends `service`'s `Watch` streams: it no longer exists.
+    async fn forget(&mut self, service: &str) {
+        self.last.remove(service);
+        self.reporter.clear_service_status(service).await;
+    }
+
     /// Ends every `Watch` stream (each service's sender is dropped).
     async fn clear(&mut self) {
         for service in std::mem::take(&mut self.last).into_keys() {
@@ -67,11 +74,14 @@ impl Statuses {
     }
 }
 
-/// Keeps `reporter` in step with every pattern and with `phase`, until the
-/// phase is [`Phase::Closing`] or the supervisor is gone.
+/// Keeps `reporter` in step with every pattern of the current roster and
+/// with `phase`, until the phase is [`Phase::Closing`]. A pattern a
+/// reload removes is cleared (its `Watch` streams end); one replaced
+/// blue/green keeps its name, and its watchers see a change only if the
+/// serving status changes.
 pub async fn report(
     reporter: HealthReporter,
-    patterns: Vec<PatternHandle>,
+    mut roster: watch::Receiver<Arc<Roster>>,
     mut phase: watch::Receiver<Phase>,
 ) {
     let overall = |patterns: &[PatternHandle], phase: Phase| {
@@ -85,33 +95,57 @@ pub async fn report(
         reporter,
         last: HashMap::new(),
     };
-    for p in &patterns {
-        statuses.set(p.name(), serving(p.status().state)).await;
-    }
-    let now = *phase.borrow();
-    statuses.set("", overall(&patterns, now)).await;
     statuses.set(LIVENESS, ServingStatus::Serving).await;
-
-    let mut changes = select_all(
-        patterns
-            .iter()
-            .enumerate()
-            .map(|(i, p)| WatchStream::from_changes(p.watch()).map(move |s| (i, s.state))),
-    );
-    loop {
-        tokio::select! {
-            change = changes.next() => {
-                let Some((i, state)) = change else { break };
-                statuses.set(patterns[i].name(), serving(state)).await;
-            }
-            changed = phase.changed() => {
-                if changed.is_err() || *phase.borrow() == Phase::Closing {
-                    break;
-                }
-            }
+    'roster: loop {
+        let current = roster.borrow_and_update().clone();
+        let patterns = current.patterns();
+        let gone: Vec<String> = statuses
+            .last
+            .keys()
+            .filter(|s| {
+                !s.is_empty() && s.as_str() != LIVENESS && patterns.iter().all(|p| p.name() != *s)
+            })
+            .cloned()
+            .collect();
+        for service in gone {
+            statuses.forget(&service).await;
+        }
+        for p in patterns {
+            statuses.set(p.name(), serving(p.status().state)).await;
         }
         let now = *phase.borrow();
-        statuses.set("", overall(&patterns, now)).await;
+        statuses.set("", overall(patterns, now)).await;
+
+        let mut changes = select_all(
+            patterns
+                .iter()
+                .enumerate()
+                .map(|(i, p)| WatchStream::from_changes(p.watch()).map(move |s| (i, s.state))),
+        );
+        loop {
+            tokio::select! {
+                change = changes.next(), if !changes.is_empty() => {
+                    if let Some((i, state)) = change {
+                        statuses.set(patterns[i].name(), serving(state)).await;
+                    }
+                }
+                changed = roster.changed() => {
+                    if changed.is_ok() {
+                        continue 'roster;
+                    }
+                    // The supervisor is gone: only the phase matters now.
+                    let _ = phase.wait_for(|p| *p == Phase::Closing).await;
+                    break 'roster;
+                }
+                changed = phase.changed() => {
+                    if changed.is_err() || *phase.borrow() == Phase::Closing {
+                        break 'roster;
+                    }
+                }
+            }
+            let now = *phase.borrow();
+            statuses.set("", overall(patterns, now)).await;
+        }
     }
     statuses.set("", ServingStatus::NotServing).await;
     statuses.clear().await;

@@ -39,6 +39,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod policy;
 pub mod reflection;
+pub mod reload;
 pub mod server;
 pub mod supervisor;
 pub mod traces;

@@ -38,6 +38,14 @@ fn main() -> ExitCode {
         Some(Command::Patterns { client, op }) => {
             block_on(Some(1), done(cli::patterns(client, op)))
         }
+        Some(Command::Reload { client }) => block_on(Some(1), async {
+            match cli::reload(client).await {
+                Ok(cli::Reloaded::Applied) => ExitCode::SUCCESS,
+                Ok(cli::Reloaded::Refused) => ExitCode::from(2),
+                Err(e) => failed(e),
+            }
+        }),
+        Some(Command::Drain { client }) => block_on(Some(1), done(cli::drain(client))),
         Some(Command::Health { client, service }) => block_on(Some(1), async {
             match cli::health(client, service).await {
                 Ok(true) => ExitCode::SUCCESS,
@@ -108,26 +116,7 @@ fn check_config(file: Option<std::path::PathBuf>) -> ExitCode {
 
 /// Every pattern's command must resolve to an executable.
 fn check_commands(loaded: &config::Loaded) -> Result<(), String> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.to_path_buf()));
-    let path_var = std::env::var_os("PATH");
-    let missing: Vec<String> = loaded
-        .config
-        .patterns
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
-            config::resolve_command(
-                &p.command,
-                loaded.source.dir(),
-                exe_dir.as_deref(),
-                path_var.as_deref(),
-            )
-            .err()
-            .map(|searched| trellis::supervisor::missing_command(i, &p.command, &searched))
-        })
-        .collect();
+    let missing = trellis::supervisor::check_commands(&loaded.config, &loaded.source);
     if missing.is_empty() {
         Ok(())
     } else {

@@ -13,10 +13,11 @@ use crate::admin::AdminService;
 use crate::config::Loaded;
 use std::sync::Arc;
 
-use crate::dataplane::{DataPlane, Methods, Router, Telemetry};
+use crate::dataplane::{DataPlane, Methods, Telemetry};
 use crate::front::{self, FrontDoor};
 use crate::health;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::supervisor::Supervisor;
 
 /// The proxy's bound listeners.
@@ -33,13 +34,14 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let config = loaded.config;
+    let config = loaded.config.clone();
     let supervisor = Supervisor::start(&config, &loaded.source);
-    let patterns = supervisor.handles().to_vec();
+    let roster = supervisor.roster();
+    let patterns = supervisor.current().patterns().to_vec();
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(health::Phase::Running);
-    let health_task = tokio::spawn(health::report(reporter, patterns.clone(), phase_rx));
+    let health_task = tokio::spawn(health::report(reporter, roster.clone(), phase_rx));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let methods = Methods::from_descriptors().map_err(anyhow::Error::msg)?;
@@ -48,28 +50,27 @@ pub async fn run(
         .iter()
         .map(|n| (n.name.clone(), n.pattern.clone()))
         .collect();
-    let metrics = config
-        .telemetry
-        .metrics
-        .then(|| Arc::new(Metrics::new(&namespaces, &methods.full_names(), &patterns)));
+    let metrics = config.telemetry.metrics.then(|| {
+        Arc::new(Metrics::new(
+            &namespaces,
+            &methods.full_names(),
+            Some(roster.clone()),
+        ))
+    });
     let tracing = crate::traces::init(&config.telemetry.traces).map_err(anyhow::Error::msg)?;
     let telemetry = Arc::new(Telemetry::new(
         metrics.clone(),
         tracing.as_ref().map(|t| t.tracer()),
         config.telemetry.call_log.clone(),
-        namespaces.into_iter().collect(),
+        crate::reload::labels(&config),
     ));
-    let data = DataPlane::new(
-        methods,
-        Router::new(&patterns),
-        stop_rx.clone(),
-        telemetry,
-        crate::dataplane::Policies::new(&config),
-        config.request_timeout,
-        config.max_in_flight,
-    );
+    let data = DataPlane::from_config(methods, &config, &patterns, stop_rx.clone(), telemetry);
+    let reloader = Reloader::start(supervisor, loaded.clone(), data.clone(), stop_rx.clone());
+    let drain = Arc::new(tokio::sync::Notify::new());
     let admin = AdminServer::new(
-        AdminService::new(patterns, stop_rx.clone()).with_circuits(data.circuits()),
+        AdminService::new(reloader.clone(), stop_rx.clone())
+            .with_data_plane(data.clone())
+            .with_drain(drain.clone()),
     );
     // The proxy's own services; data calls never reach them.
     let mut services = tonic::service::RoutesBuilder::default();
@@ -111,16 +112,24 @@ pub async fn run(
         config.shutdown_grace,
     ));
 
-    shutdown.await;
+    // SIGHUP reloads, until the proxy stops.
+    let hangups = tokio::spawn(reload_on_hangup(reloader.clone()));
+    tokio::select! {
+        _ = shutdown => {}
+        _ = drain.notified() => info!("drain requested over the admin API"),
+    }
+    hangups.abort();
     // Readiness off first, still serving, so load balancers stop sending
     // calls before the doors close; a second signal skips the wait.
     let _ = phase_tx.send(health::Phase::Draining);
+    // A reload may have changed it.
+    let drain_delay = reloader.config().drain_delay;
     info!(
-        drain_delay = ?config.drain_delay,
+        ?drain_delay,
         "shutting down: health \"\" is NOT_SERVING; calls are served until the drain delay ends"
     );
     tokio::select! {
-        _ = tokio::time::sleep(config.drain_delay) => {}
+        _ = tokio::time::sleep(drain_delay) => {}
         _ = signal() => info!("a second signal: skipping the drain delay"),
     }
     info!("closing the doors: draining requests, then stopping patterns");
@@ -132,7 +141,7 @@ pub async fn run(
     if let Some(t) = http_task {
         let _ = t.await;
     }
-    supervisor.shutdown().await;
+    reloader.shutdown().await;
     let _ = health_task.await;
     if let Some(t) = tracing {
         // Flushing blocks on the collector: off the runtime's threads.
@@ -140,6 +149,23 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Reloads the configuration on every SIGHUP (as nginx, HAProxy and
+/// systemd's `ExecReload` expect); the outcome is logged by the reloader.
+async fn reload_on_hangup(reloader: Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler: reload with `trellis reload`");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        info!(signal = "SIGHUP", "received: reloading the configuration");
+        let _ = reloader.reload().await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is

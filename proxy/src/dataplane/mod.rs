@@ -47,6 +47,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response};
@@ -186,14 +187,84 @@ pub fn stack(
 }
 
 /// The edge of the data plane: HTTP/2 requests in, gRPC responses out.
+///
+/// What a reload can change — routes, policies, `request_timeout`,
+/// `max_in_flight` — is one [`Generation`], swapped whole (`arc-swap`):
+/// each call reads the current generation once, so it sees the old
+/// configuration or the new one, never a mix, and calls in flight finish
+/// on the generation they started on.
 #[derive(Clone)]
 pub struct DataPlane {
     methods: Arc<Methods>,
+    current: Arc<ArcSwap<Generation>>,
+    /// What every generation is built with.
+    stopping: watch::Receiver<bool>,
+}
+
+/// One configuration of the data plane, with the state its layers keep
+/// (rate-limit buckets, concurrency slots, circuits).
+struct Generation {
     stack: Stack,
+    router: Router,
     request_timeout: Duration,
     policies: Arc<Policies>,
     telemetry: Arc<Telemetry>,
     circuits: Arc<Circuits>,
+    /// What the generation was built from, to tell whether a new
+    /// configuration needs a new one.
+    settings: Settings,
+}
+
+/// The parts of a configuration a generation is built from, besides the
+/// routes.
+#[derive(Clone, PartialEq)]
+struct Settings {
+    policies: std::collections::BTreeMap<String, crate::policy::Policy>,
+    namespaces: Vec<crate::config::NamespaceConfig>,
+    request_timeout: Duration,
+    max_in_flight: u32,
+}
+
+impl Settings {
+    fn of(config: &crate::config::Config) -> Self {
+        Settings {
+            policies: config.policies.clone(),
+            namespaces: config.namespaces.clone(),
+            request_timeout: config.request_timeout,
+            max_in_flight: config.max_in_flight,
+        }
+    }
+}
+
+impl Generation {
+    fn new(
+        router: Router,
+        stopping: watch::Receiver<bool>,
+        telemetry: Arc<Telemetry>,
+        policies: Policies,
+        request_timeout: Duration,
+        max_in_flight: u32,
+        settings: Settings,
+    ) -> Self {
+        let circuits = Arc::new(Circuits::new(&policies, &telemetry));
+        let stack = stack(
+            router.clone(),
+            stopping,
+            telemetry.clone(),
+            &policies,
+            circuits.clone(),
+            max_in_flight,
+        );
+        Generation {
+            stack,
+            router,
+            request_timeout,
+            policies: Arc::new(policies),
+            telemetry,
+            circuits,
+            settings,
+        }
+    }
 }
 
 /// Each namespace's traffic policy.
@@ -252,28 +323,94 @@ impl DataPlane {
         request_timeout: Duration,
         max_in_flight: u32,
     ) -> Self {
-        let circuits = Arc::new(Circuits::new(&policies, &telemetry));
-        let stack = stack(
-            router,
-            stopping,
-            telemetry.clone(),
-            &policies,
-            circuits.clone(),
+        let settings = Settings {
+            policies: Default::default(),
+            namespaces: Vec::new(),
+            request_timeout,
             max_in_flight,
+        };
+        let generation = Generation::new(
+            router,
+            stopping.clone(),
+            telemetry,
+            policies,
+            request_timeout,
+            max_in_flight,
+            settings,
         );
         DataPlane {
             methods: Arc::new(methods),
-            stack,
-            policies: Arc::new(policies),
-            request_timeout,
-            telemetry,
-            circuits,
+            current: Arc::new(ArcSwap::from_pointee(generation)),
+            stopping,
         }
+    }
+
+    /// From the proxy's configuration, routing to `patterns`.
+    pub fn from_config(
+        methods: Methods,
+        config: &crate::config::Config,
+        patterns: &[crate::supervisor::PatternHandle],
+        stopping: watch::Receiver<bool>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        let generation = Generation::new(
+            Router::new(patterns),
+            stopping.clone(),
+            telemetry,
+            Policies::new(config),
+            config.request_timeout,
+            config.max_in_flight,
+            Settings::of(config),
+        );
+        DataPlane {
+            methods: Arc::new(methods),
+            current: Arc::new(ArcSwap::from_pointee(generation)),
+            stopping,
+        }
+    }
+
+    /// Routes every namespace to its pattern in `patterns` from the next
+    /// call on, keeping the policies' state (a blue/green replacement).
+    pub fn reroute(&self, patterns: &[crate::supervisor::PatternHandle]) {
+        self.current.load().router.update(patterns);
+    }
+
+    /// Applies a new configuration for new calls: only the routes when
+    /// namespaces, policies and bounds are unchanged (limits and circuits
+    /// keep their state); otherwise a new generation, whose limiters and
+    /// circuits start afresh. `telemetry` is the old one with the new
+    /// namespace → pattern labels.
+    pub fn reconfigure(
+        &self,
+        config: &crate::config::Config,
+        patterns: &[crate::supervisor::PatternHandle],
+        telemetry: &Arc<Telemetry>,
+    ) {
+        let settings = Settings::of(config);
+        if self.current.load().settings == settings {
+            self.reroute(patterns);
+            return;
+        }
+        let generation = Generation::new(
+            Router::new(patterns),
+            self.stopping.clone(),
+            telemetry.clone(),
+            Policies::new(config),
+            config.request_timeout,
+            config.max_in_flight,
+            settings,
+        );
+        self.current.store(Arc::new(generation));
     }
 
     /// The namespaces' circuit breakers (for the admin API).
     pub fn circuits(&self) -> Arc<Circuits> {
-        self.circuits.clone()
+        self.current.load().circuits.clone()
+    }
+
+    /// The telemetry calls are recorded with now.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.current.load().telemetry.clone()
     }
 
     /// Answers one call; never fails: errors are gRPC statuses.
@@ -283,15 +420,17 @@ impl DataPlane {
         B::Error: std::fmt::Display,
     {
         let received = Instant::now();
+        let generation = self.current.load_full();
         let path = req.uri().path().to_string();
         let request_id = req.headers().get(crate::metadata::REQUEST_ID).cloned();
-        match self.call(req, received).await {
-            Ok(call) => match self.stack.clone().oneshot(call).await {
+        match self.call(&generation, req, received).await {
+            Ok(call) => match generation.stack.clone().oneshot(call).await {
                 Ok(response) => response,
                 Err(e) => errors::response(e),
             },
             Err(e) => {
-                self.telemetry
+                generation
+                    .telemetry
                     .refused(&path, &e, received, request_id.as_ref());
                 errors::response(e)
             }
@@ -299,7 +438,12 @@ impl DataPlane {
     }
 
     /// The request as a [`Call`], or why it cannot be one.
-    async fn call<B>(&self, req: Request<B>, received: Instant) -> Result<Call, ApiError>
+    async fn call<B>(
+        &self,
+        generation: &Generation,
+        req: Request<B>,
+        received: Instant,
+    ) -> Result<Call, ApiError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -315,8 +459,8 @@ impl DataPlane {
             .and_then(|v| wire::parse_grpc_timeout(v.as_bytes()));
         // Reading the message is bounded before its namespace (and so its
         // policy) is known.
-        let read_budget =
-            client_timeout.map_or(self.request_timeout, |t| t.min(self.request_timeout));
+        let request_timeout = generation.request_timeout;
+        let read_budget = client_timeout.map_or(request_timeout, |t| t.min(request_timeout));
         let read_deadline = received + read_budget;
         let message = {
             let mut read = std::pin::pin!(read_message(body));
@@ -332,8 +476,8 @@ impl DataPlane {
             .map_err(errors::malformed_request)?
             .into();
         // The namespace's policy may bound the call differently.
-        let policy = self.policies.get(&namespace);
-        let bound = policy.timeout(&method.name).unwrap_or(self.request_timeout);
+        let policy = generation.policies.get(&namespace);
+        let bound = policy.timeout(&method.name).unwrap_or(request_timeout);
         let budget = client_timeout.map_or(bound, |t| t.min(bound));
         let client_deadline = client_timeout.is_some_and(|t| t < bound);
         let deadline = received + budget;

@@ -66,6 +66,16 @@ impl Telemetry {
         }
     }
 
+    /// The same sinks, with a new namespace → pattern map (a reload).
+    pub fn with_patterns(&self, patterns: HashMap<String, String>) -> Self {
+        Telemetry {
+            metrics: self.metrics.clone(),
+            tracer: self.tracer.clone(),
+            call_log: self.call_log.clone(),
+            patterns,
+        }
+    }
+
     /// Nothing recorded, nothing logged (for tests and benchmarks).
     pub fn off() -> Self {
         Telemetry::new(

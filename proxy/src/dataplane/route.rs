@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use futures::future::{Either, Ready, ready};
 use http::Response;
 use tower::{Layer, Service};
@@ -16,21 +17,32 @@ use crate::error::ApiError;
 use crate::supervisor::{PatternHandle, State};
 use crate::upstream::Upstream;
 
-/// Namespace → pattern.
+/// Namespace → pattern. A blue/green replacement swaps the whole map in
+/// one store (`arc-swap`): a call sees the old map or the new one, never a
+/// mix, and reading it takes no lock.
 #[derive(Clone)]
 pub struct Router {
-    routes: Arc<HashMap<String, PatternHandle>>,
+    routes: Arc<ArcSwap<HashMap<String, PatternHandle>>>,
 }
 
 impl Router {
     pub fn new(patterns: &[PatternHandle]) -> Self {
-        let routes = patterns
+        Router {
+            routes: Arc::new(ArcSwap::from_pointee(Self::map(patterns))),
+        }
+    }
+
+    fn map(patterns: &[PatternHandle]) -> HashMap<String, PatternHandle> {
+        patterns
             .iter()
             .flat_map(|p| p.namespaces().iter().map(move |ns| (ns.clone(), p.clone())))
-            .collect();
-        Router {
-            routes: Arc::new(routes),
-        }
+            .collect()
+    }
+
+    /// Routes every namespace to the pattern in `patterns` that serves it,
+    /// from the next call on.
+    pub fn update(&self, patterns: &[PatternHandle]) {
+        self.routes.store(Arc::new(Self::map(patterns)));
     }
 
     /// The connection to the pattern serving `namespace` for `service`, if
@@ -39,8 +51,9 @@ impl Router {
         if namespace.is_empty() {
             return Err(errors::empty_namespace());
         }
-        let Some(handle) = self.routes.get(namespace) else {
-            let mut known: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        let routes = self.routes.load();
+        let Some(handle) = routes.get(namespace) else {
+            let mut known: Vec<&str> = routes.keys().map(String::as_str).collect();
             known.sort_unstable();
             return Err(errors::unknown_namespace(namespace, &known));
         };

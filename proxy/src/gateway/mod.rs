@@ -699,7 +699,7 @@ mod tests {
             std::time::Duration::from_secs(1),
             10_000,
         );
-        let metrics = crate::metrics::Metrics::new(&[], &[], &[]);
+        let metrics = crate::metrics::Metrics::new(&[], &[], None);
         Gateway::new(
             crate::front::FrontDoor::new(data, routes),
             &Http::default(),

@@ -34,7 +34,11 @@ use tracing::debug;
 use trellis_proto::pattern::v1::MetricsRequest;
 use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
 
-use crate::supervisor::PatternHandle;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::supervisor::Roster;
 use crate::supervisor::State;
 
 /// How long one pattern may take to answer `Lifecycle/Metrics`.
@@ -51,16 +55,16 @@ struct PatternLabels {
 /// Asks the patterns for their metrics; owns
 /// `trellis_pattern_scrape_errors_total`.
 pub struct FromPatterns {
-    handles: Vec<PatternHandle>,
+    roster: watch::Receiver<Arc<Roster>>,
     errors: Family<PatternLabels, Counter>,
 }
 
 impl FromPatterns {
     /// Registers the error counter in `registry`, with a zero series per
     /// pattern so a rate works from the first scrape.
-    pub fn new(handles: &[PatternHandle], registry: &mut Registry) -> Self {
+    pub fn new(roster: watch::Receiver<Arc<Roster>>, registry: &mut Registry) -> Self {
         let errors = Family::<PatternLabels, Counter>::default();
-        for h in handles {
+        for h in roster.borrow().patterns() {
             let _ = errors.get_or_create(&PatternLabels {
                 pattern: h.name().to_string(),
             });
@@ -71,17 +75,21 @@ impl FromPatterns {
              error, or a malformed text",
             errors.clone(),
         );
-        FromPatterns {
-            handles: handles.to_vec(),
-            errors,
-        }
+        FromPatterns { roster, errors }
     }
 
     /// Every pattern's metrics, merged. Patterns without a live process are
     /// not asked. Call it before rendering the proxy's own metrics, so the
     /// errors of this scrape are counted in it.
     pub async fn scrape(&self) -> Scraped {
-        let asks = self.handles.iter().filter_map(|h| {
+        let roster = self.roster.borrow().clone();
+        for h in roster.patterns() {
+            // A pattern a reload added gets its zero series too.
+            let _ = self.errors.get_or_create(&PatternLabels {
+                pattern: h.name().to_string(),
+            });
+        }
+        let asks = roster.patterns().iter().filter_map(|h| {
             let control = h.with_status(|s| {
                 matches!(s.state, State::Serving | State::NotServing)
                     .then(|| s.control.clone())

@@ -32,7 +32,11 @@ pub use calls::{CallKey, CallMetrics, Side};
 use histogram::AtomicHistogram;
 pub use patterns::PatternMetrics;
 
-use crate::supervisor::PatternHandle;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::supervisor::Roster;
 
 /// `Content-Type` of the Prometheus text format.
 pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -74,7 +78,7 @@ impl Metrics {
     pub fn new(
         namespaces: &[(String, String)],
         methods: &[String],
-        patterns: &[PatternHandle],
+        patterns: Option<watch::Receiver<Arc<Roster>>>,
     ) -> Self {
         let mut registry = Registry::default();
         let calls = CallMetrics::new(namespaces, methods, &mut registry);
@@ -84,8 +88,14 @@ impl Metrics {
             "Duration of HTTP gateway requests: arrival to the end of the response body",
             http.clone(),
         );
-        let from_patterns = from_patterns::FromPatterns::new(patterns, &mut registry);
-        let patterns = PatternMetrics::new(patterns, &mut registry);
+        let roster = patterns
+            .clone()
+            .unwrap_or_else(|| watch::channel(Arc::new(Roster::default())).1);
+        let from_patterns = from_patterns::FromPatterns::new(roster, &mut registry);
+        let patterns = match patterns {
+            Some(roster) => PatternMetrics::new(roster, &mut registry),
+            None => PatternMetrics::none(&mut registry),
+        };
         let configured: Vec<String> = namespaces.iter().map(|(ns, _)| ns.clone()).collect();
         let policies = policies::PolicyMetrics::new(&configured, &mut registry);
         registry.register_collector(Box::new(process::ProcessCollector));
@@ -156,7 +166,7 @@ mod tests {
         let m = Metrics::new(
             &[("default".into(), "mem".into())],
             &["trellis.data.v1.KeyValue/Get".into()],
-            &[],
+            None,
         );
         let key = m
             .calls

@@ -28,7 +28,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::histogram::AtomicHistogram;
-use crate::supervisor::{PatternHandle, RestartReason, State, Status};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::supervisor::{PatternHandle, RestartReason, Roster, State, Status};
 
 /// Bucket bounds, in seconds, for spawn → first SERVING: a pattern on the
 /// SDK serves in tens of milliseconds; one waiting for its backend, or a
@@ -63,14 +67,15 @@ type StartHistograms = Family<PatternLabels, AtomicHistogram, fn() -> AtomicHist
 /// The supervision metrics; dropping it stops its watcher tasks.
 pub struct PatternMetrics {
     start: StartHistograms,
-    watchers: Vec<tokio::task::AbortHandle>,
+    watcher: Option<tokio::task::AbortHandle>,
 }
 
 impl PatternMetrics {
-    /// Registers the supervision metrics of `patterns` in `registry`. With
-    /// patterns, call it inside the tokio runtime: it spawns one watcher
-    /// task per pattern for the start durations.
-    pub fn new(patterns: &[PatternHandle], registry: &mut Registry) -> Self {
+    /// Registers the supervision metrics of the patterns in `roster` (and
+    /// of every later roster) in `registry`. Call it inside the tokio
+    /// runtime: it spawns a task that watches each pattern process's
+    /// events for the start durations.
+    pub fn new(roster: watch::Receiver<Arc<Roster>>, registry: &mut Registry) -> Self {
         let start: StartHistograms = Family::new_with_constructor(start_histogram);
         registry.register(
             "trellis_pattern_start_duration_seconds",
@@ -78,20 +83,29 @@ impl PatternMetrics {
             start.clone(),
         );
         registry.register_collector(Box::new(Supervision {
-            patterns: patterns.to_vec(),
+            roster: roster.clone(),
         }));
-        let watchers = patterns
-            .iter()
-            .map(|h| {
-                let labels = PatternLabels {
-                    pattern: h.name().to_string(),
-                };
-                // Created now, so every pattern has the series from the start.
-                let histogram = start.get_or_create(&labels).clone();
-                tokio::spawn(watch_starts(h.clone(), histogram)).abort_handle()
-            })
-            .collect();
-        PatternMetrics { start, watchers }
+        let watcher = tokio::spawn(watch_roster(roster, start.clone())).abort_handle();
+        PatternMetrics {
+            start,
+            watcher: Some(watcher),
+        }
+    }
+
+    /// No patterns (for tests).
+    pub fn none(registry: &mut Registry) -> Self {
+        let (_, roster) = watch::channel(Arc::new(Roster::default()));
+        let start: StartHistograms = Family::new_with_constructor(start_histogram);
+        registry.register(
+            "trellis_pattern_start_duration_seconds",
+            "Time from spawning a pattern process to its first SERVING health check",
+            start.clone(),
+        );
+        registry.register_collector(Box::new(Supervision { roster }));
+        PatternMetrics {
+            start,
+            watcher: None,
+        }
     }
 
     /// The start-duration histogram of `pattern`.
@@ -106,10 +120,40 @@ impl PatternMetrics {
 
 impl Drop for PatternMetrics {
     fn drop(&mut self) {
-        for w in &self.watchers {
+        if let Some(w) = &self.watcher {
             w.abort();
         }
     }
+}
+
+/// One start-duration watcher per pattern handle the rosters name (a
+/// blue/green replacement is a new handle: its starts are watched too);
+/// a watcher ends with its owner task. Dropped (aborted), it aborts them.
+async fn watch_roster(mut roster: watch::Receiver<Arc<Roster>>, start: StartHistograms) {
+    let mut watchers = tokio::task::JoinSet::new();
+    let mut watched: Vec<PatternHandle> = Vec::new();
+    loop {
+        let current = roster.borrow_and_update().clone();
+        watched.retain(|w| current.patterns().iter().any(|p| p.same_owner(w)));
+        for h in current.patterns() {
+            if watched.iter().any(|w| w.same_owner(h)) {
+                continue;
+            }
+            let labels = PatternLabels {
+                pattern: h.name().to_string(),
+            };
+            // Created now, so every pattern has the series from the start.
+            let histogram = start.get_or_create(&labels).clone();
+            watchers.spawn(watch_starts(h.clone(), histogram));
+            watched.push(h.clone());
+        }
+        // Reap finished watchers as we go, so the set stays small.
+        while watchers.try_join_next().is_some() {}
+        if roster.changed().await.is_err() {
+            break;
+        }
+    }
+    while watchers.join_next().await.is_some() {}
 }
 
 /// Observes each process's spawn → first SERVING once, keyed by pid so an
@@ -143,7 +187,7 @@ async fn watch_starts(pattern: PatternHandle, histogram: AtomicHistogram) {
 /// Reads every pattern's status at scrape time.
 #[derive(Debug)]
 struct Supervision {
-    patterns: Vec<PatternHandle>,
+    roster: watch::Receiver<Arc<Roster>>,
 }
 
 /// What a scrape needs from one status, copied out so the owner's watch
@@ -157,8 +201,9 @@ struct Reading {
 
 impl Collector for Supervision {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let readings: Vec<Reading> = self
-            .patterns
+        let roster = self.roster.borrow().clone();
+        let readings: Vec<Reading> = roster
+            .patterns()
             .iter()
             .map(|h| {
                 h.with_status(|s| Reading {
@@ -206,7 +251,9 @@ impl Collector for Supervision {
             "Restarts of the pattern's process by reason: exit (exited with a code), signal \
              (killed by a signal the supervisor did not send), unhealthy (killed for not \
              becoming ready or not answering health checks), memory (killed over limits.memory), \
-             operator (restarted or started by an operator).",
+             operator (restarted or started by an operator), cool_down (the crash-loop \
+             breaker's cool-down ended), reload (replaced because a reload changed its \
+             configuration).",
             None,
             MetricType::Counter,
         )?;

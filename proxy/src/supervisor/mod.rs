@@ -6,6 +6,11 @@
 //! - `backoff`: restart delays and the crash-loop breaker.
 //! - `state`: the state machine's states and the published status.
 //! - `pattern`: the owner task and [`PatternHandle`].
+//!
+//! [`Supervisor`] holds the set of patterns running now (the [`Roster`]),
+//! published on a `watch` channel: health, the admin API, metrics and the
+//! data plane's routes all read the same snapshot, and a reload or a
+//! blue/green restart replaces it whole.
 
 pub mod backoff;
 pub mod handshake;
@@ -15,68 +20,232 @@ pub mod ports;
 pub mod process;
 pub mod state;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::config::{self, Config, Source};
+use crate::config::{self, Config, PatternConfig, Source, Traces};
 pub use pattern::{CommandError, CommandResult, PatternHandle};
 pub use state::{Event, RestartReason, Restarts, State, Status};
 
-/// Every supervised pattern. Built from the configuration; starts all
-/// patterns at once.
+/// The patterns the proxy runs now, in configuration order, each handle
+/// carrying the namespaces it serves. Replaced whole, never edited.
+#[derive(Clone, Debug, Default)]
+pub struct Roster {
+    patterns: Vec<PatternHandle>,
+}
+
+impl Roster {
+    pub fn new(patterns: Vec<PatternHandle>) -> Self {
+        Roster { patterns }
+    }
+
+    pub fn patterns(&self) -> &[PatternHandle] {
+        &self.patterns
+    }
+
+    pub fn get(&self, name: &str) -> Option<&PatternHandle> {
+        self.patterns.iter().find(|p| p.name() == name)
+    }
+
+    /// This roster with `name`'s handle replaced by `handle`.
+    pub fn replacing(&self, name: &str, handle: PatternHandle) -> Roster {
+        Roster {
+            patterns: self
+                .patterns
+                .iter()
+                .map(|p| {
+                    if p.name() == name {
+                        handle.clone()
+                    } else {
+                        p.clone()
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What every spawn needs besides the pattern's own configuration; fixed
+/// for the proxy's life (a reload cannot change it).
+struct Spawner {
+    socket_dir: PathBuf,
+    exe_dir: Option<PathBuf>,
+    path_var: Option<std::ffi::OsString>,
+    traces: Traces,
+}
+
+impl Spawner {
+    fn new(config: &Config) -> Self {
+        Spawner {
+            socket_dir: config.socket_dir.clone().unwrap_or_else(default_socket_dir),
+            exe_dir: std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf)),
+            path_var: std::env::var_os("PATH"),
+            traces: config.telemetry.traces.clone(),
+        }
+    }
+
+    fn resolve(&self, index: usize, command: &str, source: &Source) -> Result<PathBuf, String> {
+        config::resolve_command(
+            command,
+            source.dir(),
+            self.exe_dir.as_deref(),
+            self.path_var.as_deref(),
+        )
+        .map_err(|searched| missing_command(index, command, &searched))
+    }
+
+    fn spawn(
+        &self,
+        index: usize,
+        p: &PatternConfig,
+        source: &Source,
+        namespaces: Vec<String>,
+        initial: Status,
+    ) -> (PatternHandle, JoinHandle<()>) {
+        let program = self.resolve(index, &p.command, source);
+        let mut p = p.clone();
+        // Traces continue into the pattern: it exports where the proxy
+        // does, under its own name (its `env:` entries win).
+        for (k, v) in self.traces.pattern_env(&p.name) {
+            p.env.entry(k).or_insert(v);
+        }
+        pattern::spawn(p, program, namespaces, self.socket_dir.clone(), initial)
+    }
+}
+
+/// The namespaces `config` routes to `pattern`.
+pub fn namespaces_of(config: &Config, pattern: &str) -> Vec<String> {
+    config
+        .namespaces
+        .iter()
+        .filter(|n| n.pattern == pattern)
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// Every supervised pattern: the current [`Roster`], and every owner task
+/// ever spawned until it ends (so a pattern being replaced or removed is
+/// still waited for at shutdown).
 pub struct Supervisor {
-    handles: Vec<PatternHandle>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    spawner: Spawner,
+    roster: watch::Sender<Arc<Roster>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Supervisor {
     /// Spawns an owner task per pattern. Must be called inside the tokio
     /// runtime (children are forked from its worker threads).
     pub fn start(config: &Config, source: &Source) -> Self {
-        let socket_dir = config.socket_dir.clone().unwrap_or_else(default_socket_dir);
-        let exe_dir = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf));
-        let path_var = std::env::var_os("PATH");
+        let spawner = Spawner::new(config);
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
         for (i, p) in config.patterns.iter().enumerate() {
-            let program = config::resolve_command(
-                &p.command,
-                source.dir(),
-                exe_dir.as_deref(),
-                path_var.as_deref(),
-            )
-            .map_err(|searched| missing_command(i, &p.command, &searched));
-            let namespaces = config
-                .namespaces
-                .iter()
-                .filter(|n| n.pattern == p.name)
-                .map(|n| n.name.clone())
-                .collect();
-            let mut p = p.clone();
-            // Traces continue into the pattern: it exports where the proxy
-            // does, under its own name (its `env:` entries win).
-            for (k, v) in config.telemetry.traces.pattern_env(&p.name) {
-                p.env.entry(k).or_insert(v);
-            }
-            let (handle, task) = pattern::spawn(p, program, namespaces, socket_dir.clone());
+            let namespaces = namespaces_of(config, &p.name);
+            let (handle, task) = spawner.spawn(i, p, source, namespaces, Status::new());
             handles.push(handle);
             tasks.push(task);
         }
-        Supervisor { handles, tasks }
+        let (roster, _) = watch::channel(Arc::new(Roster::new(handles)));
+        Supervisor {
+            spawner,
+            roster,
+            tasks,
+        }
     }
 
-    pub fn handles(&self) -> &[PatternHandle] {
-        &self.handles
+    /// The roster now, and every later one.
+    pub fn roster(&self) -> watch::Receiver<Arc<Roster>> {
+        self.roster.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<Roster> {
+        self.roster.borrow().clone()
+    }
+
+    /// Every pattern of `config` whose command does not resolve, as
+    /// `patterns[i].command` problems.
+    pub fn missing_commands(&self, config: &Config, source: &Source) -> Vec<String> {
+        missing_commands(config, source, &self.spawner)
+    }
+
+    /// Starts a new owner task for `p` (not yet in the roster).
+    pub fn spawn(
+        &mut self,
+        index: usize,
+        p: &PatternConfig,
+        source: &Source,
+        namespaces: Vec<String>,
+        initial: Status,
+    ) -> PatternHandle {
+        self.tasks.retain(|t| !t.is_finished());
+        let (handle, task) = self.spawner.spawn(index, p, source, namespaces, initial);
+        self.tasks.push(task);
+        handle
+    }
+
+    /// Makes `roster` the current one.
+    pub fn publish(&self, roster: Roster) {
+        self.roster.send_replace(Arc::new(roster));
+    }
+
+    /// Drains and stops `handle`'s pattern in the background; shutdown
+    /// still waits for it.
+    pub fn retire(&mut self, handle: PatternHandle) {
+        self.tasks
+            .push(tokio::spawn(async move { handle.shutdown().await }));
     }
 
     /// Stops every pattern concurrently and waits for each owner task to end.
     pub async fn shutdown(self) {
-        join_all(self.handles.iter().map(|h| h.shutdown())).await;
+        let roster = self.current();
+        join_all(roster.patterns().iter().map(|h| h.shutdown())).await;
         join_all(self.tasks).await;
     }
+}
+
+/// Waits until `handle`'s pattern is SERVING, for at most `patience`; the
+/// error says what it did instead.
+pub async fn serving(handle: &PatternHandle, patience: Duration) -> Result<(), String> {
+    let mut status = handle.watch();
+    let wait = status.wait_for(|s| matches!(s.state, State::Serving | State::Failed));
+    match tokio::time::timeout(patience, wait).await {
+        Ok(Ok(s)) if s.state == State::Serving => Ok(()),
+        Ok(Ok(s)) => Err(format!(
+            "it FAILED: {}",
+            s.last_error.as_deref().unwrap_or("no reason given")
+        )),
+        Ok(Err(_)) => Err("its supervisor ended".into()),
+        Err(_) => {
+            let s = handle.status();
+            Err(format!(
+                "it was not SERVING within {} (state {}{})",
+                humantime::format_duration(patience),
+                s.state,
+                s.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// `check-config` and reload: every pattern's command must resolve.
+pub fn check_commands(config: &Config, source: &Source) -> Vec<String> {
+    missing_commands(config, source, &Spawner::new(config))
+}
+
+fn missing_commands(config: &Config, source: &Source, spawner: &Spawner) -> Vec<String> {
+    config
+        .patterns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| spawner.resolve(i, &p.command, source).err())
+        .collect()
 }
 
 /// The error for a command that was not found, listing where it was looked for.

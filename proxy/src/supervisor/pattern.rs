@@ -48,6 +48,12 @@ pub enum CommandError {
     AlreadyRunning(String),
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error("no pattern is named {0:?}")]
+    NotFound(String),
+    /// A blue/green replacement whose new process never served; the old
+    /// one keeps serving.
+    #[error("{0}")]
+    NotReplaced(String),
 }
 
 enum Command {
@@ -75,6 +81,21 @@ impl PatternHandle {
 
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces
+    }
+
+    /// The same pattern (same owner, same process) serving `namespaces`:
+    /// how a reload moves namespaces without touching a process.
+    pub fn with_namespaces(&self, namespaces: Vec<String>) -> PatternHandle {
+        PatternHandle {
+            namespaces: namespaces.into(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether `other` is a handle on the same owner (and so the same
+    /// process), whatever namespaces each carries.
+    pub fn same_owner(&self, other: &PatternHandle) -> bool {
+        self.commands.same_channel(&other.commands)
     }
 
     /// A snapshot of the current status.
@@ -136,15 +157,18 @@ impl PatternHandle {
 }
 
 /// Spawns the owner task for `cfg` and returns its handle. `program` is the
-/// resolved executable, or why it could not be resolved.
+/// resolved executable, or why it could not be resolved. `initial` is the
+/// status it starts from: [`Status::new`], or, for a process that replaces
+/// another (blue/green), the old one's counts (`Status::succeeding`).
 pub fn spawn(
     cfg: PatternConfig,
     program: Result<PathBuf, String>,
     namespaces: Vec<String>,
     socket_dir: PathBuf,
+    initial: Status,
 ) -> (PatternHandle, tokio::task::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let (status_tx, status_rx) = watch::channel(Status::new());
+    let (status_tx, status_rx) = watch::channel(initial);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let tail = Tail::default();
     let span = tracing::info_span!("pattern", pattern = %cfg.name);

@@ -93,16 +93,20 @@ pub enum RestartReason {
     Operator,
     /// The crash-loop breaker's cool-down ended (`restart.cool_down`).
     CoolDown,
+    /// A reload changed its configuration: a new process replaced the old
+    /// one blue/green.
+    Reload,
 }
 
 impl RestartReason {
-    pub const ALL: [RestartReason; 6] = [
+    pub const ALL: [RestartReason; 7] = [
         RestartReason::Exit,
         RestartReason::Signal,
         RestartReason::Unhealthy,
         RestartReason::Memory,
         RestartReason::Operator,
         RestartReason::CoolDown,
+        RestartReason::Reload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -113,6 +117,7 @@ impl RestartReason {
             RestartReason::Memory => "memory",
             RestartReason::Operator => "operator",
             RestartReason::CoolDown => "cool_down",
+            RestartReason::Reload => "reload",
         }
     }
 
@@ -203,6 +208,17 @@ impl Status {
         self.control = None;
         self.started_at = None;
         self.ready_after = None;
+    }
+
+    /// The first status of a process that replaces the one `old` reports
+    /// (blue/green): the restart counts carry over, plus one for `reason`,
+    /// so `restarts` and its metric never go back.
+    pub fn succeeding(old: &Status, reason: RestartReason) -> Status {
+        let mut s = Status::new();
+        s.restarts = old.restarts;
+        s.restarts_by = old.restarts_by;
+        s.count_restart(reason);
+        s
     }
 
     /// Counts one restart for `reason`.

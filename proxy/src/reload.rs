@@ -1,0 +1,406 @@
+//! Changing a running proxy: reloads (SIGHUP, `trellis reload`, admin
+//! `Reload`) and the blue/green replacement of one pattern (`trellis
+//! patterns restart`). One task owns the [`Supervisor`] and applies one
+//! change at a time, in the order asked (as an owner task serializes a
+//! pattern's commands); the [`Reloader`] handle queues work for it.
+//!
+//! A reload reads and validates the whole file first and changes nothing
+//! unless all of it can be applied. Patterns are diffed by name, as
+//! `supervisorctl update` does: an unchanged one keeps its process (its
+//! namespaces may move), an added one starts, a removed one drains and
+//! stops, a changed one is replaced blue/green — the new process starts
+//! beside the old and takes the namespaces only once it is SERVING. Then
+//! routes and policies switch for new calls in one store
+//! ([`DataPlane::reconfigure`]), the roster is published, and what was
+//! replaced or removed is drained and stopped in the background.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::config::{self, Config, Loaded, Problem};
+use crate::dataplane::DataPlane;
+use crate::supervisor::{
+    self, CommandError, CommandResult, PatternHandle, RestartReason, Roster, State, Status,
+    Supervisor,
+};
+
+/// What a reload did.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    pub source: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "reloaded {}: added {}; removed {}; replaced {}; unchanged {}",
+            self.source,
+            list(&self.added),
+            list(&self.removed),
+            list(&self.replaced),
+            list(&self.unchanged)
+        )
+    }
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReloadError {
+    /// The new configuration is invalid, or changes what cannot change
+    /// while the proxy runs: every problem, each naming its field.
+    #[error("{}", invalid(.source_name, .problems))]
+    Invalid {
+        source_name: String,
+        problems: Vec<Problem>,
+    },
+    /// A changed pattern's new process did not become SERVING; the old
+    /// one keeps serving.
+    #[error(
+        "pattern {pattern:?}: its new process did not take over because {why}; the old process \
+         keeps serving and nothing was changed"
+    )]
+    NotServing { pattern: String, why: String },
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+}
+
+fn invalid(source: &str, problems: &[Problem]) -> String {
+    let mut s = format!(
+        "the configuration in {source} was not applied ({} problem{}); the proxy keeps running \
+         the one it had:",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        s.push_str(&format!("\n  - {}: {}", p.field, p.message));
+    }
+    s
+}
+
+enum Request {
+    Reload(oneshot::Sender<Result<Applied, ReloadError>>),
+    Restart(String, oneshot::Sender<CommandResult>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Queues reloads and replacements for the task that owns the supervisor.
+#[derive(Clone)]
+pub struct Reloader {
+    requests: mpsc::Sender<Request>,
+    roster: watch::Receiver<Arc<Roster>>,
+    config: watch::Receiver<Arc<Config>>,
+}
+
+impl Reloader {
+    /// Starts the task owning `supervisor`; `loaded` is what it runs now.
+    /// The task gives up any wait for a new process once `stopping` is
+    /// true.
+    pub fn start(
+        supervisor: Supervisor,
+        loaded: Loaded,
+        data: DataPlane,
+        stopping: watch::Receiver<bool>,
+    ) -> Reloader {
+        let (requests, rx) = mpsc::channel(16);
+        let roster = supervisor.roster();
+        let (config_tx, config) = watch::channel(Arc::new(loaded.config.clone()));
+        let task = Task {
+            supervisor,
+            loaded,
+            data,
+            stopping,
+            config: config_tx,
+        };
+        tokio::spawn(task.run(rx));
+        Reloader {
+            requests,
+            roster,
+            config,
+        }
+    }
+
+    /// The patterns running now, and every change.
+    pub fn roster(&self) -> watch::Receiver<Arc<Roster>> {
+        self.roster.clone()
+    }
+
+    /// The configuration the proxy runs now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Reads the configuration again and applies it.
+    pub async fn reload(&self) -> Result<Applied, ReloadError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Reload(tx))
+            .await
+            .map_err(|_| ReloadError::ShuttingDown)?;
+        rx.await.map_err(|_| ReloadError::ShuttingDown)?
+    }
+
+    /// An operator's restart: a SERVING pattern is replaced blue/green;
+    /// one that is not serving is restarted in place.
+    pub async fn restart(&self, name: &str) -> CommandResult {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Restart(name.to_string(), tx))
+            .await
+            .map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.map_err(|_| CommandError::ShuttingDown)?
+    }
+
+    /// Stops every pattern (current, being replaced, being removed) and
+    /// waits until all are gone. Safe to call more than once.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(Request::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Task {
+    supervisor: Supervisor,
+    loaded: Loaded,
+    data: DataPlane,
+    stopping: watch::Receiver<bool>,
+    config: watch::Sender<Arc<Config>>,
+}
+
+impl Task {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        while let Some(request) = requests.recv().await {
+            match request {
+                Request::Reload(reply) => {
+                    let result = self.reload().await;
+                    match &result {
+                        Ok(applied) => info!(%applied, "configuration reloaded"),
+                        Err(e) => warn!(error = %e, "reload refused"),
+                    }
+                    let _ = reply.send(result);
+                }
+                Request::Restart(name, reply) => {
+                    let _ = reply.send(self.restart(&name).await);
+                }
+                Request::Shutdown(reply) => {
+                    // Later requests find the channel closed: ShuttingDown.
+                    requests.close();
+                    self.supervisor.shutdown().await;
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn reload(&mut self) -> Result<Applied, ReloadError> {
+        let new = self.loaded.reread().map_err(|e| ReloadError::Invalid {
+            source_name: e.source_name,
+            problems: e.problems,
+        })?;
+        let source_name = new.source.to_string();
+        let mut problems = config::fixed_changes(&self.loaded.config, &new.config);
+        problems.extend(
+            self.supervisor
+                .missing_commands(&new.config, &new.source)
+                .into_iter()
+                .map(|m| match m.split_once(": ") {
+                    Some((field, message)) => Problem {
+                        field: field.to_string(),
+                        message: message.to_string(),
+                    },
+                    None => Problem {
+                        field: "patterns".into(),
+                        message: m,
+                    },
+                }),
+        );
+        if !problems.is_empty() {
+            return Err(ReloadError::Invalid {
+                source_name,
+                problems,
+            });
+        }
+
+        let roster = self.supervisor.current();
+        let mut applied = Applied {
+            source: source_name,
+            ..Applied::default()
+        };
+        // Start what is new, beside what runs.
+        let mut next = Vec::new();
+        let mut fresh: Vec<(PatternHandle, Option<PatternHandle>)> = Vec::new();
+        for (i, p) in new.config.patterns.iter().enumerate() {
+            let namespaces = supervisor::namespaces_of(&new.config, &p.name);
+            let old = self
+                .loaded
+                .config
+                .patterns
+                .iter()
+                .find(|o| o.name == p.name);
+            let running = roster.get(&p.name);
+            match (old, running) {
+                (Some(o), Some(h)) if o == p => {
+                    applied.unchanged.push(p.name.clone());
+                    next.push(h.with_namespaces(namespaces));
+                }
+                (_, running) => {
+                    let initial = match running {
+                        Some(h) => Status::succeeding(&h.status(), RestartReason::Reload),
+                        None => Status::new(),
+                    };
+                    let h = self
+                        .supervisor
+                        .spawn(i, p, &new.source, namespaces, initial);
+                    match running {
+                        Some(_) => applied.replaced.push(p.name.clone()),
+                        None => applied.added.push(p.name.clone()),
+                    }
+                    fresh.push((h.clone(), running.cloned()));
+                    next.push(h);
+                }
+            }
+        }
+        // A replacement takes over only once it serves; an added pattern
+        // starts as at boot (it may wait for its backend).
+        let mut failed = None;
+        for (h, old) in &fresh {
+            if old.is_none() {
+                continue;
+            }
+            let patience = pattern_patience(&new.config, h.name());
+            if let Err(e) = self.until_serving(h, patience).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            for (h, _) in fresh {
+                self.supervisor.retire(h);
+            }
+            return Err(e);
+        }
+        let removed: Vec<PatternHandle> = roster
+            .patterns()
+            .iter()
+            .filter(|h| new.config.patterns.iter().all(|p| p.name != h.name()))
+            .cloned()
+            .collect();
+        applied.removed = removed.iter().map(|h| h.name().to_string()).collect();
+
+        // Switch: routes and policies for new calls, then everyone else.
+        let telemetry = Arc::new(self.data.telemetry().with_patterns(labels(&new.config)));
+        self.data.reconfigure(&new.config, &next, &telemetry);
+        self.supervisor.publish(Roster::new(next));
+        // Drain and stop what was replaced or removed.
+        for (_, old) in fresh {
+            if let Some(old) = old {
+                self.supervisor.retire(old);
+            }
+        }
+        for h in removed {
+            self.supervisor.retire(h);
+        }
+        self.config.send_replace(Arc::new(new.config.clone()));
+        self.loaded = new;
+        Ok(applied)
+    }
+
+    async fn restart(&mut self, name: &str) -> CommandResult {
+        let roster = self.supervisor.current();
+        let Some(old) = roster.get(name).cloned() else {
+            return Err(CommandError::NotFound(name.to_string()));
+        };
+        let old_status = old.status();
+        if old_status.state != State::Serving {
+            // Nothing serves to hand over from: restart in place.
+            return old.restart().await;
+        }
+        let Some((i, p)) = self
+            .loaded
+            .config
+            .patterns
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == name)
+        else {
+            return old.restart().await;
+        };
+        let new = self.supervisor.spawn(
+            i,
+            p,
+            &self.loaded.source,
+            old.namespaces().to_vec(),
+            Status::succeeding(&old_status, RestartReason::Operator),
+        );
+        let patience = p.startup_timeout + HANDOVER_MARGIN;
+        if let Err(e) = self.until_serving(&new, patience).await {
+            self.supervisor.retire(new);
+            return Err(CommandError::NotReplaced(e.to_string()));
+        }
+        let next = roster.replacing(name, new.clone());
+        self.data.reroute(next.patterns());
+        self.supervisor.publish(next);
+        self.supervisor.retire(old);
+        Ok(format!(
+            "pattern {name:?} replaced blue/green: pid {} serves its namespaces; pid {} drains \
+             and stops",
+            new.status().pid.unwrap_or(0),
+            old_status.pid.unwrap_or(0)
+        ))
+    }
+
+    /// Waits for `h` to serve, giving up when the proxy starts stopping.
+    async fn until_serving(
+        &self,
+        h: &PatternHandle,
+        patience: std::time::Duration,
+    ) -> Result<(), ReloadError> {
+        let mut stopping = self.stopping.clone();
+        tokio::select! {
+            r = supervisor::serving(h, patience) => r.map_err(|why| ReloadError::NotServing {
+                pattern: h.name().to_string(),
+                why,
+            }),
+            _ = stopping.wait_for(|s| *s) => Err(ReloadError::ShuttingDown),
+        }
+    }
+}
+
+/// How long past its `startup_timeout` a replacement may take to serve:
+/// the owner itself acts at `startup_timeout`, and this only bounds the
+/// wait for what it decided.
+const HANDOVER_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn pattern_patience(config: &Config, name: &str) -> std::time::Duration {
+    config
+        .patterns
+        .iter()
+        .find(|p| p.name == name)
+        .map_or(HANDOVER_MARGIN, |p| p.startup_timeout + HANDOVER_MARGIN)
+}
+
+/// Namespace → pattern, for the call log.
+pub fn labels(config: &Config) -> HashMap<String, String> {
+    config
+        .namespaces
+        .iter()
+        .map(|n| (n.name.clone(), n.pattern.clone()))
+        .collect()
+}

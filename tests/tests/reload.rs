@@ -1,0 +1,318 @@
+//! Hot reload and blue/green replacement, under a steady load of calls:
+//! a reload that changes one pattern fails no call and keeps the other
+//! patterns' processes; an operator restart of a Redis-backed pattern
+//! under a writer fails no call and loses no acknowledged write; an
+//! invalid reload changes nothing and says every problem; a reload adds
+//! and removes patterns and moves namespaces (SIGHUP); the CLI's `reload`
+//! exits 2 on a refusal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use trellis_proto::admin::v1 as admin;
+use trellis_tests::backends::{RedisServer, redis_pattern};
+use trellis_tests::kv::{get, put, spawn_writer};
+use trellis_tests::{PatternEntry, Proxy, ProxyBuilder, bin, eventually, process_gone};
+
+/// Two memstore patterns, `a` (namespace `a`) and `b` (namespace `b`);
+/// `b_env` goes into `b`'s environment, so changing it changes `b`.
+fn two_memstores(b_env: &str) -> ProxyBuilder {
+    Proxy::builder()
+        .memstore("a", &["a"])
+        .memstore("b", &["b"])
+        .with(&format!("env:\n  GENERATION: \"{b_env}\""))
+}
+
+async fn pid_of(proxy: &Proxy, name: &str) -> u32 {
+    proxy.pattern(name).await.pid
+}
+
+async fn reload(proxy: &Proxy) -> Result<admin::ReloadResponse, tonic::Status> {
+    proxy
+        .admin()
+        .await
+        .reload(admin::ReloadRequest {})
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Writes `new`'s configuration over the running proxy's file.
+fn rewrite(proxy: &Proxy, new: &ProxyBuilder) {
+    std::fs::write(&proxy.config_path, new.yaml()).expect("rewrite the config");
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_one_pattern_replaces_it_blue_green_and_fails_no_call() {
+    let proxy = two_memstores("1").start().await;
+    let (a_pid, b_pid) = (pid_of(&proxy, "a").await, pid_of(&proxy, "b").await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = [
+        spawn_writer(&proxy, "a", stop.clone()),
+        spawn_writer(&proxy, "b", stop.clone()),
+    ];
+
+    // Let both writers get going before the change.
+    let mut kv = proxy.kv().await;
+    eventually("both writers have written", || {
+        let mut kv = kv.clone();
+        async move {
+            let a = kv.get(get("a", "w/00000010")).await.is_ok();
+            let b = kv.get(get("b", "w/00000010")).await.is_ok();
+            (a && b).then_some(())
+        }
+    })
+    .await;
+    rewrite(&proxy, &two_memstores("2"));
+    let applied = reload(&proxy).await.expect("the reload is applied");
+    assert_eq!(applied.replaced, ["b"], "{applied:?}");
+    assert_eq!(applied.unchanged, ["a"], "{applied:?}");
+    assert!(applied.added.is_empty() && applied.removed.is_empty());
+
+    // Calls keep flowing to the new process, then stop.
+    let new_b = pid_of(&proxy, "b").await;
+    assert_ne!(new_b, b_pid, "b was replaced by a new process");
+    kv.put(put("b", "after", b"x")).await.expect("b serves");
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let (acked, failed) = w.await.unwrap();
+        assert_eq!(
+            failed,
+            0,
+            "calls failed across the reload ({} acknowledged); proxy log:\n{}",
+            acked.len(),
+            proxy.log_text()
+        );
+    }
+    assert_eq!(pid_of(&proxy, "a").await, a_pid, "a kept its process");
+    eventually("the old b process is gone", || async {
+        process_gone(b_pid).then_some(())
+    })
+    .await;
+    let b = proxy.pattern("b").await;
+    assert_eq!(b.restarts, 1, "the replacement counts as a restart: {b:?}");
+}
+
+#[tokio::test]
+async fn an_operator_restart_of_the_redis_pattern_under_a_writer_fails_no_call_and_loses_no_write()
+{
+    let redis = RedisServer::start().await;
+    let proxy = Proxy::builder()
+        .pattern(redis_pattern("redis", &["r"], &redis.url(), ""))
+        .memstore("mem", &["m"])
+        .start()
+        .await;
+    let (redis_pid, mem_pid) = (pid_of(&proxy, "redis").await, pid_of(&proxy, "mem").await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&proxy, "r", stop.clone());
+    let mut kv = proxy.kv().await;
+    eventually("the writer has written", || {
+        let mut kv = kv.clone();
+        async move { kv.get(get("r", "w/00000010")).await.ok().map(|_| ()) }
+    })
+    .await;
+
+    let restarted = proxy
+        .admin()
+        .await
+        .restart_pattern(admin::PatternActionRequest {
+            name: "redis".into(),
+        })
+        .await
+        .expect("the restart succeeds")
+        .into_inner();
+    assert!(
+        restarted.message.contains("blue/green"),
+        "{}",
+        restarted.message
+    );
+    let reported = restarted.pattern.expect("the pattern after the restart");
+    assert_ne!(
+        reported.pid, redis_pid,
+        "a new process serves: {reported:?}"
+    );
+    assert_eq!(reported.state(), admin::PatternState::Serving);
+
+    // Keep writing through the new process for a while.
+    let after = reported.pid;
+    eventually("the writer writes through the new process", || {
+        let mut kv = kv.clone();
+        async move {
+            kv.put(put("r", "through-new", b"1")).await.ok()?;
+            Some(())
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = writer.await.unwrap();
+    assert_eq!(
+        failed,
+        0,
+        "writes failed across the restart; proxy log:\n{}",
+        proxy.log_text()
+    );
+    assert!(acked.len() > 10, "the writer wrote: {}", acked.len());
+    for (key, value) in &acked {
+        let got = kv
+            .get(get("r", key))
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {key} is lost: {e}"));
+        assert_eq!(&got.into_inner().value, value, "{key}");
+    }
+    assert_eq!(pid_of(&proxy, "mem").await, mem_pid, "mem kept its process");
+    assert_eq!(pid_of(&proxy, "redis").await, after);
+    eventually("the old redis pattern process is gone", || async {
+        process_gone(redis_pid).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_reload_changes_nothing_and_names_every_problem() {
+    let proxy = two_memstores("1").start().await;
+    let (a_pid, b_pid) = (pid_of(&proxy, "a").await, pid_of(&proxy, "b").await);
+    let mut kv = proxy.kv().await;
+    kv.put(put("a", "k", b"v")).await.unwrap();
+
+    // Not YAML the config accepts: an unknown field.
+    let good = two_memstores("1").yaml();
+    std::fs::write(&proxy.config_path, format!("{good}no_such_setting: true\n")).unwrap();
+    let refused = reload(&proxy)
+        .await
+        .expect_err("an unknown field is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("no_such_setting"),
+        "{}",
+        refused.message()
+    );
+
+    // Valid YAML, but a change that cannot happen live, a pattern whose
+    // command is missing, and a change to b: all refused at once, b kept.
+    let bad = two_memstores("2")
+        .pattern(PatternEntry::new(
+            "ghost",
+            "/nonexistent/trellis-ghost",
+            &[],
+        ))
+        .yaml()
+        .replace("grpc: 127.0.0.1:0", "grpc: 127.0.0.1:1");
+    assert!(bad.contains("grpc: 127.0.0.1:1"));
+    std::fs::write(&proxy.config_path, bad).unwrap();
+    let out = tokio::process::Command::new(bin("trellis"))
+        .args(["reload", "--addr", &proxy.addr])
+        .output()
+        .await
+        .expect("run trellis reload");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    for field in ["listen.grpc", "command"] {
+        assert!(stderr.contains(field), "{field} is not named in: {stderr}");
+    }
+    assert!(stderr.contains("keeps running"), "{stderr}");
+
+    // Nothing changed.
+    assert_eq!(pid_of(&proxy, "a").await, a_pid);
+    assert_eq!(pid_of(&proxy, "b").await, b_pid);
+    let names: Vec<String> = proxy
+        .admin()
+        .await
+        .list_patterns(admin::ListPatternsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .patterns
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(
+        kv.get(get("a", "k")).await.unwrap().into_inner().value,
+        b"v"
+    );
+}
+
+#[tokio::test]
+async fn sighup_adds_and_removes_patterns_and_moves_namespaces() {
+    // a: x; b: y  →  a: x, z; c: y (b removed)
+    let proxy = Proxy::builder()
+        .memstore("a", &["x"])
+        .memstore("b", &["y"])
+        .start()
+        .await;
+    let (a_pid, b_pid) = (pid_of(&proxy, "a").await, pid_of(&proxy, "b").await);
+    let mut kv = proxy.kv().await;
+    kv.put(put("x", "k", b"kept")).await.unwrap();
+    let unknown = kv
+        .get(get("z", "k"))
+        .await
+        .expect_err("z is not routed yet");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let next = Proxy::builder()
+        .memstore("a", &["x", "z"])
+        .memstore("c", &["y"]);
+    rewrite(&proxy, &next);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    eventually("the reload is logged", || async {
+        proxy
+            .log_text()
+            .contains("configuration reloaded")
+            .then_some(())
+    })
+    .await;
+    proxy.wait_serving("c").await;
+    proxy.wait_serving("").await;
+
+    // a kept its process and its data, and serves z too.
+    assert_eq!(pid_of(&proxy, "a").await, a_pid);
+    assert_eq!(
+        kv.get(get("x", "k")).await.unwrap().into_inner().value,
+        b"kept"
+    );
+    kv.put(put("z", "k", b"z")).await.expect("z is routed to a");
+    // y moved to c.
+    kv.put(put("y", "k", b"y")).await.expect("y is routed to c");
+    assert_eq!(
+        kv.get(get("y", "k")).await.unwrap().into_inner().value,
+        b"y"
+    );
+    // b is gone: its process, its health service, its admin entry.
+    eventually("b's process is gone", || async {
+        process_gone(b_pid).then_some(())
+    })
+    .await;
+    let b_health = proxy
+        .health()
+        .await
+        .check(HealthCheckRequest {
+            service: "b".into(),
+        })
+        .await;
+    assert_eq!(
+        b_health.expect_err("b has no health service").code(),
+        tonic::Code::NotFound
+    );
+    let c_health = proxy
+        .health()
+        .await
+        .check(HealthCheckRequest {
+            service: "c".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c_health.status(), ServingStatus::Serving);
+    let gone = proxy
+        .admin()
+        .await
+        .get_pattern(admin::GetPatternRequest { name: "b".into() })
+        .await
+        .expect_err("b is not a pattern any more");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+}
