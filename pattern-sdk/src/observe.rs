@@ -581,6 +581,10 @@ mod tests {
         let spans = Spans::default();
         let subscriber = tracing_subscriber::registry().with(spans.clone());
         tracing::subscriber::with_default(subscriber, || {
+            // Another test thread may have cached this callsite's interest
+            // as "never" (no subscriber there) while this one was being
+            // installed: ask every callsite again.
+            tracing::callsite::rebuild_interest_cache();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();

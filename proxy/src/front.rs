@@ -123,13 +123,13 @@ where
 }
 
 /// Serves gRPC on `listener` until `shutdown` turns true, then sends
-/// GOAWAY to every connection and lets calls in flight finish for up to
+/// GOAWAY to every connection and lets calls in flight finish within
 /// `grace`.
 pub async fn serve(
     front: FrontDoor,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
+    grace: crate::shutdown::Grace,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
@@ -167,10 +167,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("gRPC calls still in flight after shutdown_grace; closing anyway");
+    if !grace.bound(graceful.shutdown()).await {
+        warn!(
+            "gRPC calls still in flight after shutdown_grace (or a second signal); closing anyway"
+        );
     }
 }

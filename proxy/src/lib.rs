@@ -41,6 +41,7 @@ pub mod policy;
 pub mod reflection;
 pub mod reload;
 pub mod server;
+pub mod shutdown;
 pub mod supervisor;
 pub mod traces;
 pub mod upstream;

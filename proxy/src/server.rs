@@ -18,6 +18,7 @@ use crate::front::{self, FrontDoor};
 use crate::health;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use crate::shutdown::Grace;
 use crate::supervisor::Supervisor;
 
 /// The proxy's bound listeners.
@@ -44,6 +45,9 @@ pub async fn run(
     let health_task = tokio::spawn(health::report(reporter, roster.clone(), phase_rx));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Turns true on a second signal: every remaining wait ends at once.
+    let (hurry_tx, hurry_rx) = tokio::sync::watch::channel(false);
+    let grace = Grace::new(config.shutdown_grace, hurry_rx.clone());
     let methods = Methods::from_descriptors().map_err(anyhow::Error::msg)?;
     let namespaces: Vec<(String, String)> = config
         .namespaces
@@ -93,7 +97,7 @@ pub async fn run(
                 std::sync::Arc::new(gateway),
                 listener,
                 stop_rx.clone(),
-                config.shutdown_grace,
+                grace.clone(),
             )))
         }
         None => None,
@@ -105,12 +109,7 @@ pub async fn run(
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"
     );
-    let grpc_task = tokio::spawn(front::serve(
-        front,
-        listeners.grpc,
-        stop_rx.clone(),
-        config.shutdown_grace,
-    ));
+    let grpc_task = tokio::spawn(front::serve(front, listeners.grpc, stop_rx.clone(), grace));
 
     // SIGHUP reloads, until the proxy stops.
     let hangups = tokio::spawn(reload_on_hangup(reloader.clone()));
@@ -119,6 +118,13 @@ pub async fn run(
         _ = drain.notified() => info!("drain requested over the admin API"),
     }
     hangups.abort();
+    // Installed now, so a second signal is never missed.
+    let again = signal();
+    let second = tokio::spawn(async move {
+        again.await;
+        info!("a second signal: skipping the remaining waits");
+        let _ = hurry_tx.send(true);
+    });
     // Readiness off first, still serving, so load balancers stop sending
     // calls before the doors close; a second signal skips the wait.
     let _ = phase_tx.send(health::Phase::Draining);
@@ -128,10 +134,9 @@ pub async fn run(
         ?drain_delay,
         "shutting down: health \"\" is NOT_SERVING; calls are served until the drain delay ends"
     );
-    tokio::select! {
-        _ = tokio::time::sleep(drain_delay) => {}
-        _ = signal() => info!("a second signal: skipping the drain delay"),
-    }
+    Grace::new(drain_delay, hurry_rx)
+        .bound(std::future::pending::<()>())
+        .await;
     info!("closing the doors: draining requests, then stopping patterns");
     let _ = phase_tx.send(health::Phase::Closing);
     let _ = stop_tx.send(true);
@@ -142,6 +147,7 @@ pub async fn run(
         let _ = t.await;
     }
     reloader.shutdown().await;
+    second.abort();
     let _ = health_task.await;
     if let Some(t) = tracing {
         // Flushing blocks on the collector: off the runtime's threads.

@@ -169,3 +169,87 @@ async fn liveness_stays_on_while_readiness_follows_the_patterns() {
     let live = trellis_tests::http::get(&format!("{base}/livez")).await;
     assert_eq!(live.status, http::StatusCode::OK, "{}", live.text());
 }
+
+/// Starts `n` `Get sleep:<ms>` calls on the echo pattern's namespace `e`
+/// and returns once all `n` are sleeping in the pattern.
+async fn calls_in_flight(
+    proxy: &Proxy,
+    n: usize,
+    ms: u64,
+) -> Vec<tokio::task::JoinHandle<Result<Vec<u8>, tonic::Status>>> {
+    let channel = proxy.channel().await;
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let mut kv =
+                trellis_proto::data::v1::key_value_client::KeyValueClient::new(channel.clone());
+            async move {
+                let mut req = tonic::Request::new(get("e", &format!("sleep:{ms}")));
+                req.set_timeout(PATIENCE);
+                kv.get(req).await.map(|r| r.into_inner().value)
+            }
+        })
+        .map(tokio::spawn)
+        .collect();
+    let kv = proxy.kv().await;
+    eventually("every call is in flight in the pattern", || {
+        let mut kv = kv.clone();
+        async move {
+            let v = kv.get(get("e", "sleeping")).await.ok()?.into_inner().value;
+            (v == n.to_string().into_bytes()).then_some(())
+        }
+    })
+    .await;
+    calls
+}
+
+#[tokio::test]
+async fn calls_in_flight_to_a_slow_pattern_all_succeed_through_the_shutdown() {
+    let mut proxy = Proxy::builder()
+        .top("shutdown_grace: 30s")
+        .echo("echo", &["e"], "")
+        .start()
+        .await;
+    let pattern_pid = proxy.pattern("echo").await.pid;
+    let calls = calls_in_flight(&proxy, 5, 1500).await;
+    sigterm(&proxy);
+    for call in calls {
+        let value = call.await.unwrap().expect("an in-flight call succeeds");
+        assert_eq!(value, b"slept");
+    }
+    assert_eq!(proxy.terminate().await, Some(0), "{}", proxy.log_text());
+    assert!(process_gone(pattern_pid), "the pattern outlived the proxy");
+}
+
+/// A second SIGTERM skips what is left of the drain delay and of
+/// `shutdown_grace` (an hour each here): the proxy exits long before.
+#[tokio::test]
+async fn a_second_signal_skips_the_remaining_waits() {
+    let mut proxy = Proxy::builder()
+        .top("drain_delay: 1h\nshutdown_grace: 1h")
+        .echo("echo", &["e"], "")
+        .start()
+        .await;
+    let pattern_pid = proxy.pattern("echo").await.pid;
+    let calls = calls_in_flight(&proxy, 2, 3_600_000).await;
+    sigterm(&proxy);
+    eventually("readiness to turn off", || async {
+        (proxy.health_of("").await == Some(ServingStatus::NotServing)).then_some(())
+    })
+    .await;
+    sigterm(&proxy);
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait())
+        .await
+        .expect("the proxy exits without waiting out its hour-long waits")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", proxy.log_text());
+    assert!(
+        proxy.log_text().contains("a second signal"),
+        "{}",
+        proxy.log_text()
+    );
+    for call in calls {
+        let outcome = call.await.unwrap();
+        assert!(outcome.is_err(), "an hour-long call cannot have succeeded");
+    }
+    assert!(process_gone(pattern_pid), "the pattern outlived the proxy");
+}

@@ -286,9 +286,25 @@ pub fn shutting_down() -> ApiError {
         Code::Unavailable,
         "PROXY_SHUTTING_DOWN",
         "the proxy is shutting down, so this subscription ended; subscribe again once it is \
-         back (messages published in between are not delivered)",
+         back, or through another replica (messages published in between are not delivered)",
     )
+    .retry_after(SHUTDOWN_RETRY)
 }
+
+/// A call that reached the proxy after its doors began to close.
+pub fn closing() -> ApiError {
+    ApiError::new(
+        Code::Unavailable,
+        "PROXY_SHUTTING_DOWN",
+        "the proxy is shutting down and takes no new calls; send the call again: to another \
+         replica, or to this address once the proxy is back (nothing was done)",
+    )
+    .retry_after(SHUTDOWN_RETRY)
+}
+
+/// How soon a client is told to try again after a shutdown refusal: a
+/// replacement or another replica is usually there by then.
+const SHUTDOWN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The proxy holds `max` calls already (`max_in_flight`).
 pub fn overloaded(namespace: &str, max: u32) -> ApiError {

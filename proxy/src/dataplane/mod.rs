@@ -420,6 +420,10 @@ impl DataPlane {
         B::Error: std::fmt::Display,
     {
         let received = Instant::now();
+        if *self.stopping.borrow() {
+            // Sent before the client read our GOAWAY: nothing was done.
+            return errors::response(errors::closing());
+        }
         let generation = self.current.load_full();
         let path = req.uri().path().to_string();
         let request_id = req.headers().get(crate::metadata::REQUEST_ID).cloned();

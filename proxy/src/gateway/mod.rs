@@ -622,7 +622,7 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    grace: std::time::Duration,
+    grace: crate::shutdown::Grace,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let limits = gateway.limits.clone();
@@ -671,11 +671,8 @@ pub async fn serve(
             drop(permit);
         });
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("HTTP requests still open after the grace period; closing anyway");
+    if !grace.bound(graceful.shutdown()).await {
+        warn!("HTTP requests still open after shutdown_grace (or a second signal); closing anyway");
     }
 }
 

@@ -56,6 +56,7 @@
 //!   recovers);
 //! - `Get cancelled`: how many `sleep:` calls ended because the caller
 //!   went away (the stream was reset) before they answered.
+//! - `Get sleeping`: how many `sleep:` calls are sleeping now.
 //!
 //! PubSub (when claimed):
 //! - `Publish`: message id `echo-<n>`, n = 1, 2, … over all publishes.
@@ -294,6 +295,8 @@ struct Echo {
     /// `Put mode fail` sets it: `Get m:*` then fails.
     failing: std::sync::atomic::AtomicBool,
     cancelled: Arc<AtomicU64>,
+    /// `sleep:` calls sleeping now.
+    sleeping: Arc<AtomicU64>,
     health: HealthReporter,
     /// `Some(grace)` once Stop or a signal asked to exit.
     stopping: watch::Sender<Option<Duration>>,
@@ -435,18 +438,29 @@ impl KeyValue for Echo {
         }
         let value = if let Some(ms) = key.strip_prefix("sleep:") {
             let ms = number("key", ms)?;
-            // Counts the call as cancelled unless it gets to answer.
-            struct Unfinished(Arc<AtomicU64>, bool);
+            // Counts the call as sleeping while it sleeps, and as
+            // cancelled unless it gets to answer.
+            struct Unfinished {
+                cancelled: Arc<AtomicU64>,
+                sleeping: Arc<AtomicU64>,
+                done: bool,
+            }
             impl Drop for Unfinished {
                 fn drop(&mut self) {
-                    if !self.1 {
-                        self.0.fetch_add(1, Ordering::SeqCst);
+                    self.sleeping.fetch_sub(1, Ordering::SeqCst);
+                    if !self.done {
+                        self.cancelled.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             }
-            let mut guard = Unfinished(self.cancelled.clone(), false);
+            self.sleeping.fetch_add(1, Ordering::SeqCst);
+            let mut guard = Unfinished {
+                cancelled: self.cancelled.clone(),
+                sleeping: self.sleeping.clone(),
+                done: false,
+            };
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            guard.1 = true;
+            guard.done = true;
             b"slept".to_vec()
         } else if let Some(n) = key.strip_prefix("big:") {
             let n = usize::try_from(number("key", n)?).unwrap_or(usize::MAX);
@@ -467,6 +481,11 @@ impl KeyValue for Echo {
                 "puts" => self.puts.load(Ordering::SeqCst).to_string().into_bytes(),
                 "cancelled" => self
                     .cancelled
+                    .load(Ordering::SeqCst)
+                    .to_string()
+                    .into_bytes(),
+                "sleeping" => self
+                    .sleeping
                     .load(Ordering::SeqCst)
                     .to_string()
                     .into_bytes(),
@@ -635,6 +654,7 @@ async fn run() -> Result<(), String> {
         attempts: Mutex::new(HashMap::new()),
         failing: std::sync::atomic::AtomicBool::new(false),
         cancelled: Arc::new(AtomicU64::new(0)),
+        sleeping: Arc::new(AtomicU64::new(0)),
         health,
         stopping,
     });
