@@ -4,6 +4,10 @@
 #   redis-server, nats-server, PostgreSQL's initdb + postgres, and
 #   prometheus + promtool (the metrics test scrapes trellis with a real
 #   Prometheus and checks the exposition with promtool).
+# And the Python package kubernetes-validate (PyPI; it ships the Kubernetes
+# schemas), with which tests/tests/deploy_kubernetes.rs validates
+# deploy/kubernetes/ offline: installed with pip when
+# `python3 -c 'import kubernetes_validate'` fails.
 # If some are missing and this runs as root with apt-get, installs them
 # (apt-get update; apt-get install -y redis-server nats-server postgresql
 # prometheus).
@@ -92,3 +96,33 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
     echo "setup-backends: running as root, the tests start PostgreSQL as the 'postgres' user, which does not exist; install the postgresql package (it creates the user)" >&2
     exit 1
 fi
+
+# kubernetes-validate: the offline schema check of deploy/kubernetes/.
+KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "setup-backends: python3 is missing; tests/tests/deploy_kubernetes.rs needs it with the package $KUBERNETES_VALIDATE (apt-get install -y python3 python3-pip, then python3 -m pip install $KUBERNETES_VALIDATE)" >&2
+    exit 1
+fi
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+    echo "setup-backends: the Python package kubernetes_validate is missing; installing $KUBERNETES_VALIDATE with pip"
+    if ! python3 -m pip --version >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup-backends: python3 has no pip; installing python3-pip with apt-get"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update && apt-get install -y --no-install-recommends python3-pip || true
+    fi
+    # A distribution's Python refuses pip installs outside a virtualenv
+    # (PEP 668); the package is self-contained, so fall back to overriding that.
+    python3 -m pip install --quiet "$KUBERNETES_VALIDATE" \
+        || python3 -m pip install --quiet --break-system-packages "$KUBERNETES_VALIDATE" \
+        || true
+    if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+        cat >&2 <<EOF
+setup-backends: could not install the Python package $KUBERNETES_VALIDATE for $(command -v python3):
+pip failed (its message is above), or installed it where this python3 does not look.
+tests/tests/deploy_kubernetes.rs needs \`python3 -m kubernetes_validate\`: install the
+package by hand for this python3, then run \`make setup\` again.
+EOF
+        exit 1
+    fi
+fi
+echo "setup-backends: kubernetes-validate $(python3 -m kubernetes_validate --version) ($(command -v python3))"

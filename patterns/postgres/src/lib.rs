@@ -55,6 +55,8 @@ use tracing::Instrument;
 
 pub use schema::{MAX_TABLE_NAME, Queries, migrations, validate_table};
 
+/// libpq's variable for the password, read when the config gives none.
+pub const PASSWORD_ENV: &str = "PGPASSWORD";
 /// How long a health check may take; below the SDK's 1 s bound on the hook.
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 /// The `config:` block of a postgres entry in the proxy configuration.
@@ -129,7 +131,14 @@ impl Default for PoolConfig {
 
 impl Config {
     /// The connection settings, or every problem with the config.
-    fn pg_config(&self) -> Result<tokio_postgres::Config, Vec<FieldViolation>> {
+    /// `env_password` is the value of libpq's `PGPASSWORD` (passed in, so
+    /// tests never touch the process environment): used only when neither
+    /// `url` nor `password` gives one, so a password can come from a secret
+    /// in the environment instead of the config file.
+    fn pg_config(
+        &self,
+        env_password: Option<&str>,
+    ) -> Result<tokio_postgres::Config, Vec<FieldViolation>> {
         let mut problems = Vec::new();
         let separate = self.host.is_some()
             || self.port.is_some()
@@ -175,6 +184,11 @@ impl Config {
         }
         if pg.get_user().is_none() {
             pg.user("postgres");
+        }
+        if pg.get_password().is_none()
+            && let Some(password) = env_password.filter(|p| !p.is_empty())
+        {
+            pg.password(password.as_bytes());
         }
         if let Err(v) = schema::validate_table(&self.table) {
             problems.push(v);
@@ -236,7 +250,10 @@ impl Pattern for Postgres {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
-        let pg = config.pg_config().map_err(Error::InvalidArgument)?;
+        let env_password = std::env::var(PASSWORD_ENV).ok();
+        let pg = config
+            .pg_config(env_password.as_deref())
+            .map_err(Error::InvalidArgument)?;
         let target = describe(&pg);
         let pool = Pool::builder(Manager::from_config(
             pg,
@@ -826,17 +843,49 @@ mod tests {
     fn connection_settings_from_fields_or_url() {
         let pg = config(r#"{"host": "db", "port": 6000, "dbname": "kv"}"#)
             .unwrap()
-            .pg_config()
+            .pg_config(None)
             .unwrap();
         assert_eq!(describe(&pg), "db:6000/kv");
         assert_eq!(pg.get_user(), Some("postgres"));
         assert_eq!(pg.get_options(), Some("-c statement_timeout=5000"));
         let pg = config(r#"{"url": "postgres://u:secret@h:7000/d"}"#)
             .unwrap()
-            .pg_config()
+            .pg_config(None)
             .unwrap();
         assert_eq!(describe(&pg), "h:7000/d");
         assert!(!describe(&pg).contains("secret"));
+    }
+
+    #[test]
+    fn pgpassword_fills_in_only_a_missing_password() {
+        let from_env = |json: &str, env: Option<&str>| {
+            config(json)
+                .unwrap()
+                .pg_config(env)
+                .unwrap()
+                .get_password()
+                .map(<[u8]>::to_vec)
+        };
+        assert_eq!(
+            from_env(r#"{"host": "db"}"#, Some("s3")),
+            Some(b"s3".to_vec())
+        );
+        assert_eq!(
+            from_env(r#"{"url": "postgres://u@h/d"}"#, Some("s3")),
+            Some(b"s3".to_vec())
+        );
+        assert_eq!(
+            from_env(r#"{"password": "file"}"#, Some("s3")),
+            Some(b"file".to_vec()),
+            "config.password wins over PGPASSWORD"
+        );
+        assert_eq!(
+            from_env(r#"{"url": "postgres://u:url@h/d"}"#, Some("s3")),
+            Some(b"url".to_vec()),
+            "the url's password wins over PGPASSWORD"
+        );
+        assert_eq!(from_env(r#"{"host": "db"}"#, Some("")), None);
+        assert_eq!(from_env(r#"{"host": "db"}"#, None), None);
     }
 
     #[test]
@@ -847,7 +896,7 @@ mod tests {
         )
         .unwrap();
         let fields: Vec<String> = c
-            .pg_config()
+            .pg_config(None)
             .unwrap_err()
             .into_iter()
             .map(|v| v.field)
