@@ -655,9 +655,7 @@ impl Loaded {
 /// new)` check; a reload that changes one is refused, naming it.
 pub fn fixed_changes(old: &Config, new: &Config) -> Vec<Problem> {
     let restart = "cannot change while the proxy runs; restart the proxy to apply it, or put                    back the running value";
-    let checks: [(&str, bool); 8] = [
-        ("listen.grpc", old.listen.grpc == new.listen.grpc),
-        ("listen.http", old.listen.http == new.listen.http),
+    let checks: [(&str, bool); 6] = [
         ("log", old.log == new.log),
         ("socket_dir", old.socket_dir == new.socket_dir),
         ("worker_threads", old.worker_threads == new.worker_threads),

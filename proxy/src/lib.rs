@@ -30,6 +30,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod doors;
 pub mod error;
 pub mod front;
 pub mod gateway;

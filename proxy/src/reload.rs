@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::{self, Config, Loaded, Problem};
 use crate::dataplane::DataPlane;
+use crate::doors::Doors;
 use crate::supervisor::{
     self, CommandError, CommandResult, PatternHandle, RestartReason, Roster, State, Status,
     Supervisor,
@@ -35,6 +36,8 @@ pub struct Applied {
     pub removed: Vec<String>,
     pub replaced: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Listeners re-bound, e.g. `listen.http 127.0.0.1:8981 → 0.0.0.0:8981`.
+    pub rebound: Vec<String>,
 }
 
 impl std::fmt::Display for Applied {
@@ -54,7 +57,11 @@ impl std::fmt::Display for Applied {
             list(&self.removed),
             list(&self.replaced),
             list(&self.unchanged)
-        )
+        )?;
+        if !self.rebound.is_empty() {
+            write!(f, "; re-bound {}", self.rebound.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -93,6 +100,8 @@ fn invalid(source: &str, problems: &[Problem]) -> String {
 }
 
 enum Request {
+    /// The doors, once the server has opened them.
+    Doors(Doors),
     Reload(oneshot::Sender<Result<Applied, ReloadError>>),
     Restart(String, oneshot::Sender<CommandResult>),
     Shutdown(oneshot::Sender<()>),
@@ -125,6 +134,7 @@ impl Reloader {
             data,
             stopping,
             config: config_tx,
+            doors: None,
         };
         tokio::spawn(task.run(rx));
         Reloader {
@@ -142,6 +152,12 @@ impl Reloader {
     /// The configuration the proxy runs now.
     pub fn config(&self) -> Arc<Config> {
         self.config.borrow().clone()
+    }
+
+    /// Hands the open doors to the task: a reload re-binds them, and
+    /// [`Reloader::shutdown`] closes them before stopping the patterns.
+    pub async fn doors(&self, doors: Doors) {
+        let _ = self.requests.send(Request::Doors(doors)).await;
     }
 
     /// Reads the configuration again and applies it.
@@ -165,8 +181,9 @@ impl Reloader {
         rx.await.map_err(|_| CommandError::ShuttingDown)?
     }
 
-    /// Stops every pattern (current, being replaced, being removed) and
-    /// waits until all are gone. Safe to call more than once.
+    /// Closes the doors (calls in flight finish within `shutdown_grace`),
+    /// then stops every pattern (current, being replaced, being removed)
+    /// and waits until all are gone. Safe to call more than once.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.requests.send(Request::Shutdown(tx)).await.is_ok() {
@@ -181,12 +198,14 @@ struct Task {
     data: DataPlane,
     stopping: watch::Receiver<bool>,
     config: watch::Sender<Arc<Config>>,
+    doors: Option<Doors>,
 }
 
 impl Task {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         while let Some(request) = requests.recv().await {
             match request {
+                Request::Doors(doors) => self.doors = Some(doors),
                 Request::Reload(reply) => {
                     let result = self.reload().await;
                     match &result {
@@ -201,6 +220,9 @@ impl Task {
                 Request::Shutdown(reply) => {
                     // Later requests find the channel closed: ShuttingDown.
                     requests.close();
+                    if let Some(doors) = self.doors.take() {
+                        doors.close().await;
+                    }
                     self.supervisor.shutdown().await;
                     let _ = reply.send(());
                     return;
@@ -237,6 +259,29 @@ impl Task {
                 problems,
             });
         }
+        // New listeners are bound before anything else changes, so an
+        // address in use refuses the reload with nothing to undo.
+        let (old_listen, new_listen) = (&self.loaded.config.listen, &new.config.listen);
+        let bound = if old_listen == new_listen {
+            None
+        } else if self.doors.is_none() {
+            return Err(ReloadError::Invalid {
+                source_name,
+                problems: vec![Problem {
+                    field: "listen".into(),
+                    message: "the proxy is still opening its listeners; reload again in a moment"
+                        .into(),
+                }],
+            });
+        } else {
+            let bound = Doors::bind(old_listen, new_listen)
+                .await
+                .map_err(|problems| ReloadError::Invalid {
+                    source_name: source_name.clone(),
+                    problems,
+                })?;
+            Some(bound)
+        };
 
         let roster = self.supervisor.current();
         let mut applied = Applied {
@@ -316,6 +361,28 @@ impl Task {
         }
         for h in removed {
             self.supervisor.retire(h);
+        }
+        if let (Some(bound), Some(doors)) = (bound, self.doors.as_mut()) {
+            let before = doors.addrs();
+            if let Err(e) = doors.rebind(bound) {
+                warn!(error = %e, "a re-bound listener has no address; the old one is closing");
+            }
+            let after = doors.addrs();
+            if before.0 != after.0 {
+                applied
+                    .rebound
+                    .push(format!("listen.grpc {} → {}", before.0, after.0));
+            }
+            if before.1 != after.1 {
+                let show = |a: Option<std::net::SocketAddr>| {
+                    a.map_or_else(|| "off".to_string(), |a| a.to_string())
+                };
+                applied.rebound.push(format!(
+                    "listen.http {} → {}",
+                    show(before.1),
+                    show(after.1)
+                ));
+            }
         }
         self.config.send_replace(Arc::new(new.config.clone()));
         self.loaded = new;

@@ -14,7 +14,8 @@ use crate::config::Loaded;
 use std::sync::Arc;
 
 use crate::dataplane::{DataPlane, Methods, Telemetry};
-use crate::front::{self, FrontDoor};
+use crate::doors::Doors;
+use crate::front::FrontDoor;
 use crate::health;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
@@ -84,24 +85,17 @@ pub async fn run(
     // the HTTP gateway calls it in-process.
     let front = FrontDoor::new(data, services.routes());
 
-    let grpc_addr = listeners.grpc.local_addr()?;
-    let http_addr = match &listeners.http {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
-    let http_task = match listeners.http {
-        Some(listener) => {
-            let gateway = crate::gateway::Gateway::new(front.clone(), &config.http, metrics)
-                .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))?;
-            Some(tokio::spawn(crate::gateway::serve(
-                std::sync::Arc::new(gateway),
-                listener,
-                stop_rx.clone(),
-                grace.clone(),
-            )))
-        }
-        None => None,
-    };
+    // Built whether or not it listens: a reload may open its door.
+    let gateway = crate::gateway::Gateway::new(front.clone(), &config.http, metrics)
+        .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))?;
+    let doors = Doors::open(
+        front,
+        Arc::new(gateway),
+        grace,
+        listeners.grpc,
+        listeners.http,
+    )?;
+    let (grpc_addr, http_addr) = doors.addrs();
     info!(
         grpc = %grpc_addr,
         http = %http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
@@ -109,7 +103,7 @@ pub async fn run(
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"
     );
-    let grpc_task = tokio::spawn(front::serve(front, listeners.grpc, stop_rx.clone(), grace));
+    reloader.doors(doors).await;
 
     // SIGHUP reloads, until the proxy stops.
     let hangups = tokio::spawn(reload_on_hangup(reloader.clone()));
@@ -140,12 +134,8 @@ pub async fn run(
     info!("closing the doors: draining requests, then stopping patterns");
     let _ = phase_tx.send(health::Phase::Closing);
     let _ = stop_tx.send(true);
-    if let Err(e) = grpc_task.await {
-        warn!(error = %e, "the gRPC front door's task failed");
-    }
-    if let Some(t) = http_task {
-        let _ = t.await;
-    }
+    // The doors close (GOAWAY; calls in flight finish within
+    // shutdown_grace), then the patterns stop.
     reloader.shutdown().await;
     second.abort();
     let _ = health_task.await;

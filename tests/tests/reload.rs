@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use trellis_proto::admin::v1 as admin;
-use trellis_tests::backends::{RedisServer, redis_pattern};
+use trellis_tests::backends::{RedisServer, free_port, redis_pattern};
 use trellis_tests::kv::{get, put, spawn_writer};
 use trellis_tests::{PatternEntry, Proxy, ProxyBuilder, bin, eventually, process_gone};
 
@@ -191,14 +191,13 @@ async fn an_invalid_reload_changes_nothing_and_names_every_problem() {
     // Valid YAML, but a change that cannot happen live, a pattern whose
     // command is missing, and a change to b: all refused at once, b kept.
     let bad = two_memstores("2")
+        .top("worker_threads: 3")
         .pattern(PatternEntry::new(
             "ghost",
             "/nonexistent/trellis-ghost",
             &[],
         ))
-        .yaml()
-        .replace("grpc: 127.0.0.1:0", "grpc: 127.0.0.1:1");
-    assert!(bad.contains("grpc: 127.0.0.1:1"));
+        .yaml();
     std::fs::write(&proxy.config_path, bad).unwrap();
     let out = tokio::process::Command::new(bin("trellis"))
         .args(["reload", "--addr", &proxy.addr])
@@ -207,7 +206,7 @@ async fn an_invalid_reload_changes_nothing_and_names_every_problem() {
         .expect("run trellis reload");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    for field in ["listen.grpc", "command"] {
+    for field in ["worker_threads", "patterns[2].command"] {
         assert!(stderr.contains(field), "{field} is not named in: {stderr}");
     }
     assert!(stderr.contains("keeps running"), "{stderr}");
@@ -315,4 +314,77 @@ async fn sighup_adds_and_removes_patterns_and_moves_namespaces() {
         .await
         .expect_err("b is not a pattern any more");
     assert_eq!(gone.code(), tonic::Code::NotFound);
+}
+
+/// A reload that changes the listen addresses serves the new ones, then
+/// closes the old ones (the reload's own call, on the old door, is
+/// answered first); an address in use refuses the reload, naming it.
+#[tokio::test]
+async fn a_reload_rebinds_changed_listeners_and_refuses_an_address_in_use() {
+    let proxy = two_memstores("1").start().await;
+    let a_pid = pid_of(&proxy, "a").await;
+    let old_http = proxy.http.clone().expect("an HTTP door");
+
+    // An address someone else holds: refused, nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let yaml = two_memstores("1")
+        .yaml()
+        .replace("http: 127.0.0.1:0", &format!("http: {taken_addr}"));
+    std::fs::write(&proxy.config_path, yaml).unwrap();
+    let refused = reload(&proxy).await.expect_err("the address is taken");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("listen.http") && refused.message().contains("cannot listen"),
+        "{}",
+        refused.message()
+    );
+    let live = trellis_tests::http::get(&format!("{old_http}/livez")).await;
+    assert_eq!(
+        live.status,
+        http::StatusCode::OK,
+        "the old door still serves"
+    );
+    drop(taken);
+
+    // Free addresses: both doors move; the patterns keep their processes.
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let yaml = two_memstores("1")
+        .yaml()
+        .replace("grpc: 127.0.0.1:0", &format!("grpc: 127.0.0.1:{grpc_port}"))
+        .replace("http: 127.0.0.1:0", &format!("http: 127.0.0.1:{http_port}"));
+    std::fs::write(&proxy.config_path, yaml).unwrap();
+    let applied = reload(&proxy).await.expect("the reload is applied");
+    assert!(
+        applied.message.contains("listen.grpc") && applied.message.contains("listen.http"),
+        "{}",
+        applied.message
+    );
+    assert_eq!(applied.unchanged, ["a", "b"], "{applied:?}");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the new gRPC door serves");
+    let mut kv = trellis_proto::data::v1::key_value_client::KeyValueClient::new(channel.clone());
+    kv.put(put("a", "k", b"v"))
+        .await
+        .expect("a call on the new door");
+    let live = trellis_tests::http::get(&format!("http://127.0.0.1:{http_port}/livez")).await;
+    assert_eq!(live.status, http::StatusCode::OK);
+    let old_grpc = proxy.addr.trim_start_matches("http://").to_string();
+    let old_http = old_http.trim_start_matches("http://").to_string();
+    eventually("the old doors to close", || {
+        let closed = |a: &str| std::net::TcpStream::connect(a).is_err();
+        let both = closed(&old_grpc) && closed(&old_http);
+        async move { both.then_some(()) }
+    })
+    .await;
+    let mut admin = trellis_proto::admin::v1::admin_client::AdminClient::new(channel);
+    let a = admin
+        .get_pattern(admin::GetPatternRequest { name: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.pid, a_pid, "a kept its process");
 }
