@@ -929,6 +929,14 @@ impl Config {
                         at("env"),
                         format!("{k} is reserved for the pattern protocol and set by the proxy"),
                     );
+                } else if crate::notify::MANAGER_VARIABLES.contains(&k.as_str()) {
+                    bad(
+                        at("env"),
+                        format!(
+                            "{k} belongs to the service manager (systemd) and the proxy alone: \
+                             a pattern must not notify on the proxy's behalf; remove it"
+                        ),
+                    );
                 }
             }
             if !(p.config.is_object() || p.config.is_null()) {
@@ -1337,6 +1345,16 @@ mod tests {
             "patterns:\n  - name: m\n    command: x\n    env: {TRELLIS_PATTERN_LISTEN: x}\n",
         );
         assert_eq!(ps[0].field, "patterns[0].env", "{ps:?}");
+    }
+
+    #[test]
+    fn service_manager_env_is_rejected_for_a_pattern() {
+        let ps = problems(
+            "patterns:\n  - name: m\n    command: x\n    env: {NOTIFY_SOCKET: /run/x, WATCHDOG_USEC: '1'}\n",
+        );
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert!(ps.iter().all(|p| p.field == "patterns[0].env"), "{ps:?}");
+        assert!(ps[0].message.contains("service manager"), "{ps:?}");
     }
 
     #[test]

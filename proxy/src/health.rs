@@ -15,16 +15,16 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::select_all;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::WatchStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::supervisor::{PatternHandle, Roster, State};
+use crate::supervisor::{PatternHandle, Roster, State, Status};
 
 /// The liveness service: SERVING while the proxy's own loops run, whatever
 /// its patterns' state (`""` is readiness). Kubernetes: liveness probe on
-/// this, readiness and startup on `""`.
+/// this, readiness and startup on `""`. Reported by [`crate::liveness`].
 pub const LIVENESS: &str = "trellis.liveness";
 
 /// Where the proxy is in its life, as health reports it.
@@ -74,16 +74,39 @@ impl Statuses {
     }
 }
 
+/// Has the pattern finished starting, whatever the outcome: serving, kept
+/// NOT_SERVING after `startup_timeout`, waiting to restart, FAILED, or
+/// stopped after it ran (initially it is STOPPED with no exit yet).
+fn started(s: &Status) -> bool {
+    match s.state {
+        State::Serving | State::NotServing | State::Crashed | State::Failed => true,
+        State::Stopped => s.last_exit.is_some(),
+        State::Starting | State::Stopping => false,
+    }
+}
+
 /// Keeps `reporter` in step with every pattern of the current roster and
 /// with `phase`, until the phase is [`Phase::Closing`]. A pattern a
 /// reload removes is cleared (its `Watch` streams end); one replaced
 /// blue/green keeps its name, and its watchers see a change only if the
-/// serving status changes.
+/// serving status changes. `started_tx` fires once every pattern has
+/// finished starting, after `""` says so (the service manager's
+/// `READY=1`). `trellis.liveness` is [`crate::liveness`]'s.
 pub async fn report(
     reporter: HealthReporter,
     mut roster: watch::Receiver<Arc<Roster>>,
     mut phase: watch::Receiver<Phase>,
+    started_tx: oneshot::Sender<()>,
 ) {
+    let mut started_tx = Some(started_tx);
+    let mut tell_started = |patterns: &[PatternHandle]| {
+        if started_tx.is_some()
+            && patterns.iter().all(|p| p.with_status(started))
+            && let Some(tx) = started_tx.take()
+        {
+            let _ = tx.send(());
+        }
+    };
     let overall = |patterns: &[PatternHandle], phase: Phase| {
         if phase == Phase::Running && patterns.iter().all(|p| p.status().state == State::Serving) {
             ServingStatus::Serving
@@ -95,16 +118,13 @@ pub async fn report(
         reporter,
         last: HashMap::new(),
     };
-    statuses.set(LIVENESS, ServingStatus::Serving).await;
     'roster: loop {
         let current = roster.borrow_and_update().clone();
         let patterns = current.patterns();
         let gone: Vec<String> = statuses
             .last
             .keys()
-            .filter(|s| {
-                !s.is_empty() && s.as_str() != LIVENESS && patterns.iter().all(|p| p.name() != *s)
-            })
+            .filter(|s| !s.is_empty() && patterns.iter().all(|p| p.name() != *s))
             .cloned()
             .collect();
         for service in gone {
@@ -115,6 +135,7 @@ pub async fn report(
         }
         let now = *phase.borrow();
         statuses.set("", overall(patterns, now)).await;
+        tell_started(patterns);
 
         let mut changes = select_all(
             patterns
@@ -145,6 +166,7 @@ pub async fn report(
             }
             let now = *phase.borrow();
             statuses.set("", overall(patterns, now)).await;
+            tell_started(patterns);
         }
     }
     statuses.set("", ServingStatus::NotServing).await;

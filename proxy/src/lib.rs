@@ -4,6 +4,10 @@
 //! - [`config`]: the YAML + environment configuration and its validation.
 //! - [`supervisor`]: spawning, watching, restarting and stopping patterns.
 //! - [`health`]: the proxy's `grpc.health.v1` reporter.
+//! - [`liveness`]: the watchdog behind `trellis.liveness` (and systemd's
+//!   `WATCHDOG=1`): a starved runtime or a stuck owner task turns it off.
+//! - [`notify`]: the service manager's notification protocol (systemd
+//!   `Type=notify`): READY, RELOADING, STOPPING, WATCHDOG, STATUS.
 //! - [`front`]: the gRPC front door: one HTTP/2 listener, calls sent by
 //!   `:path` to the data plane or to the proxy's own services.
 //! - [`dataplane`]: every data call (KeyValue, PubSub) as one stack of
@@ -35,9 +39,11 @@ pub mod error;
 pub mod front;
 pub mod gateway;
 pub mod health;
+pub mod liveness;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod reflection;
 pub mod reload;

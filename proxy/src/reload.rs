@@ -207,10 +207,19 @@ impl Task {
             match request {
                 Request::Doors(doors) => self.doors = Some(doors),
                 Request::Reload(reply) => {
+                    // The service manager sees the reload (systemd:
+                    // RELOADING=1 … READY=1), applied or refused.
+                    crate::notify::reloading();
                     let result = self.reload().await;
                     match &result {
-                        Ok(applied) => info!(%applied, "configuration reloaded"),
-                        Err(e) => warn!(error = %e, "reload refused"),
+                        Ok(applied) => {
+                            info!(%applied, "configuration reloaded");
+                            crate::notify::reloaded(&format!("serving; {applied}"));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "reload refused");
+                            crate::notify::reloaded("serving; the last reload was refused");
+                        }
                     }
                     let _ = reply.send(result);
                 }

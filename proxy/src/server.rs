@@ -17,7 +17,9 @@ use crate::dataplane::{DataPlane, Methods, Telemetry};
 use crate::doors::Doors;
 use crate::front::FrontDoor;
 use crate::health;
+use crate::liveness;
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::reload::Reloader;
 use crate::shutdown::Grace;
 use crate::supervisor::Supervisor;
@@ -43,7 +45,19 @@ pub async fn run(
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(health::Phase::Running);
-    let health_task = tokio::spawn(health::report(reporter, roster.clone(), phase_rx));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let health_task = tokio::spawn(health::report(
+        reporter.clone(),
+        roster.clone(),
+        phase_rx.clone(),
+        started_tx,
+    ));
+    let watchdog = notify::watchdog_interval();
+    if notify::enabled() {
+        info!(watchdog = ?watchdog, "notifying the service manager (NOTIFY_SOCKET is set)");
+    }
+    // READY=1 once every pattern has finished starting (serving or not).
+    let ready_task = tokio::spawn(ready_when_started(started_rx, roster.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Turns true on a second signal: every remaining wait ends at once.
@@ -71,6 +85,15 @@ pub async fn run(
     ));
     let data = DataPlane::from_config(methods, &config, &patterns, stop_rx.clone(), telemetry);
     let reloader = Reloader::start(supervisor, loaded.clone(), data.clone(), stop_rx.clone());
+    let liveness_task = tokio::spawn(liveness::run(
+        {
+            let (roster, reloader) = (roster.clone(), reloader.clone());
+            move || liveness::owners(roster.borrow().patterns(), &reloader.config())
+        },
+        liveness::Settings::new(watchdog),
+        phase_rx,
+        reporter,
+    ));
     let drain = Arc::new(tokio::sync::Notify::new());
     let admin = AdminServer::new(
         AdminService::new(reloader.clone(), stop_rx.clone())
@@ -112,6 +135,8 @@ pub async fn run(
         _ = drain.notified() => info!("drain requested over the admin API"),
     }
     hangups.abort();
+    ready_task.abort();
+    notify::stopping("stopping: draining calls, then stopping patterns");
     // Installed now, so a second signal is never missed.
     let again = signal();
     let second = tokio::spawn(async move {
@@ -139,6 +164,7 @@ pub async fn run(
     reloader.shutdown().await;
     second.abort();
     let _ = health_task.await;
+    let _ = liveness_task.await;
     if let Some(t) = tracing {
         // Flushing blocks on the collector: off the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
@@ -162,6 +188,32 @@ async fn reload_on_hangup(reloader: Reloader) {
         info!(signal = "SIGHUP", "received: reloading the configuration");
         let _ = reloader.reload().await;
     }
+}
+
+/// Tells the service manager `READY=1` once `started` fires, with a status
+/// line saying which patterns serve.
+async fn ready_when_started(
+    started: tokio::sync::oneshot::Receiver<()>,
+    roster: tokio::sync::watch::Receiver<Arc<crate::supervisor::Roster>>,
+) {
+    if started.await.is_err() {
+        return;
+    }
+    let patterns = roster.borrow().patterns().to_vec();
+    let not_serving: Vec<String> = patterns
+        .iter()
+        .filter_map(|p| {
+            let state = p.with_status(|s| s.state);
+            (state != crate::supervisor::State::Serving).then(|| format!("{} {state}", p.name()))
+        })
+        .collect();
+    let text = if not_serving.is_empty() {
+        format!("serving; {} patterns serving", patterns.len())
+    } else {
+        format!("serving; not serving: {}", not_serving.join(", "))
+    };
+    info!(status = %text, "started");
+    notify::ready(&text);
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -249,6 +250,20 @@ async fn sighup_adds_and_removes_patterns_and_moves_namespaces() {
         .expect_err("z is not routed yet");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
+    // Liveness is about the proxy's own loops: a reload that removes a
+    // pattern (its owner task ends) must not turn it off.
+    let mut liveness = proxy
+        .health()
+        .await
+        .watch(HealthCheckRequest {
+            service: "trellis.liveness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = liveness.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
     let next = Proxy::builder()
         .memstore("a", &["x", "z"])
         .memstore("c", &["y"]);
@@ -314,6 +329,12 @@ async fn sighup_adds_and_removes_patterns_and_moves_namespaces() {
         .await
         .expect_err("b is not a pattern any more");
     assert_eq!(gone.code(), tonic::Code::NotFound);
+    // The watchdog ticks every second: past two ticks, nothing changed.
+    let change = tokio::time::timeout(Duration::from_millis(2500), liveness.message()).await;
+    assert!(
+        change.is_err(),
+        "liveness changed across the reload: {change:?}"
+    );
 }
 
 /// A reload that changes the listen addresses serves the new ones, then

@@ -61,6 +61,9 @@ enum Command {
     Stop(oneshot::Sender<CommandResult>),
     Restart(oneshot::Sender<CommandResult>),
     Shutdown(oneshot::Sender<()>),
+    /// A no-op round trip through the queue: the liveness watchdog's proof
+    /// that the owner task still takes commands.
+    Ping(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable reference to one supervised pattern.
@@ -135,6 +138,17 @@ impl PatternHandle {
 
     pub async fn restart(&self) -> CommandResult {
         self.ask(Command::Restart).await
+    }
+
+    /// Resolves when the owner task has taken a no-op command from its
+    /// queue: it is not stuck. Fails when the owner task has ended.
+    pub async fn ping(&self) -> Result<(), CommandError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Ping(tx))
+            .await
+            .map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.map_err(|_| CommandError::ShuttingDown)
     }
 
     async fn ask(&self, make: fn(oneshot::Sender<CommandResult>) -> Command) -> CommandResult {
@@ -298,6 +312,12 @@ impl Owner {
                     },
                     None => self.commands.recv().await,
                 };
+                // A ping is answered and changes nothing (the cool-down
+                // goes on).
+                if let Some(Command::Ping(reply)) = command {
+                    let _ = reply.send(());
+                    continue;
+                }
                 // An operator's command takes over from the cool-down.
                 cool_down_until = None;
                 match command {
@@ -305,6 +325,9 @@ impl Owner {
                     Some(Command::Shutdown(done)) => {
                         let _ = done.send(());
                         return;
+                    }
+                    Some(Command::Ping(reply)) => {
+                        let _ = reply.send(());
                     }
                     Some(Command::Start(reply) | Command::Restart(reply)) => {
                         info!("started by an operator");
@@ -761,6 +784,10 @@ impl Owner {
         channel: Option<Channel>,
     ) -> Option<End> {
         match cmd {
+            Some(Command::Ping(reply)) => {
+                let _ = reply.send(());
+                None
+            }
             Some(Command::Start(reply)) => {
                 let _ = reply.send(Err(CommandError::AlreadyRunning(self.cfg.name.clone())));
                 None
@@ -825,28 +852,36 @@ impl Owner {
             s.state = State::Crashed;
             s.last_error = Some(why);
         });
-        let cmd = tokio::select! {
-            _ = tokio::time::sleep(delay) => return Wait::Proceed,
-            cmd = self.commands.recv() => cmd,
-        };
-        match cmd {
-            None => Wait::Shutdown(oneshot::channel().0),
-            Some(Command::Shutdown(done)) => Wait::Shutdown(done),
-            Some(Command::Stop(reply)) => {
-                self.set_state(State::Stopped);
-                let _ = reply.send(Ok(format!(
-                    "pattern {:?} stopped (a restart was pending)",
-                    self.cfg.name
-                )));
-                Wait::Stopped
-            }
-            Some(Command::Start(reply) | Command::Restart(reply)) => {
-                let _ = reply.send(Ok(format!(
-                    "pattern {:?} is starting now instead of after its backoff",
-                    self.cfg.name
-                )));
-                Wait::Proceed
-            }
+        // A ping is answered without ending the wait.
+        let until = Instant::now() + delay;
+        loop {
+            let cmd = tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Wait::Proceed,
+                cmd = self.commands.recv() => cmd,
+            };
+            return match cmd {
+                Some(Command::Ping(reply)) => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                None => Wait::Shutdown(oneshot::channel().0),
+                Some(Command::Shutdown(done)) => Wait::Shutdown(done),
+                Some(Command::Stop(reply)) => {
+                    self.set_state(State::Stopped);
+                    let _ = reply.send(Ok(format!(
+                        "pattern {:?} stopped (a restart was pending)",
+                        self.cfg.name
+                    )));
+                    Wait::Stopped
+                }
+                Some(Command::Start(reply) | Command::Restart(reply)) => {
+                    let _ = reply.send(Ok(format!(
+                        "pattern {:?} is starting now instead of after its backoff",
+                        self.cfg.name
+                    )));
+                    Wait::Proceed
+                }
+            };
         }
     }
 

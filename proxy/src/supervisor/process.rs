@@ -59,7 +59,8 @@ impl fmt::Display for Exit {
 pub struct Spec<'a> {
     pub program: &'a Path,
     pub args: &'a [String],
-    /// Added to the proxy's environment (from which `TRELLIS_*` is removed).
+    /// Added to the proxy's environment (from which `TRELLIS_*` and the
+    /// service manager's `NOTIFY_SOCKET`, `WATCHDOG_*` are removed).
     pub env: &'a BTreeMap<String, String>,
     /// RLIMIT_NOFILE for the child, if set.
     pub open_files: Option<u64>,
@@ -81,6 +82,11 @@ pub fn spawn(spec: &Spec<'_>) -> std::io::Result<Child> {
         if key.to_string_lossy().starts_with("TRELLIS_") {
             cmd.env_remove(key);
         }
+    }
+    // The service manager's variables are the proxy's alone: a pattern
+    // must not send READY=1 or WATCHDOG=1 on its behalf.
+    for key in crate::notify::MANAGER_VARIABLES {
+        cmd.env_remove(key);
     }
     cmd.envs(spec.env);
     #[cfg(target_os = "linux")]
