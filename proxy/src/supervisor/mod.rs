@@ -13,6 +13,7 @@
 //! blue/green restart replaces it whole.
 
 pub mod backoff;
+pub mod cgroup;
 pub mod handshake;
 pub mod output;
 pub mod pattern;
@@ -77,6 +78,7 @@ struct Spawner {
     exe_dir: Option<PathBuf>,
     path_var: Option<std::ffi::OsString>,
     traces: Traces,
+    cgroups: Option<Arc<cgroup::Cgroups>>,
 }
 
 impl Spawner {
@@ -88,6 +90,7 @@ impl Spawner {
                 .and_then(|p| p.parent().map(Path::to_path_buf)),
             path_var: std::env::var_os("PATH"),
             traces: config.telemetry.traces.clone(),
+            cgroups: None,
         }
     }
 
@@ -116,7 +119,14 @@ impl Spawner {
         for (k, v) in self.traces.pattern_env(&p.name) {
             p.env.entry(k).or_insert(v);
         }
-        pattern::spawn(p, program, namespaces, self.socket_dir.clone(), initial)
+        pattern::spawn(
+            p,
+            program,
+            namespaces,
+            self.socket_dir.clone(),
+            initial,
+            self.cgroups.clone(),
+        )
     }
 }
 
@@ -143,7 +153,11 @@ impl Supervisor {
     /// Spawns an owner task per pattern. Must be called inside the tokio
     /// runtime (children are forked from its worker threads).
     pub fn start(config: &Config, source: &Source) -> Self {
-        let spawner = Spawner::new(config);
+        let mut spawner = Spawner::new(config);
+        spawner.cgroups = cgroup::Cgroups::detect().map(Arc::new);
+        if let Some(c) = &spawner.cgroups {
+            c.sweep_stale();
+        }
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
         for (i, p) in config.patterns.iter().enumerate() {
@@ -207,6 +221,9 @@ impl Supervisor {
         let roster = self.current();
         join_all(roster.patterns().iter().map(|h| h.shutdown())).await;
         join_all(self.tasks).await;
+        if let Some(c) = &self.spawner.cgroups {
+            c.remove().await;
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use trellis_proto::pattern::v1::{
 };
 
 use super::backoff::RestartSchedule;
+use super::cgroup::{self, Cgroups};
 use super::handshake::{self, Endpoint};
 use super::output::{self, Tail};
 use super::ports;
@@ -180,6 +181,7 @@ pub fn spawn(
     namespaces: Vec<String>,
     socket_dir: PathBuf,
     initial: Status,
+    cgroups: Option<Arc<Cgroups>>,
 ) -> (PatternHandle, tokio::task::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (status_tx, status_rx) = watch::channel(initial);
@@ -200,6 +202,7 @@ pub fn spawn(
         cfg: Arc::new(cfg),
         program,
         socket_dir,
+        cgroups,
         status: status_tx,
         events,
         commands: cmd_rx,
@@ -215,6 +218,8 @@ struct Owner {
     cfg: Arc<PatternConfig>,
     program: Result<PathBuf, String>,
     socket_dir: PathBuf,
+    /// Where each process of this pattern gets a cgroup, if anywhere.
+    cgroups: Option<Arc<Cgroups>>,
     status: watch::Sender<Status>,
     events: broadcast::Sender<Event>,
     commands: mpsc::Receiver<Command>,
@@ -478,12 +483,25 @@ impl Owner {
         env.insert("TRELLIS_PATTERN_NAME".into(), self.cfg.name.clone());
         env.insert("TRELLIS_PATTERN_LISTEN".into(), listen);
         env.insert("TRELLIS_LOG_FORMAT".into(), "json".into());
+        // Lives as long as this process's life: dropped, it kills whatever
+        // the pattern left running and removes itself.
+        let cgroup = self
+            .cgroups
+            .as_ref()
+            .and_then(|c| match c.leaf(&self.cfg.name) {
+                Ok(leaf) => Some(leaf),
+                Err(e) => {
+                    warn!(error = %e, "cannot create the pattern's cgroup; it runs without one");
+                    None
+                }
+            });
         let spec = Spec {
             program: &program,
             args: &self.cfg.args,
             env: &env,
             open_files: self.cfg.limits.open_files,
             address_space: self.cfg.limits.address_space.map(|b| b.as_u64()),
+            cgroup: cgroup.as_ref().map(cgroup::Leaf::procs),
         };
         let mut child = match process::spawn(&spec) {
             Ok(c) => c,
@@ -504,6 +522,14 @@ impl Owner {
                 retry: Some(RestartReason::Exit),
             };
         };
+        if let Some(leaf) = &cgroup
+            && !leaf.holds(pid)
+        {
+            warn!(
+                pid,
+                "the pattern could not enter its cgroup; it runs without one"
+            );
+        }
         let spawned_at = Instant::now();
         self.tail.clear();
         if let Some(stderr) = child.stderr.take() {

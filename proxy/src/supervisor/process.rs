@@ -66,6 +66,8 @@ pub struct Spec<'a> {
     pub open_files: Option<u64>,
     /// RLIMIT_AS (bytes) for the child, if set.
     pub address_space: Option<u64>,
+    /// The cgroup the child enters before exec (`cgroup.procs`), if any.
+    pub cgroup: Option<std::ffi::CString>,
 }
 
 /// Starts the child with piped stdout/stderr, stdin from /dev/null, its own
@@ -94,10 +96,16 @@ pub fn spawn(spec: &Spec<'_>) -> std::io::Result<Child> {
         use nix::sys::resource::{Resource, setrlimit};
         let parent = nix::unistd::getpid();
         let (open_files, address_space) = (spec.open_files, spec.address_space);
+        let cgroup = spec.cgroup.clone();
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe system calls (setrlimit, prctl, getppid).
+        // makes async-signal-safe system calls (open/write/close of
+        // cgroup.procs, setrlimit, prctl, getppid).
         unsafe {
             cmd.pre_exec(move || {
+                // First, so whatever the child forks is in it too.
+                if let Some(procs) = &cgroup {
+                    super::cgroup::enter(procs);
+                }
                 if let Some(n) = open_files {
                     setrlimit(Resource::RLIMIT_NOFILE, n, n)?;
                 }
@@ -188,6 +196,7 @@ mod tests {
             env: &env,
             open_files: None,
             address_space: None,
+            cgroup: None,
         })
         .expect("spawn /bin/sh")
     }
@@ -202,6 +211,7 @@ mod tests {
             env: &env,
             open_files: Some(37),
             address_space: None,
+            cgroup: None,
         })
         .unwrap();
         let out = child.wait_with_output().await.unwrap();

@@ -16,6 +16,8 @@
 //! - `grow_bytes_per_sec: 50000000` allocate and touch memory steadily
 //! - `init_delay: 2s`               Initialize takes this long
 //! - `reject_config: true`          Initialize fails with INVALID_ARGUMENT
+//! - `daemon_child: true`           starts `sleep` in a process group of its
+//!   own (a daemon that left the pattern's group), its only child
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -42,6 +44,7 @@ struct Config {
     #[serde(with = "humantime_serde")]
     init_delay: Option<Duration>,
     reject_config: bool,
+    daemon_child: bool,
 }
 
 struct Chaos {
@@ -95,6 +98,17 @@ impl Pattern for Chaos {
                     nix::sys::signal::SigHandler::SigIgn,
                 );
             }
+        }
+        if c.daemon_child {
+            use std::os::unix::process::CommandExt;
+            std::process::Command::new("sleep")
+                .arg("100000")
+                .process_group(0)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| Error::internal(format!("cannot start the daemon child: {e}")))?;
         }
         if c.grow_bytes_per_sec > 0 {
             let per_tick = (c.grow_bytes_per_sec / 20) as usize;
