@@ -13,7 +13,7 @@ use trellis_proto::admin::v1 as pb;
 use trellis_proto::admin::v1::admin_server::Admin;
 
 use crate::dataplane::DataPlane;
-use crate::reload::{ReloadError, Reloader};
+use crate::reload::{Operator, ReloadError, Reloader};
 use crate::supervisor::process::Exit;
 use crate::supervisor::{CommandError, PatternHandle, Roster, State, Status as PatternStatus};
 
@@ -227,8 +227,8 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let name = &req.get_ref().name;
-        let h = self.find(name)?;
-        self.action(name, h.start().await)
+        self.find(name)?;
+        self.action(name, self.reloader.operator(name, Operator::Start).await)
     }
 
     async fn stop_pattern(
@@ -236,8 +236,8 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let name = &req.get_ref().name;
-        let h = self.find(name)?;
-        self.action(name, h.stop().await)
+        self.find(name)?;
+        self.action(name, self.reloader.operator(name, Operator::Stop).await)
     }
 
     async fn restart_pattern(
@@ -246,7 +246,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let name = &req.get_ref().name;
         self.find(name)?;
-        self.action(name, self.reloader.restart(name).await)
+        self.action(name, self.reloader.operator(name, Operator::Restart).await)
     }
 
     type WatchPatternsStream = EventStream;

@@ -103,11 +103,22 @@ enum Request {
     /// The doors, once the server has opened them.
     Doors(Doors),
     Reload(oneshot::Sender<Result<Applied, ReloadError>>),
-    Restart(String, oneshot::Sender<CommandResult>),
+    Operator(String, Operator, oneshot::Sender<CommandResult>),
     Shutdown(oneshot::Sender<()>),
 }
 
-/// Queues reloads and replacements for the task that owns the supervisor.
+/// An operator's command on one pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    Start,
+    Stop,
+    /// Blue/green for a SERVING pattern, in place otherwise.
+    Restart,
+}
+
+/// Queues reloads and operator commands for the task that owns the
+/// supervisor: they apply one at a time, so a command never reaches a
+/// process a reload or a replacement is retiring.
 #[derive(Clone)]
 pub struct Reloader {
     requests: mpsc::Sender<Request>,
@@ -170,12 +181,12 @@ impl Reloader {
         rx.await.map_err(|_| ReloadError::ShuttingDown)?
     }
 
-    /// An operator's restart: a SERVING pattern is replaced blue/green;
-    /// one that is not serving is restarted in place.
-    pub async fn restart(&self, name: &str) -> CommandResult {
+    /// An operator's command on pattern `name`. A restart replaces a
+    /// SERVING pattern blue/green, and one that is not serving in place.
+    pub async fn operator(&self, name: &str, command: Operator) -> CommandResult {
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(Request::Restart(name.to_string(), tx))
+            .send(Request::Operator(name.to_string(), command, tx))
             .await
             .map_err(|_| CommandError::ShuttingDown)?;
         rx.await.map_err(|_| CommandError::ShuttingDown)?
@@ -223,8 +234,18 @@ impl Task {
                     }
                     let _ = reply.send(result);
                 }
-                Request::Restart(name, reply) => {
-                    let _ = reply.send(self.restart(&name).await);
+                Request::Operator(name, command, reply) => {
+                    let result = match command {
+                        Operator::Restart => self.restart(&name).await,
+                        Operator::Start | Operator::Stop => {
+                            match self.supervisor.current().get(&name) {
+                                None => Err(CommandError::NotFound(name)),
+                                Some(h) if command == Operator::Start => h.start().await,
+                                Some(h) => h.stop().await,
+                            }
+                        }
+                    };
+                    let _ = reply.send(result);
                 }
                 Request::Shutdown(reply) => {
                     // Later requests find the channel closed: ShuttingDown.

@@ -536,13 +536,14 @@ async fn concurrent_start_stop_restart_never_duplicate_a_process() {
                     assert!(s.message().contains("already running"), "{}", s.message());
                 }
             }
-            // At no point does the proxy have more than one child.
         }
     });
+    // Never a duplicate: at most the serving process and, during a
+    // blue/green restart, its replacement (the old one drains, then goes).
     let watcher = async {
         for _ in 0..200 {
             assert!(
-                proxy.children().len() <= 1,
+                proxy.children().len() <= 2,
                 "duplicate process: {:?}",
                 proxy.children()
             );
