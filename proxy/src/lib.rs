@@ -22,6 +22,12 @@
 //! - [`reflection`]: gRPC server reflection (v1 and v1alpha) of exactly the
 //!   services served, errors answered in-stream.
 //! - [`server`]: everything assembled on a listener, with shutdown.
+//! - [`reload`]: the task that owns the supervisor and the doors once the
+//!   proxy runs: reloads, blue/green restarts, operator commands.
+//! - [`doors`]: the gRPC and HTTP listeners, re-bound by a reload.
+//! - [`shutdown`]: the bounded shutdown waits a second signal cuts short.
+//! - [`liveness`]: the watchdog behind `trellis.liveness`.
+//! - [`notify`]: the service manager's notification protocol (systemd).
 //! - [`cli`]: the command line and its client subcommands.
 //! - [`logging`]: tracing set-up.
 
