@@ -26,8 +26,6 @@
 //!   proxy runs: reloads, blue/green restarts, operator commands.
 //! - [`doors`]: the gRPC and HTTP listeners, re-bound by a reload.
 //! - [`shutdown`]: the bounded shutdown waits a second signal cuts short.
-//! - [`liveness`]: the watchdog behind `trellis.liveness`.
-//! - [`notify`]: the service manager's notification protocol (systemd).
 //! - [`cli`]: the command line and its client subcommands.
 //! - [`logging`]: tracing set-up.
 
