@@ -534,14 +534,15 @@ fn the_grace_period_covers_prestop_drain_and_pattern_stop() {
         .map(|p| p.stop_grace)
         .max()
         .unwrap_or_default();
-    // Patterns stop together; each may wait stop_grace after Lifecycle
-    // Stop and again after SIGTERM before it is SIGKILLed.
-    let needed = prestop + config.drain_delay + config.shutdown_grace + 2 * stop_grace;
+    // Patterns stop together; each may wait stop_grace for its Lifecycle
+    // Stop answer, again for its exit, and again after SIGTERM before it
+    // is SIGKILLed (supervisor::pattern::stop_process).
+    let needed = prestop + config.drain_delay + config.shutdown_grace + 3 * stop_grace;
     let grace = Duration::from_secs(d.u64("spec.template.spec.terminationGracePeriodSeconds"));
     assert!(
         grace >= needed,
         "{}: spec.template.spec.terminationGracePeriodSeconds {grace:?} < preStop sleep \
-         {prestop:?} + drain_delay {:?} + shutdown_grace {:?} + 2 × the longest stop_grace \
+         {prestop:?} + drain_delay {:?} + shutdown_grace {:?} + 3 × the longest stop_grace \
          {stop_grace:?} (configmap.yaml) = {needed:?}: the kubelet would SIGKILL a draining proxy",
         d.file,
         config.drain_delay,

@@ -76,8 +76,12 @@ async fn a_reload_that_changes_one_pattern_replaces_it_blue_green_and_fails_no_c
     assert_ne!(new_b, b_pid, "b was replaced by a new process");
     kv.put(put("b", "after", b"x")).await.expect("b serves");
     stop.store(true, Ordering::Relaxed);
-    for w in writers {
+    for (ns, w) in ["a", "b"].into_iter().zip(writers) {
         let (acked, failed) = w.await.unwrap();
+        println!(
+            "namespace {ns}: {} writes acknowledged across the reload, {failed} failed",
+            acked.len()
+        );
         assert_eq!(
             failed,
             0,
@@ -147,6 +151,10 @@ async fn an_operator_restart_of_the_redis_pattern_under_a_writer_fails_no_call_a
     .await;
     stop.store(true, Ordering::Relaxed);
     let (acked, failed) = writer.await.unwrap();
+    println!(
+        "{} writes acknowledged across the blue/green restart, {failed} failed",
+        acked.len()
+    );
     assert_eq!(
         failed,
         0,
