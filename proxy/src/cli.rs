@@ -23,6 +23,10 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// How the client subcommands reach a running proxy; accepted before
+    /// or after any subcommand.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -64,41 +68,27 @@ pub enum Command {
     },
     /// Read and write keys through a running proxy.
     Kv {
-        #[command(flatten)]
-        client: ClientArgs,
         #[command(subcommand)]
         op: KvOp,
     },
     /// Publish to and subscribe on topics through a running proxy.
     Pubsub {
-        #[command(flatten)]
-        client: ClientArgs,
         #[command(subcommand)]
         op: PubsubOp,
     },
     /// Show or control the supervised patterns (a table when no action is given).
     Patterns {
-        #[command(flatten)]
-        client: ClientArgs,
         #[command(subcommand)]
         op: Option<PatternsOp>,
     },
     /// Make a running proxy read its configuration file again and apply
     /// it (as SIGHUP does): 0 when applied, 2 with every problem when
     /// refused (nothing changed then), 1 when the proxy could not be asked.
-    Reload {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Reload,
     /// Make a running proxy drain and stop (as SIGTERM does).
-    Drain {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Drain,
     /// gRPC health of the proxy ("") and of each pattern.
     Health {
-        #[command(flatten)]
-        client: ClientArgs,
         /// One service to check; all when omitted.
         service: Option<String>,
     },
@@ -106,11 +96,16 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The proxy's gRPC address.
-    #[arg(long, env = "TRELLIS_ADDR", default_value = "http://127.0.0.1:8980")]
+    /// The proxy's gRPC address (client subcommands).
+    #[arg(
+        long,
+        env = "TRELLIS_ADDR",
+        default_value = "http://127.0.0.1:8980",
+        global = true
+    )]
     pub addr: String,
-    /// Give up after this long.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Give up after this long (client subcommands).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub timeout: Duration,
 }
 
@@ -590,6 +585,31 @@ fn describe(p: &admin::Pattern, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addr_is_accepted_before_or_after_any_subcommand() {
+        for argv in [
+            &["trellis", "--addr", "http://h:1", "patterns", "get", "mem"][..],
+            &["trellis", "patterns", "--addr", "http://h:1", "get", "mem"],
+            &["trellis", "patterns", "get", "mem", "--addr", "http://h:1"],
+            &["trellis", "kv", "get", "ns", "k", "--addr", "http://h:1"],
+            &["trellis", "reload", "--addr", "http://h:1"],
+            &[
+                "trellis",
+                "health",
+                "mem",
+                "--addr",
+                "http://h:1",
+                "--timeout",
+                "2s",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(cli.client.addr, "http://h:1", "{argv:?}");
+        }
+        let cli = Cli::try_parse_from(["trellis", "health", "--timeout", "2s"]).unwrap();
+        assert_eq!(cli.client.timeout, Duration::from_secs(2));
+    }
 
     #[test]
     fn table_shows_every_column() {

@@ -33,21 +33,19 @@ fn main() -> ExitCode {
         }
         Some(Command::CheckConfig { file }) => check_config(file.or(cli.serve.config)),
         // The client commands make a call or two: one thread is plenty.
-        Some(Command::Kv { client, op }) => block_on(Some(1), done(cli::kv(client, op))),
-        Some(Command::Pubsub { client, op }) => block_on(Some(1), done(cli::pubsub(client, op))),
-        Some(Command::Patterns { client, op }) => {
-            block_on(Some(1), done(cli::patterns(client, op)))
-        }
-        Some(Command::Reload { client }) => block_on(Some(1), async {
-            match cli::reload(client).await {
+        Some(Command::Kv { op }) => block_on(Some(1), done(cli::kv(cli.client, op))),
+        Some(Command::Pubsub { op }) => block_on(Some(1), done(cli::pubsub(cli.client, op))),
+        Some(Command::Patterns { op }) => block_on(Some(1), done(cli::patterns(cli.client, op))),
+        Some(Command::Reload) => block_on(Some(1), async {
+            match cli::reload(cli.client).await {
                 Ok(cli::Reloaded::Applied) => ExitCode::SUCCESS,
                 Ok(cli::Reloaded::Refused) => ExitCode::from(2),
                 Err(e) => failed(e),
             }
         }),
-        Some(Command::Drain { client }) => block_on(Some(1), done(cli::drain(client))),
-        Some(Command::Health { client, service }) => block_on(Some(1), async {
-            match cli::health(client, service).await {
+        Some(Command::Drain) => block_on(Some(1), done(cli::drain(cli.client))),
+        Some(Command::Health { service }) => block_on(Some(1), async {
+            match cli::health(cli.client, service).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => failed(e),
