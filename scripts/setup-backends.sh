@@ -8,6 +8,10 @@
 # schemas), with which tests/tests/deploy_kubernetes.rs validates
 # deploy/kubernetes/ offline: installed with pip when
 # `python3 -c 'import kubernetes_validate'` fails.
+# And grpcio, grpcio-tools and grpcio-health-checking (PyPI), on which the
+# Python example pattern examples/python-kv/ runs (tests/tests/python_pattern.rs):
+# installed with pip when `python3 -c 'import grpc, grpc_tools, grpc_health'`
+# fails.
 # If some are missing and this runs as root with apt-get, installs them
 # (apt-get update; apt-get install -y redis-server nats-server postgresql
 # prometheus).
@@ -126,3 +130,23 @@ EOF
     fi
 fi
 echo "setup-backends: kubernetes-validate $(python3 -m kubernetes_validate --version) ($(command -v python3))"
+
+# grpcio & co.: the Python example pattern, examples/python-kv/.
+GRPC_PACKAGES=(grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1)
+if ! python3 -c 'import grpc, grpc_tools, grpc_health' >/dev/null 2>&1; then
+    echo "setup-backends: the Python packages for examples/python-kv are missing; installing ${GRPC_PACKAGES[*]} with pip"
+    # pip is there: the kubernetes-validate step above made sure of it.
+    python3 -m pip install --quiet "${GRPC_PACKAGES[@]}" \
+        || python3 -m pip install --quiet --break-system-packages "${GRPC_PACKAGES[@]}" \
+        || true
+    if ! python3 -c 'import grpc, grpc_tools, grpc_health' >/dev/null 2>&1; then
+        cat >&2 <<EOF
+setup-backends: could not install the Python packages ${GRPC_PACKAGES[*]} for $(command -v python3):
+pip failed (its message is above), or installed them where this python3 does not look.
+tests/tests/python_pattern.rs runs examples/python-kv/ on them: install them by hand
+for this python3, then run \`make setup\` again.
+EOF
+        exit 1
+    fi
+fi
+echo "setup-backends: grpcio $(python3 -c 'import grpc; print(grpc.__version__)') ($(command -v python3))"

@@ -1,37 +1,8 @@
 //! The one line a pattern writes to stdout: `TRELLIS|1|tcp|127.0.0.1:40123|grpc`.
 
-use std::fmt;
 use std::io::Write;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 
-use trellis_proto::PATTERN_PROTOCOL_VERSION;
-
-/// Where a bound pattern can be reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    Tcp(SocketAddr),
-    /// An absolute socket path.
-    Unix(PathBuf),
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
-            Endpoint::Unix(path) => write!(f, "unix://{}", path.display()),
-        }
-    }
-}
-
-/// The handshake line for `endpoint`, without the trailing newline.
-pub fn format_handshake(endpoint: &Endpoint) -> String {
-    let (network, address) = match endpoint {
-        Endpoint::Tcp(addr) => ("tcp", addr.to_string()),
-        Endpoint::Unix(path) => ("unix", path.display().to_string()),
-    };
-    format!("TRELLIS|{PATTERN_PROTOCOL_VERSION}|{network}|{address}|grpc")
-}
+pub use trellis_proto::protocol::{Endpoint, format_handshake};
 
 /// Writes the handshake line and flushes, so the proxy sees it at once.
 /// Nothing else is ever written to stdout.

@@ -11,20 +11,20 @@ use crate::ListenAddr;
 pub struct Options {
     /// Where to listen: 127.0.0.1:0 (the kernel picks a free port), an IP and
     /// port, or unix:/path/to/socket.
-    #[arg(long, env = "TRELLIS_PATTERN_LISTEN", default_value_t = ListenAddr::default())]
+    #[arg(long, env = trellis_proto::protocol::env::LISTEN, default_value_t = ListenAddr::default())]
     pub listen: ListenAddr,
 
     /// The pattern's name in the proxy configuration (used in logs until
     /// Initialize names it).
-    #[arg(long, env = "TRELLIS_PATTERN_NAME")]
+    #[arg(long, env = trellis_proto::protocol::env::NAME)]
     pub name: Option<String>,
 
     /// Log format on stderr. The level comes from RUST_LOG (default info).
-    #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = trellis_proto::protocol::env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// The pattern protocol version the proxy speaks (set by the proxy).
-    #[arg(long, env = "TRELLIS_PATTERN_PROTOCOL", hide = true)]
+    #[arg(long, env = trellis_proto::protocol::env::PROTOCOL, hide = true)]
     pub protocol: Option<String>,
 }
 

@@ -48,7 +48,7 @@ where
         .filter(|r| (0.0..=1.0).contains(r))
         .unwrap_or(1.0);
     let service = var("OTEL_SERVICE_NAME")
-        .or_else(|| var("TRELLIS_PATTERN_NAME"))
+        .or_else(|| var(trellis_proto::protocol::env::NAME))
         .unwrap_or_else(|| "pattern".into());
     // Exports from a thread of its own, off the pattern's request threads.
     let processor =

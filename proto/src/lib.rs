@@ -21,6 +21,7 @@ pub mod pattern {
 
 pub mod idempotency;
 pub mod json;
+pub mod protocol;
 
 pub mod google {
     pub mod api {

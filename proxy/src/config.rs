@@ -924,7 +924,7 @@ impl Config {
                         at("env"),
                         format!("{k:?} is not a valid environment variable name"),
                     );
-                } else if k.starts_with("TRELLIS_PATTERN_") {
+                } else if k.starts_with(trellis_proto::protocol::env::PREFIX) {
                     bad(
                         at("env"),
                         format!("{k} is reserved for the pattern protocol and set by the proxy"),

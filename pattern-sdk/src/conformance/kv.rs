@@ -840,14 +840,12 @@ impl PatternProcess {
         config: serde_json::Value,
         patience: Duration,
     ) -> Result<Self, String> {
+        use trellis_proto::protocol::{VERSION, env as var};
         let mut child = Command::new(binary)
-            .env(
-                "TRELLIS_PATTERN_PROTOCOL",
-                trellis_proto::PATTERN_PROTOCOL_VERSION.to_string(),
-            )
-            .env("TRELLIS_PATTERN_NAME", name)
-            .env("TRELLIS_PATTERN_LISTEN", "127.0.0.1:0")
-            .env("TRELLIS_LOG_FORMAT", "text")
+            .env(var::PROTOCOL, VERSION.to_string())
+            .env(var::NAME, name)
+            .env(var::LISTEN, "127.0.0.1:0")
+            .env(var::LOG_FORMAT, "text")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -905,12 +903,15 @@ impl PatternProcess {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink).await;
         });
-        let fields: Vec<&str> = line.trim_end().split('|').collect();
-        match fields.as_slice() {
-            ["TRELLIS", "1", "tcp", addr, "grpc"] => Ok((*addr).to_string()),
-            _ => Err(self.failed(&format!(
-                "the first stdout line is not a tcp handshake: {line:?}"
+        use trellis_proto::protocol::{Endpoint, parse_handshake};
+        match parse_handshake(&line) {
+            Ok(Endpoint::Tcp(addr)) => Ok(addr.to_string()),
+            Ok(Endpoint::Unix(path)) => Err(self.failed(&format!(
+                "the pattern listens on the unix socket {}; the kit asked for tcp \
+                 (TRELLIS_PATTERN_LISTEN=127.0.0.1:0)",
+                path.display()
             ))),
+            Err(e) => Err(self.failed(&e.to_string())),
         }
     }
 

@@ -476,13 +476,13 @@ impl Owner {
             }
         };
         let mut env = self.cfg.env.clone();
-        env.insert(
-            "TRELLIS_PATTERN_PROTOCOL".into(),
-            trellis_proto::PATTERN_PROTOCOL_VERSION.to_string(),
-        );
-        env.insert("TRELLIS_PATTERN_NAME".into(), self.cfg.name.clone());
-        env.insert("TRELLIS_PATTERN_LISTEN".into(), listen);
-        env.insert("TRELLIS_LOG_FORMAT".into(), "json".into());
+        {
+            use trellis_proto::protocol::{VERSION, env as var};
+            env.insert(var::PROTOCOL.into(), VERSION.to_string());
+            env.insert(var::NAME.into(), self.cfg.name.clone());
+            env.insert(var::LISTEN.into(), listen);
+            env.insert(var::LOG_FORMAT.into(), "json".into());
+        }
         // Lives as long as this process's life: dropped, it kills whatever
         // the pattern left running and removes itself.
         let cgroup = self
