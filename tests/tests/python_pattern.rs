@@ -304,3 +304,23 @@ async fn sigterm_to_the_proxy_stops_python_cleanly() {
         "the pattern logs the Stop it got; proxy log:\n{logs}"
     );
 }
+
+/// The command pattern authors in any language run: `trellis-conformance
+/// --command` spawns the Python pattern as the proxy does and passes.
+#[tokio::test]
+async fn trellis_conformance_passes_on_the_python_pattern() {
+    let launcher = launcher();
+    let out = tokio::process::Command::new(trellis_tests::bin("trellis-conformance"))
+        .arg("--command")
+        .arg(&launcher)
+        .args(["--patience", "60s"])
+        .output()
+        .await
+        .expect("run trellis-conformance");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("PASS kv.round_trip"), "{stdout}");
+    assert!(stdout.contains("PASS lifecycle.stop"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}

@@ -49,7 +49,9 @@ use tonic_health::pb::health_client::HealthClient;
 use trellis_proto::data::v1::key_value_client::KeyValueClient;
 use trellis_proto::data::v1::{DeleteRequest, GetRequest, ListRequest, PutRequest};
 use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
-use trellis_proto::pattern::v1::{InitializeRequest, StartRequest, StopRequest};
+use trellis_proto::pattern::v1::{
+    InitializeRequest, InitializeResponse, StartRequest, StopRequest,
+};
 
 use crate::validate::MAX_VALUE_BYTES;
 
@@ -816,6 +818,8 @@ pub struct PatternProcess {
     child: Child,
     channel: Channel,
     stderr: Arc<Mutex<Vec<String>>>,
+    initialized: InitializeResponse,
+    addr: String,
 }
 
 /// How many stderr lines [`PatternProcess`] keeps for error messages.
@@ -840,8 +844,21 @@ impl PatternProcess {
         config: serde_json::Value,
         patience: Duration,
     ) -> Result<Self, String> {
+        Self::spawn_command(binary, &[], name, config, patience).await
+    }
+
+    /// [`PatternProcess::spawn_with_patience`] with arguments for the
+    /// command (a pattern entry's `args:`).
+    pub async fn spawn_command(
+        binary: &Path,
+        args: &[String],
+        name: &str,
+        config: serde_json::Value,
+        patience: Duration,
+    ) -> Result<Self, String> {
         use trellis_proto::protocol::{VERSION, env as var};
         let mut child = Command::new(binary)
+            .args(args)
             .env(var::PROTOCOL, VERSION.to_string())
             .env(var::NAME, name)
             .env(var::LISTEN, "127.0.0.1:0")
@@ -851,7 +868,18 @@ impl PatternProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => format!(
+                    "cannot spawn {}: no such file (or its `#!` interpreter is missing); give \
+                     the path of the pattern's executable, or a command on PATH",
+                    binary.display()
+                ),
+                std::io::ErrorKind::PermissionDenied => format!(
+                    "cannot spawn {}: permission denied; is it an executable file (chmod +x)?",
+                    binary.display()
+                ),
+                _ => format!("cannot spawn {}: {e}", binary.display()),
+            })?;
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(err) = child.stderr.take() {
             let sink = Arc::clone(&stderr);
@@ -871,8 +899,11 @@ impl PatternProcess {
             // Replaced once the handshake names the address.
             channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
             stderr,
+            initialized: InitializeResponse::default(),
+            addr: String::new(),
         };
         let addr = process.handshake(patience).await?;
+        process.addr.clone_from(&addr);
         process.channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| process.failed(&format!("bad handshake address {addr:?}: {e}")))?
             .tcp_nodelay(true)
@@ -880,7 +911,7 @@ impl PatternProcess {
             .connect()
             .await
             .map_err(|e| process.failed(&format!("cannot connect to {addr}: {e}")))?;
-        process.initialize_and_start(name, config, patience).await?;
+        process.initialized = process.initialize_and_start(name, config, patience).await?;
         Ok(process)
     }
 
@@ -920,7 +951,7 @@ impl PatternProcess {
         name: &str,
         config: serde_json::Value,
         patience: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<InitializeResponse, String> {
         let mut lifecycle = LifecycleClient::new(self.channel.clone());
         let config = match config {
             serde_json::Value::Object(_) | serde_json::Value::Null => {
@@ -933,11 +964,11 @@ impl PatternProcess {
             config: Some(config),
             protocol_version: trellis_proto::PATTERN_PROTOCOL_VERSION,
         };
-        match tokio::time::timeout(patience, lifecycle.initialize(init)).await {
-            Ok(Ok(_)) => {}
+        let initialized = match tokio::time::timeout(patience, lifecycle.initialize(init)).await {
+            Ok(Ok(answer)) => answer.into_inner(),
             Ok(Err(s)) => return Err(self.failed(&format!("Initialize failed: {}", show(&s)))),
             Err(_) => return Err(self.failed(&format!("Initialize took over {patience:?}"))),
-        }
+        };
         match tokio::time::timeout(patience, lifecycle.start(StartRequest {})).await {
             Ok(Ok(_)) => {}
             Ok(Err(s)) => return Err(self.failed(&format!("Start failed: {}", show(&s)))),
@@ -957,7 +988,8 @@ impl PatternProcess {
             }
         })
         .await
-        .map_err(|e| self.failed(&e))
+        .map_err(|e| self.failed(&e))?;
+        Ok(initialized)
     }
 
     fn failed(&self, what: &str) -> String {
@@ -965,6 +997,17 @@ impl PatternProcess {
             "{what}; the pattern's stderr:\n{}",
             self.stderr_tail().join("\n")
         )
+    }
+
+    /// What the pattern answered to `Initialize`: its implementation name,
+    /// version and the data services it implements (`interfaces`).
+    pub fn initialized(&self) -> &InitializeResponse {
+        &self.initialized
+    }
+
+    /// The address from its handshake line, `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// The channel to the pattern (for Health, Lifecycle or data clients).
@@ -996,8 +1039,11 @@ impl PatternProcess {
         let req = StopRequest {
             grace: prost_types::Duration::try_from(grace).ok(),
         };
-        let _ = LifecycleClient::new(self.channel.clone()).stop(req).await;
-        match tokio::time::timeout(grace + Duration::from_secs(5), self.child.wait()).await {
+        // One bound for both: a Stop that never answers must not hang us.
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(5);
+        let mut lifecycle = LifecycleClient::new(self.channel.clone());
+        let _ = tokio::time::timeout_at(deadline, lifecycle.stop(req)).await;
+        match tokio::time::timeout_at(deadline, self.child.wait()).await {
             Ok(Ok(status)) => Ok(status.success()),
             Ok(Err(e)) => Err(format!("waiting for the pattern: {e}")),
             Err(_) => {

@@ -4,6 +4,12 @@
 pub mod idempotency;
 pub mod kv;
 pub mod pubsub;
+mod runner;
+
+pub use runner::{
+    LIFECYCLE, Options, PatternCommand, Progress, RunError, STOP_CHECK, Suite, Target, junit,
+    outcome_line, run, summary, text,
+};
 
 use std::fmt;
 use std::future::Future;

@@ -18,6 +18,9 @@
 //! - `reject_config: true`          Initialize fails with INVALID_ARGUMENT
 //! - `daemon_child: true`           starts `sleep` in a process group of its
 //!   own (a daemon that left the pattern's group), its only child
+//! - `list_order: reversed`         List pages in *descending* key order (a
+//!   broken pattern for the conformance command); otherwise List is correct:
+//!   ascending, by prefix, paged with tokens `after:<last key>`
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -45,6 +48,7 @@ struct Config {
     init_delay: Option<Duration>,
     reject_config: bool,
     daemon_child: bool,
+    list_order: Option<String>,
 }
 
 struct Chaos {
@@ -54,6 +58,7 @@ struct Chaos {
     ignore_sigterm: bool,
     started: std::time::Instant,
     flapped: AtomicBool,
+    list_reversed: bool,
 }
 
 impl Pattern for Chaos {
@@ -68,6 +73,16 @@ impl Pattern for Chaos {
                 "rejected on purpose",
             ));
         }
+        let list_reversed = match c.list_order.as_deref() {
+            None | Some("ascending") => false,
+            Some("reversed") => true,
+            Some(other) => {
+                return Err(Error::invalid_argument(
+                    "config.list_order",
+                    format!("{other:?} is neither \"ascending\" nor \"reversed\""),
+                ));
+            }
+        };
         if let Some(d) = c.init_delay {
             tokio::time::sleep(d).await;
         }
@@ -127,6 +142,7 @@ impl Pattern for Chaos {
             ignore_sigterm: c.ignore_sigterm,
             started: std::time::Instant::now(),
             flapped: AtomicBool::new(false),
+            list_reversed,
         })
     }
 
@@ -184,8 +200,46 @@ impl KeyValue for Chaos {
             .remove(&(ns.into(), key.into()))
             .is_some())
     }
-    async fn list(&self, _ns: &str, _q: ListQuery) -> Result<ListPage, Error> {
-        Ok(ListPage::default())
+    async fn list(&self, ns: &str, q: ListQuery) -> Result<ListPage, Error> {
+        let after = match q.page_token.as_deref() {
+            None => None,
+            Some(token) => Some(
+                token
+                    .strip_prefix("after:")
+                    .ok_or_else(|| {
+                        Error::invalid_argument("page_token", "not a token this pattern made")
+                    })?
+                    .to_owned(),
+            ),
+        };
+        let map = self.map.lock().map_err(Error::internal)?;
+        let mut matching: Vec<(String, Bytes)> = map
+            .iter()
+            .filter(|((n, k), _)| n == ns && k.starts_with(&q.prefix))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect();
+        if self.list_reversed {
+            matching.reverse();
+        }
+        // The entries after the cursor, in the order listed.
+        let skip = match &after {
+            None => 0,
+            Some(after) => matching
+                .iter()
+                .position(|(k, _)| {
+                    if self.list_reversed {
+                        k < after
+                    } else {
+                        k > after
+                    }
+                })
+                .unwrap_or(matching.len()),
+        };
+        Ok(ListPage::fill(
+            matching.into_iter().skip(skip),
+            q.page_size,
+            |last| format!("after:{last}"),
+        ))
     }
 }
 
