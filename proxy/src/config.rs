@@ -630,6 +630,50 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// What the proxy learns about its host when it reads its configuration:
+/// where pattern commands are looked for and where sockets go. Read here,
+/// once, like the rest of the configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Host {
+    /// The folder of the running `trellis` binary (bare commands are found
+    /// beside it first).
+    pub exe_dir: Option<PathBuf>,
+    /// `PATH`, searched for bare commands after `exe_dir`.
+    pub path: Option<std::ffi::OsString>,
+    /// `XDG_RUNTIME_DIR`: the default `socket_dir` is `trellis` in it.
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Host {
+    /// From `env` (the process environment, passed in) and the running
+    /// binary's path.
+    pub fn from_env<'a>(env: impl IntoIterator<Item = &'a (String, String)>) -> Host {
+        let mut host = Host {
+            exe_dir: std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf)),
+            ..Host::default()
+        };
+        for (k, v) in env {
+            match k.as_str() {
+                "PATH" => host.path = Some(v.into()),
+                "XDG_RUNTIME_DIR" if !v.is_empty() => host.runtime_dir = Some(v.into()),
+                _ => {}
+            }
+        }
+        host
+    }
+
+    /// `socket_dir` when the config sets none: `$XDG_RUNTIME_DIR/trellis`,
+    /// or `/tmp/trellis-<uid>`.
+    pub fn default_socket_dir(&self) -> PathBuf {
+        match &self.runtime_dir {
+            Some(d) => d.join("trellis"),
+            None => std::env::temp_dir().join(format!("trellis-{}", nix::unistd::getuid())),
+        }
+    }
+}
+
 /// A loaded, validated configuration and where it came from.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -638,6 +682,7 @@ pub struct Loaded {
     /// The environment overrides it was read with (`TRELLIS_*`, `OTEL_*`),
     /// applied again by a reload.
     pub env: Vec<(String, String)>,
+    pub host: Host,
 }
 
 impl Loaded {
@@ -647,7 +692,10 @@ impl Loaded {
             Source::File(p) => Some(p.as_path()),
             Source::Embedded => None,
         };
-        load(path, self.env.clone())
+        let mut again = load(path, self.env.clone())?;
+        // The host does not change under a running proxy.
+        again.host = self.host.clone();
+        Ok(again)
     }
 }
 
@@ -696,7 +744,9 @@ pub fn load(
         }
         None => (Source::Embedded, EMBEDDED_DEFAULT.to_string()),
     };
-    let env: Vec<(String, String)> = env
+    let all: Vec<(String, String)> = env.into_iter().collect();
+    let host = Host::from_env(&all);
+    let env: Vec<(String, String)> = all
         .into_iter()
         .filter(|(k, _)| k.starts_with("TRELLIS_") || k.starts_with("OTEL_"))
         .collect();
@@ -709,6 +759,7 @@ pub fn load(
         config,
         source,
         env,
+        host,
     })
 }
 

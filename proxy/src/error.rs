@@ -148,29 +148,6 @@ impl From<ApiError> for Status {
 
 pub use trellis_proto::code_name;
 
-/// The HTTP status for a gRPC code: the table grpc-gateway uses.
-pub fn http_status(code: Code) -> u16 {
-    match code {
-        Code::Ok => 200,
-        Code::Cancelled => 499,
-        Code::Unknown => 500,
-        Code::InvalidArgument => 400,
-        Code::DeadlineExceeded => 504,
-        Code::NotFound => 404,
-        Code::AlreadyExists => 409,
-        Code::PermissionDenied => 403,
-        Code::Unauthenticated => 401,
-        Code::ResourceExhausted => 429,
-        Code::FailedPrecondition => 400,
-        Code::Aborted => 409,
-        Code::OutOfRange => 400,
-        Code::Unimplemented => 501,
-        Code::Internal => 500,
-        Code::Unavailable => 503,
-        Code::DataLoss => 500,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,15 +177,5 @@ mod tests {
         let e = ApiError::from_status(&Status::not_found("gone"));
         assert_eq!(e.reason, "NOT_FOUND");
         assert_eq!(e.message, "gone");
-    }
-
-    #[test]
-    fn http_table_matches_grpc_gateway() {
-        assert_eq!(http_status(Code::NotFound), 404);
-        assert_eq!(http_status(Code::Unavailable), 503);
-        assert_eq!(http_status(Code::ResourceExhausted), 429);
-        assert_eq!(http_status(Code::FailedPrecondition), 400);
-        assert_eq!(http_status(Code::Cancelled), 499);
-        assert_eq!(http_status(Code::DeadlineExceeded), 504);
     }
 }

@@ -114,7 +114,7 @@ fn check_config(file: Option<std::path::PathBuf>) -> ExitCode {
 
 /// Every pattern's command must resolve to an executable.
 fn check_commands(loaded: &config::Loaded) -> Result<(), String> {
-    let missing = trellis::supervisor::check_commands(&loaded.config, &loaded.source);
+    let missing = trellis::supervisor::check_commands(loaded);
     if missing.is_empty() {
         Ok(())
     } else {

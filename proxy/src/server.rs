@@ -39,7 +39,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = loaded.config.clone();
-    let supervisor = Supervisor::start(&config, &loaded.source);
+    let supervisor = Supervisor::start(&loaded);
     let roster = supervisor.roster();
     let patterns = supervisor.current().patterns().to_vec();
 

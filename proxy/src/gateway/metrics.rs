@@ -38,7 +38,7 @@ const METHODS: [&str; 10] = [
     "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "_OTHER",
 ];
 
-/// The statuses the gateway answers with (every `error::http_status`, the
+/// The statuses the gateway answers with (every `problem::http_status`, the
 /// limits' 405/408/413/414/415/431, and 200); any other is still counted,
 /// through the family's map.
 const STATUSES: [u16; 18] = [

@@ -6,7 +6,8 @@
 use http::{HeaderValue, Response, StatusCode};
 use serde_json::json;
 
-use crate::error::{ApiError, code_name, http_status};
+use crate::error::{ApiError, code_name};
+use tonic::Code;
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
@@ -82,9 +83,42 @@ pub fn response(
     resp
 }
 
+/// The HTTP status for a gRPC code: the table grpc-gateway uses.
+pub fn http_status(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::Cancelled => 499,
+        Code::Unknown => 500,
+        Code::InvalidArgument => 400,
+        Code::DeadlineExceeded => 504,
+        Code::NotFound => 404,
+        Code::AlreadyExists => 409,
+        Code::PermissionDenied => 403,
+        Code::Unauthenticated => 401,
+        Code::ResourceExhausted => 429,
+        Code::FailedPrecondition => 400,
+        Code::Aborted => 409,
+        Code::OutOfRange => 400,
+        Code::Unimplemented => 501,
+        Code::Internal => 500,
+        Code::Unavailable => 503,
+        Code::DataLoss => 500,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_table_matches_grpc_gateway() {
+        assert_eq!(http_status(Code::NotFound), 404);
+        assert_eq!(http_status(Code::Unavailable), 503);
+        assert_eq!(http_status(Code::ResourceExhausted), 429);
+        assert_eq!(http_status(Code::FailedPrecondition), 400);
+        assert_eq!(http_status(Code::Cancelled), 499);
+        assert_eq!(http_status(Code::DeadlineExceeded), 504);
+    }
     use tonic::Code;
 
     #[test]

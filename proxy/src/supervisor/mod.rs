@@ -21,7 +21,7 @@ pub mod ports;
 pub mod process;
 pub mod state;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use futures::future::join_all;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{self, Config, PatternConfig, Source, Traces};
+use crate::config::{self, Config, Host, Loaded, PatternConfig, Source, Traces};
 pub use pattern::{CommandError, CommandResult, PatternHandle};
 pub use state::{Event, RestartReason, Restarts, State, Status};
 
@@ -82,13 +82,14 @@ struct Spawner {
 }
 
 impl Spawner {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config, host: &Host) -> Self {
         Spawner {
-            socket_dir: config.socket_dir.clone().unwrap_or_else(default_socket_dir),
-            exe_dir: std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf)),
-            path_var: std::env::var_os("PATH"),
+            socket_dir: config
+                .socket_dir
+                .clone()
+                .unwrap_or_else(|| host.default_socket_dir()),
+            exe_dir: host.exe_dir.clone(),
+            path_var: host.path.clone(),
             traces: config.telemetry.traces.clone(),
             cgroups: None,
         }
@@ -152,8 +153,9 @@ pub struct Supervisor {
 impl Supervisor {
     /// Spawns an owner task per pattern. Must be called inside the tokio
     /// runtime (children are forked from its worker threads).
-    pub fn start(config: &Config, source: &Source) -> Self {
-        let mut spawner = Spawner::new(config);
+    pub fn start(loaded: &Loaded) -> Self {
+        let (config, source) = (&loaded.config, &loaded.source);
+        let mut spawner = Spawner::new(config, &loaded.host);
         spawner.cgroups = cgroup::Cgroups::detect().map(Arc::new);
         if let Some(c) = &spawner.cgroups {
             c.sweep_stale();
@@ -252,8 +254,12 @@ pub async fn serving(handle: &PatternHandle, patience: Duration) -> Result<(), S
 }
 
 /// `check-config` and reload: every pattern's command must resolve.
-pub fn check_commands(config: &Config, source: &Source) -> Vec<String> {
-    missing_commands(config, source, &Spawner::new(config))
+pub fn check_commands(loaded: &Loaded) -> Vec<String> {
+    missing_commands(
+        &loaded.config,
+        &loaded.source,
+        &Spawner::new(&loaded.config, &loaded.host),
+    )
 }
 
 fn missing_commands(config: &Config, source: &Source, spawner: &Spawner) -> Vec<String> {
@@ -277,12 +283,4 @@ pub fn missing_command(index: usize, command: &str, searched: &[std::path::PathB
             places.join(", ")
         }
     )
-}
-
-/// `$XDG_RUNTIME_DIR/trellis`, or `/tmp/trellis-<uid>`.
-pub fn default_socket_dir() -> std::path::PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => std::path::PathBuf::from(d).join("trellis"),
-        None => std::env::temp_dir().join(format!("trellis-{}", nix::unistd::getuid())),
-    }
 }
