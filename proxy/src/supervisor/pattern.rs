@@ -466,7 +466,9 @@ impl Owner {
             self.cfg.transport,
             self.cfg.port,
             &self.socket_dir,
-        ) {
+        )
+        .await
+        {
             Ok(l) => l,
             Err(reason) => {
                 return End::StartFailed {

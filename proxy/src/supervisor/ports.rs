@@ -12,7 +12,10 @@ use std::path::Path;
 use crate::config::{PortSpec, Transport};
 
 /// The `TRELLIS_PATTERN_LISTEN` value for one start, or why there is none.
-pub fn listen_address(
+/// Naming a taken port's holder walks every process's fds in /proc: that
+/// runs on a blocking thread, so the owner task (and, with
+/// `worker_threads: 1`, the whole proxy) never stalls on it.
+pub async fn listen_address(
     name: &str,
     transport: Transport,
     port: PortSpec,
@@ -42,10 +45,14 @@ pub fn listen_address(
             if is_free(p) {
                 Ok(format!("127.0.0.1:{p}"))
             } else {
+                let holder = tokio::task::spawn_blocking(move || holder(p))
+                    .await
+                    .ok()
+                    .flatten();
                 Err(format!(
                     "port {p} is already in use{}; free it, choose another `port`, or use \
                      `port: auto` (the default), which cannot conflict",
-                    holder(p).map(|h| format!(" by {h}")).unwrap_or_default()
+                    holder.map(|h| format!(" by {h}")).unwrap_or_default()
                 ))
             }
         }
@@ -112,8 +119,8 @@ fn listening_inode(table: &str, port: u16) -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn auto_cannot_conflict() {
+    #[tokio::test]
+    async fn auto_cannot_conflict() {
         assert_eq!(
             listen_address(
                 "m",
@@ -121,16 +128,18 @@ mod tests {
                 PortSpec::Auto,
                 Path::new("/nonexistent")
             )
+            .await
             .unwrap(),
             "127.0.0.1:0"
         );
     }
 
-    #[test]
-    fn a_taken_fixed_port_names_the_port_and_this_process() {
+    #[tokio::test]
+    async fn a_taken_fixed_port_names_the_port_and_this_process() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let err = listen_address("m", Transport::Tcp, PortSpec::Fixed(port), Path::new("/x"))
+            .await
             .unwrap_err();
         assert!(err.contains(&format!("port {port}")), "{err}");
         assert!(
@@ -140,8 +149,8 @@ mod tests {
         assert!(err.contains("port: auto"), "says what to do: {err}");
     }
 
-    #[test]
-    fn a_range_skips_taken_ports_and_reports_exhaustion() {
+    #[tokio::test]
+    async fn a_range_skips_taken_ports_and_reports_exhaustion() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let err = listen_address(
@@ -150,6 +159,7 @@ mod tests {
             PortSpec::Range(port, port),
             Path::new("/x"),
         )
+        .await
         .unwrap_err();
         assert!(err.contains(&format!("{port}-{port}")), "{err}");
         // A range starting at the held port moves on to a free one (the
@@ -160,15 +170,18 @@ mod tests {
             PortSpec::Range(port, port.saturating_add(50)),
             Path::new("/x"),
         )
+        .await
         .unwrap();
         assert_ne!(got, format!("127.0.0.1:{port}"));
     }
 
-    #[test]
-    fn unix_sockets_live_in_the_socket_dir() {
+    #[tokio::test]
+    async fn unix_sockets_live_in_the_socket_dir() {
         let dir = tempfile::tempdir().unwrap();
         let sock_dir = dir.path().join("s");
-        let got = listen_address("mem", Transport::Unix, PortSpec::Auto, &sock_dir).unwrap();
+        let got = listen_address("mem", Transport::Unix, PortSpec::Auto, &sock_dir)
+            .await
+            .unwrap();
         assert_eq!(got, format!("unix:{}/mem.sock", sock_dir.display()));
         assert!(sock_dir.is_dir());
     }
