@@ -14,23 +14,24 @@ use trellis_proto::admin::v1::admin_server::Admin;
 
 use crate::dataplane::DataPlane;
 use crate::reload::{Operator, ReloadError, Reloader};
+use crate::shutdown::CancellationToken;
 use crate::supervisor::process::Exit;
 use crate::supervisor::{CommandError, PatternHandle, Roster, State, Status as PatternStatus};
 
 pub struct AdminService {
     reloader: Reloader,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    closing: CancellationToken,
     data: Option<DataPlane>,
     /// Set by `Drain`: the proxy starts its shutdown, as on SIGTERM.
     drain: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl AdminService {
-    /// `shutdown` turns true when the proxy is stopping; watch streams end then.
-    pub fn new(reloader: Reloader, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    /// Watch streams end when `closing` is cancelled (the doors close).
+    pub fn new(reloader: Reloader, closing: CancellationToken) -> Self {
         AdminService {
             reloader,
-            shutdown,
+            closing,
             data: None,
             drain: None,
         }
@@ -289,10 +290,7 @@ impl Admin for AdminService {
             });
             futures::stream::once(futures::future::ready(Ok(first))).chain(changes)
         });
-        let mut shutdown = self.shutdown.clone();
-        let stop = async move {
-            let _ = shutdown.wait_for(|down| *down).await;
-        };
+        let stop = self.closing.clone().cancelled_owned();
         let events = futures::stream::select_all(streams).take_until(stop);
         Ok(Response::new(Box::pin(events)))
     }

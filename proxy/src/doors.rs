@@ -10,25 +10,24 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::{Listen, Problem};
 use crate::front::{self, FrontDoor};
 use crate::gateway::Gateway;
-use crate::shutdown::Grace;
+use crate::shutdown::{CancellationToken, Grace};
 
 /// One listener and the task serving it.
 struct Door {
     addr: SocketAddr,
-    close: watch::Sender<bool>,
+    close: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Door {
     fn close(self) -> JoinHandle<()> {
-        let _ = self.close.send(true);
+        self.close.cancel();
         self.task
     }
 }
@@ -156,8 +155,13 @@ async fn bind(addr: SocketAddr, field: &str) -> Result<TcpListener, Problem> {
 
 fn serve_grpc(front: &FrontDoor, grace: &Grace, listener: TcpListener) -> std::io::Result<Door> {
     let addr = listener.local_addr()?;
-    let (close, closed) = watch::channel(false);
-    let task = tokio::spawn(front::serve(front.clone(), listener, closed, grace.clone()));
+    let close = CancellationToken::new();
+    let task = tokio::spawn(front::serve(
+        front.clone(),
+        listener,
+        close.clone(),
+        grace.clone(),
+    ));
     Ok(Door { addr, close, task })
 }
 
@@ -167,11 +171,11 @@ fn serve_http(
     listener: TcpListener,
 ) -> std::io::Result<Door> {
     let addr = listener.local_addr()?;
-    let (close, closed) = watch::channel(false);
+    let close = CancellationToken::new();
     let task = tokio::spawn(crate::gateway::serve(
         gateway.clone(),
         listener,
-        closed,
+        close.clone(),
         grace.clone(),
     ));
     Ok(Door { addr, close, task })

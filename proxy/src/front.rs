@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tonic::Status;
 use tonic::service::Routes;
 use tracing::warn;
@@ -122,13 +121,13 @@ where
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown` turns true, then sends
+/// Serves gRPC on `listener` until `closing` is cancelled, then sends
 /// GOAWAY to every connection and lets calls in flight finish within
 /// `grace`.
 pub async fn serve(
     front: FrontDoor,
     listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
+    closing: crate::shutdown::CancellationToken,
     grace: crate::shutdown::Grace,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -146,7 +145,7 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.wait_for(|down| *down) => break,
+            _ = closing.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::config::{self, Config, Loaded, Problem};
 use crate::dataplane::DataPlane;
 use crate::doors::Doors;
+use crate::shutdown::CancellationToken;
 use crate::supervisor::{
     self, CommandError, CommandResult, PatternHandle, RestartReason, Roster, State, Status,
     Supervisor,
@@ -128,13 +129,13 @@ pub struct Reloader {
 
 impl Reloader {
     /// Starts the task owning `supervisor`; `loaded` is what it runs now.
-    /// The task gives up any wait for a new process once `stopping` is
-    /// true.
+    /// The task gives up any wait for a new process once `closing` is
+    /// cancelled.
     pub fn start(
         supervisor: Supervisor,
         loaded: Loaded,
         data: DataPlane,
-        stopping: watch::Receiver<bool>,
+        closing: CancellationToken,
     ) -> Reloader {
         let (requests, rx) = mpsc::channel(16);
         let roster = supervisor.roster();
@@ -143,7 +144,7 @@ impl Reloader {
             supervisor,
             loaded,
             data,
-            stopping,
+            closing,
             config: config_tx,
             doors: None,
         };
@@ -207,7 +208,7 @@ struct Task {
     supervisor: Supervisor,
     loaded: Loaded,
     data: DataPlane,
-    stopping: watch::Receiver<bool>,
+    closing: CancellationToken,
     config: watch::Sender<Arc<Config>>,
     doors: Option<Doors>,
 }
@@ -469,13 +470,12 @@ impl Task {
         h: &PatternHandle,
         patience: std::time::Duration,
     ) -> Result<(), ReloadError> {
-        let mut stopping = self.stopping.clone();
         tokio::select! {
             r = supervisor::serving(h, patience) => r.map_err(|why| ReloadError::NotServing {
                 pattern: h.name().to_string(),
                 why,
             }),
-            _ = stopping.wait_for(|s| *s) => Err(ReloadError::ShuttingDown),
+            _ = self.closing.cancelled() => Err(ReloadError::ShuttingDown),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::liveness;
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::reload::Reloader;
-use crate::shutdown::Grace;
+use crate::shutdown::{CancellationToken, Grace};
 use crate::supervisor::Supervisor;
 
 /// The proxy's bound listeners.
@@ -59,10 +59,11 @@ pub async fn run(
     // READY=1 once every pattern has finished starting (serving or not).
     let ready_task = tokio::spawn(ready_when_started(started_rx, roster.clone()));
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Cancelled when the doors start to close.
+    let closing = CancellationToken::new();
     // Turns true on a second signal: every remaining wait ends at once.
-    let (hurry_tx, hurry_rx) = tokio::sync::watch::channel(false);
-    let grace = Grace::new(config.shutdown_grace, hurry_rx.clone());
+    let hurry = CancellationToken::new();
+    let grace = Grace::new(config.shutdown_grace, hurry.clone());
     let methods = Methods::from_descriptors().map_err(anyhow::Error::msg)?;
     let namespaces: Vec<(String, String)> = config
         .namespaces
@@ -83,8 +84,8 @@ pub async fn run(
         config.telemetry.call_log.clone(),
         crate::reload::labels(&config),
     ));
-    let data = DataPlane::from_config(methods, &config, &patterns, stop_rx.clone(), telemetry);
-    let reloader = Reloader::start(supervisor, loaded.clone(), data.clone(), stop_rx.clone());
+    let data = DataPlane::from_config(methods, &config, &patterns, closing.clone(), telemetry);
+    let reloader = Reloader::start(supervisor, loaded.clone(), data.clone(), closing.clone());
     let liveness_task = tokio::spawn(liveness::run(
         {
             let (roster, reloader) = (roster.clone(), reloader.clone());
@@ -96,7 +97,7 @@ pub async fn run(
     ));
     let drain = Arc::new(tokio::sync::Notify::new());
     let admin = AdminServer::new(
-        AdminService::new(reloader.clone(), stop_rx.clone())
+        AdminService::new(reloader.clone(), closing.clone())
             .with_data_plane(data.clone())
             .with_drain(drain.clone()),
     );
@@ -139,10 +140,11 @@ pub async fn run(
     notify::stopping("stopping: draining calls, then stopping patterns");
     // Installed now, so a second signal is never missed.
     let again = signal();
+    let hurry_for_delay = hurry.clone();
     let second = tokio::spawn(async move {
         again.await;
         info!("a second signal: skipping the remaining waits");
-        let _ = hurry_tx.send(true);
+        hurry.cancel();
     });
     // Readiness off first, still serving, so load balancers stop sending
     // calls before the doors close; a second signal skips the wait.
@@ -153,12 +155,12 @@ pub async fn run(
         ?drain_delay,
         "shutting down: health \"\" is NOT_SERVING; calls are served until the drain delay ends"
     );
-    Grace::new(drain_delay, hurry_rx)
+    Grace::new(drain_delay, hurry_for_delay)
         .bound(std::future::pending::<()>())
         .await;
     info!("closing the doors: draining requests, then stopping patterns");
     let _ = phase_tx.send(health::Phase::Closing);
-    let _ = stop_tx.send(true);
+    closing.cancel();
     // The doors close (GOAWAY; calls in flight finish within
     // shutdown_grace), then the patterns stop.
     reloader.shutdown().await;

@@ -1,30 +1,36 @@
-//! What the proxy's shutdown waits share: each wait (the drain delay, the
-//! doors' `shutdown_grace`) is bounded, and a second SIGTERM/SIGINT cuts
-//! every remaining one short, as an operator pressing Ctrl-C twice
-//! expects.
+//! The proxy's shutdown signals and waits. A signal is a
+//! [`CancellationToken`] (tokio-util): cancelled once, seen by every clone
+//! — `closing` when the doors start to close (the data plane refuses new
+//! calls and ends streams, the admin API ends its watches, the reload task
+//! stops waiting for a replacement, each door closes), `hurry` on a second
+//! signal. Each wait (the drain delay, the doors' `shutdown_grace`) is a
+//! [`Grace`]: bounded, and cut short by `hurry`, as an operator pressing
+//! Ctrl-C twice expects.
 
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+pub use tokio_util::sync::CancellationToken;
 
 /// A bounded wait that a second signal ends at once.
 #[derive(Clone, Debug)]
 pub struct Grace {
     limit: Duration,
-    hurry: watch::Receiver<bool>,
+    hurry: CancellationToken,
 }
 
 impl Grace {
-    /// `hurry` turns true on the second signal.
-    pub fn new(limit: Duration, hurry: watch::Receiver<bool>) -> Self {
+    /// `hurry` is cancelled on the second signal.
+    pub fn new(limit: Duration, hurry: CancellationToken) -> Self {
         Grace { limit, hurry }
     }
 
     /// A grace that only its limit ends (for tests).
     pub fn fixed(limit: Duration) -> Self {
-        let (_, hurry) = watch::channel(false);
-        Grace { limit, hurry }
+        Grace {
+            limit,
+            hurry: CancellationToken::new(),
+        }
     }
 
     pub fn limit(&self) -> Duration {
@@ -34,16 +40,9 @@ impl Grace {
     /// Runs `work` until it completes (`true`), or until the limit or a
     /// second signal ends the wait (`false`).
     pub async fn bound(&self, work: impl Future) -> bool {
-        let mut hurry = self.hurry.clone();
-        let hurried = async move {
-            // No sender left: nobody can hurry this wait.
-            if hurry.wait_for(|h| *h).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
         tokio::select! {
             done = tokio::time::timeout(self.limit, work) => done.is_ok(),
-            _ = hurried => false,
+            _ = self.hurry.cancelled() => false,
         }
     }
 }
@@ -72,13 +71,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_second_signal_ends_the_wait_at_once() {
-        let (tx, rx) = watch::channel(false);
-        let grace = Grace::new(Duration::from_secs(15), rx);
+        let hurry = CancellationToken::new();
+        let grace = Grace::new(Duration::from_secs(15), hurry.clone());
         let start = tokio::time::Instant::now();
         let wait = grace.bound(std::future::pending::<()>());
         tokio::pin!(wait);
         assert!(futures::poll!(wait.as_mut()).is_pending());
-        tx.send(true).unwrap();
+        hurry.cancel();
         assert!(!wait.await);
         assert_eq!(start.elapsed(), Duration::ZERO);
     }

@@ -7,8 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::shutdown::CancellationToken;
 use http::Response;
-use tokio::sync::watch;
 use tower::{Layer, Service};
 
 use super::Call;
@@ -16,13 +16,13 @@ use super::body::CallBody;
 use crate::error::ApiError;
 
 pub struct DrainLayer {
-    stopping: watch::Receiver<bool>,
+    closing: CancellationToken,
 }
 
 impl DrainLayer {
-    /// `stopping` turns `true` when the proxy shuts down.
-    pub fn new(stopping: watch::Receiver<bool>) -> Self {
-        DrainLayer { stopping }
+    /// `closing` is cancelled when the proxy's doors start to close.
+    pub fn new(closing: CancellationToken) -> Self {
+        DrainLayer { closing }
     }
 }
 
@@ -31,7 +31,7 @@ impl<S> Layer<S> for DrainLayer {
     fn layer(&self, inner: S) -> Drain<S> {
         Drain {
             inner,
-            stopping: self.stopping.clone(),
+            closing: self.closing.clone(),
         }
     }
 }
@@ -39,7 +39,7 @@ impl<S> Layer<S> for DrainLayer {
 #[derive(Clone)]
 pub struct Drain<S> {
     inner: S,
-    stopping: watch::Receiver<bool>,
+    closing: CancellationToken,
 }
 
 impl<S> Service<Call> for Drain<S>
@@ -55,10 +55,10 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let stopping = call.method.server_streaming.then(|| self.stopping.clone());
+        let closing = call.method.server_streaming.then(|| self.closing.clone());
         DrainFuture {
             inner: self.inner.call(call),
-            stopping,
+            closing,
         }
     }
 }
@@ -67,7 +67,7 @@ pin_project_lite::pin_project! {
     pub struct DrainFuture<F> {
         #[pin]
         inner: F,
-        stopping: Option<watch::Receiver<bool>>,
+        closing: Option<CancellationToken>,
     }
 }
 
@@ -80,11 +80,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let mut response = std::task::ready!(this.inner.poll(cx))?;
-        if let Some(mut stopping) = this.stopping.take() {
-            response.body_mut().end_when(Box::pin(async move {
-                // An error means the proxy is gone: end the stream too.
-                let _ = stopping.wait_for(|down| *down).await;
-            }));
+        if let Some(closing) = this.closing.take() {
+            response
+                .body_mut()
+                .end_when(Box::pin(closing.cancelled_owned()));
         }
         Poll::Ready(Ok(response))
     }

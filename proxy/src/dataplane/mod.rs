@@ -47,13 +47,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::CancellationToken;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
@@ -161,7 +161,7 @@ pub type Stack = observe::Observe<
 /// 8. `Deadline`, `Drain`, `Hop`, `Forward` — one attempt.
 pub fn stack(
     router: Router,
-    stopping: watch::Receiver<bool>,
+    closing: CancellationToken,
     telemetry: Arc<Telemetry>,
     policies: &Policies,
     circuits: Arc<Circuits>,
@@ -172,7 +172,7 @@ pub fn stack(
     // Just above forwarding: the hop to the pattern, timed from the send.
     let attempt = observe::HopLayer::new(t()).layer(attempt);
     // Only a stream that reached the pattern can be drained.
-    let attempt = drain::DrainLayer::new(stopping).layer(attempt);
+    let attempt = drain::DrainLayer::new(closing).layer(attempt);
     // Inside Route, so the deadline's messages can name the pattern, and
     // outside Drain, so a stream is bounded until it opens.
     let attempt = deadline::DeadlineLayer.layer(attempt);
@@ -198,7 +198,7 @@ pub struct DataPlane {
     methods: Arc<Methods>,
     current: Arc<ArcSwap<Generation>>,
     /// What every generation is built with.
-    stopping: watch::Receiver<bool>,
+    closing: CancellationToken,
 }
 
 /// One configuration of the data plane, with the state its layers keep
@@ -239,7 +239,7 @@ impl Settings {
 impl Generation {
     fn new(
         router: Router,
-        stopping: watch::Receiver<bool>,
+        closing: CancellationToken,
         telemetry: Arc<Telemetry>,
         policies: Policies,
         request_timeout: Duration,
@@ -249,7 +249,7 @@ impl Generation {
         let circuits = Arc::new(Circuits::new(&policies, &telemetry));
         let stack = stack(
             router.clone(),
-            stopping,
+            closing,
             telemetry.clone(),
             &policies,
             circuits.clone(),
@@ -317,7 +317,7 @@ impl DataPlane {
     pub fn new(
         methods: Methods,
         router: Router,
-        stopping: watch::Receiver<bool>,
+        closing: CancellationToken,
         telemetry: Arc<Telemetry>,
         policies: Policies,
         request_timeout: Duration,
@@ -331,7 +331,7 @@ impl DataPlane {
         };
         let generation = Generation::new(
             router,
-            stopping.clone(),
+            closing.clone(),
             telemetry,
             policies,
             request_timeout,
@@ -341,7 +341,7 @@ impl DataPlane {
         DataPlane {
             methods: Arc::new(methods),
             current: Arc::new(ArcSwap::from_pointee(generation)),
-            stopping,
+            closing,
         }
     }
 
@@ -350,12 +350,12 @@ impl DataPlane {
         methods: Methods,
         config: &crate::config::Config,
         patterns: &[crate::supervisor::PatternHandle],
-        stopping: watch::Receiver<bool>,
+        closing: CancellationToken,
         telemetry: Arc<Telemetry>,
     ) -> Self {
         let generation = Generation::new(
             Router::new(patterns),
-            stopping.clone(),
+            closing.clone(),
             telemetry,
             Policies::new(config),
             config.request_timeout,
@@ -365,7 +365,7 @@ impl DataPlane {
         DataPlane {
             methods: Arc::new(methods),
             current: Arc::new(ArcSwap::from_pointee(generation)),
-            stopping,
+            closing,
         }
     }
 
@@ -393,7 +393,7 @@ impl DataPlane {
         }
         let generation = Generation::new(
             Router::new(patterns),
-            self.stopping.clone(),
+            self.closing.clone(),
             telemetry.clone(),
             Policies::new(config),
             config.request_timeout,
@@ -420,7 +420,7 @@ impl DataPlane {
         B::Error: std::fmt::Display,
     {
         let received = Instant::now();
-        if *self.stopping.borrow() {
+        if self.closing.is_cancelled() {
             // Sent before the client read our GOAWAY: nothing was done.
             return errors::response(errors::closing());
         }

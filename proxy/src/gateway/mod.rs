@@ -35,7 +35,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tonic::Code;
 use tracing::{info, warn};
 
@@ -616,12 +616,12 @@ fn frame(format: StreamFormat, error: bool, json: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` turns true, then
+/// Serves HTTP/1.1 and h2c on `listener` until `closing` is cancelled, then
 /// lets open requests finish for up to `grace`.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
+    closing: crate::shutdown::CancellationToken,
     grace: crate::shutdown::Grace,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -631,7 +631,7 @@ pub async fn serve(
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.wait_for(|down| *down) => break,
+            _ = closing.cancelled() => break,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -641,7 +641,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|down| *down) => break,
+            _ = closing.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
         let gw = gateway.clone();
@@ -686,11 +686,10 @@ mod tests {
         // NOT_FOUND or UNIMPLEMENTED, which is enough to drive the router,
         // limits and JSON codec with garbage.
         let routes = tonic::service::RoutesBuilder::default().routes();
-        let (_, stopping) = tokio::sync::watch::channel(false);
         let data = crate::dataplane::DataPlane::new(
             crate::dataplane::Methods::from_descriptors().unwrap(),
             crate::dataplane::Router::new(&[]),
-            stopping,
+            crate::shutdown::CancellationToken::new(),
             std::sync::Arc::new(crate::dataplane::Telemetry::off()),
             crate::dataplane::Policies::defaults(),
             std::time::Duration::from_secs(1),
