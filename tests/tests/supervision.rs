@@ -715,3 +715,275 @@ async fn a_pattern_failed_by_the_breaker_is_started_again_after_its_cool_down() 
         .await;
     assert!(p.restarts >= 3, "{p:?}");
 }
+
+// 14. Restarts and failures that tell the truth (issue 14, item 6) ---------------
+
+/// The first crash of a healthy pattern is restarted at once: the schedule
+/// logs a zero delay (checked from the log, not from wall-clock speed).
+#[tokio::test]
+async fn the_first_crash_of_a_healthy_pattern_restarts_without_delay() {
+    let proxy = Proxy::builder().memstore("mem", &["default"]).start().await;
+    let first = proxy.pattern("mem").await.pid;
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    let p = proxy
+        .wait_pattern("mem", "SERVING with a new pid", |p| {
+            serving(p) && p.pid != 0 && p.pid != first
+        })
+        .await;
+    assert_eq!(p.restarts, 1);
+    // The restart's log line (JSON) carries the delay the schedule chose.
+    let log = proxy.log_text();
+    let delays: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("restarting"))
+        })
+        .filter_map(|v| v["fields"]["delay_ms"].as_u64())
+        .collect();
+    assert_eq!(delays, [0], "one restart, without delay: {log}");
+    // And it serves data again.
+    let mut kv = proxy.kv().await;
+    kv.put(trellis_tests::kv::put("default", "k", b"v"))
+        .await
+        .expect("served after the restart");
+}
+
+/// Operator restarts are not crashes: ten in a row (more than `max_starts`)
+/// neither trip the breaker nor wait on backoff. A SERVING pattern is
+/// replaced blue/green; each restart answers only once the new process
+/// serves.
+#[tokio::test]
+async fn ten_operator_restarts_in_a_row_leave_the_pattern_serving() {
+    let proxy = Proxy::builder()
+        .memstore("mem", &["default"])
+        .with("restart:\n  max_starts: 3\n  start_window: 1h")
+        .start()
+        .await;
+    let mut admin = proxy.admin().await;
+    for i in 0..10 {
+        let before = proxy.pattern("mem").await.pid;
+        let asked = std::time::Instant::now();
+        let r = admin
+            .restart_pattern(action("mem"))
+            .await
+            .unwrap_or_else(|s| panic!("restart {i}: {s:?}"))
+            .into_inner();
+        // Generous on purpose (the issue's bar is 1 s on an idle machine):
+        // what is checked is that no backoff or breaker is waited on, not
+        // this machine's speed.
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(5),
+            "restart {i} took {:?}",
+            asked.elapsed()
+        );
+        assert!(r.message.contains("blue/green"), "{}", r.message);
+        let p = proxy
+            .wait_pattern("mem", "SERVING after the restart", |p| {
+                serving(p) && p.pid != before
+            })
+            .await;
+        assert!(!failed(&p), "{}", p.last_error);
+    }
+    let p = proxy.pattern("mem").await;
+    assert!(serving(&p), "{:?}: {}", p.state(), p.last_error);
+    assert_eq!(p.restarts, 10);
+}
+
+/// The in-place path (a pattern that is not SERVING) is honest too: ten
+/// operator restarts of a NOT_SERVING pattern do not trip a breaker of 3.
+#[tokio::test]
+async fn ten_in_place_operator_restarts_do_not_trip_the_breaker() {
+    let proxy = Proxy::builder()
+        .chaos("sick", &["x"], "health: not_serving")
+        .with("startup_timeout: 200ms\nrestart:\n  max_starts: 3\n  start_window: 1h")
+        .spawn()
+        .await;
+    proxy
+        .wait_pattern("sick", "NOT_SERVING", |p| {
+            p.state() == PatternState::NotServing
+        })
+        .await;
+    let mut admin = proxy.admin().await;
+    for i in 0..10 {
+        let r = admin
+            .restart_pattern(action("sick"))
+            .await
+            .unwrap_or_else(|s| panic!("restart {i}: {s:?}"))
+            .into_inner();
+        assert!(r.message.contains("restarting"), "{}", r.message);
+    }
+    let p = proxy
+        .wait_pattern("sick", "NOT_SERVING after ten restarts", |p| {
+            p.state() == PatternState::NotServing && p.restarts == 10
+        })
+        .await;
+    assert!(!p.last_error.contains("crash loop"), "{}", p.last_error);
+}
+
+/// A pattern FAILED by the crash-loop breaker comes back when an operator
+/// starts it, and again when one restarts it: the operator's action resets
+/// the breaker and really starts the process.
+#[tokio::test]
+async fn a_failed_pattern_comes_back_on_start_and_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken");
+    let script = dir.path().join("memstore-unless-broken");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ -e '{}' ] && {{ echo broken on purpose >&2; exit 1; }}\nexec '{}' \"$@\"\n",
+            broken.display(),
+            bin("trellis-memstore").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&broken, "").unwrap();
+    let proxy = Proxy::builder()
+        .pattern(PatternEntry::new("flaky", script.clone(), &["default"]))
+        .with("restart:\n  initial_backoff: 1ms\n  max_backoff: 2ms\n  max_starts: 2\n  start_window: 1h\n  cool_down: null")
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("flaky", "FAILED", failed).await;
+    assert!(p.last_error.contains("crash loop"), "{}", p.last_error);
+    std::fs::remove_file(&broken).unwrap();
+    let mut admin = proxy.admin().await;
+    let r = admin
+        .start_pattern(action("flaky"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.message.contains("starting"), "{}", r.message);
+    proxy
+        .wait_pattern("flaky", "SERVING after the operator's start", serving)
+        .await;
+
+    // Fail it again, then bring it back with `restart`.
+    std::fs::write(&broken, "").unwrap();
+    let pid = proxy.pattern("flaky").await.pid;
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    proxy.wait_pattern("flaky", "FAILED again", failed).await;
+    std::fs::remove_file(&broken).unwrap();
+    admin.restart_pattern(action("flaky")).await.unwrap();
+    proxy
+        .wait_pattern("flaky", "SERVING after the operator's restart", serving)
+        .await;
+}
+
+/// A stop that arrives while the pattern is still starting (no Lifecycle
+/// connection yet) ends the process at once instead of waiting out
+/// `stop_grace` (20 s here) for a Stop call that cannot be sent.
+#[tokio::test]
+async fn a_stop_while_starting_ends_the_process_at_once() {
+    let proxy = Proxy::builder()
+        .chaos("sleepy", &["x"], "")
+        .with("env:\n  CHAOS_SLEEP_BEFORE_BIND: \"60000\"\nstartup_timeout: 1m\nstop_grace: 20s")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("sleepy", "STARTING with a pid", |p| {
+            p.state() == PatternState::Starting && p.pid != 0
+        })
+        .await;
+    let asked = std::time::Instant::now();
+    let r = proxy
+        .admin()
+        .await
+        .stop_pattern(action("sleepy"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Anything well under stop_grace (20 s) shows the grace was not waited
+    // out; 10 s leaves room for a loaded machine.
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "stop took {:?}",
+        asked.elapsed()
+    );
+    assert!(r.message.contains("stopped"), "{}", r.message);
+    assert_eq!(proxy.pattern("sleepy").await.state(), PatternState::Stopped);
+    assert!(process_gone(p.pid), "pid {} still there", p.pid);
+}
+
+/// A restart during start-up also ends the starting process at once and
+/// starts a new one.
+#[tokio::test]
+async fn a_restart_while_starting_replaces_the_process_at_once() {
+    let proxy = Proxy::builder()
+        .chaos("sleepy", &["x"], "init_delay: 30s")
+        .with("startup_timeout: 1m\nstop_grace: 20s")
+        .spawn()
+        .await;
+    let p = proxy
+        .wait_pattern("sleepy", "STARTING with a pid", |p| {
+            p.state() == PatternState::Starting && p.pid != 0
+        })
+        .await;
+    let asked = std::time::Instant::now();
+    let r = proxy
+        .admin()
+        .await
+        .restart_pattern(action("sleepy"))
+        .await
+        .unwrap()
+        .into_inner();
+    // As above: "did not wait out the 20 s stop_grace", with room to spare.
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "restart took {:?}",
+        asked.elapsed()
+    );
+    assert!(r.message.contains("restarting"), "{}", r.message);
+    assert!(process_gone(p.pid), "pid {} still there", p.pid);
+    proxy
+        .wait_pattern("sleepy", "a new process starting", |q| {
+            q.pid != 0 && q.pid != p.pid
+        })
+        .await;
+}
+
+/// A pattern FAILED by the breaker keeps the cause of its last failure:
+/// `last_error` names the breaker and quotes the bad handshake line, and
+/// `last_exit` is not the proxy's SIGKILL; `trellis patterns get` shows it.
+#[tokio::test]
+async fn a_failed_pattern_shows_the_cause_of_its_last_failure() {
+    let proxy = Proxy::builder()
+        .chaos("chatty", &["x"], "")
+        .with("env:\n  CHAOS_BAD_HANDSHAKE: \"1\"\nrestart:\n  initial_backoff: 1ms\n  max_backoff: 2ms\n  max_starts: 2\n  start_window: 1h\n  cool_down: null")
+        .spawn()
+        .await;
+    let p = proxy.wait_pattern("chatty", "FAILED", failed).await;
+    assert!(
+        p.last_error.contains("crash loop: 2 starts within 1h"),
+        "{}",
+        p.last_error
+    );
+    assert!(
+        p.last_error.contains("hello, I am not a handshake"),
+        "the cause is kept: {}",
+        p.last_error
+    );
+    assert!(
+        p.last_exit.as_ref().map(|e| e.status) != Some(Some(exit_status::Status::Signal(9))),
+        "last_exit is not the proxy's SIGKILL: {:?}",
+        p.last_exit
+    );
+    let out = std::process::Command::new(bin("trellis"))
+        .args(["patterns", "get", "chatty"])
+        .env("TRELLIS_ADDR", &proxy.addr)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("crash loop") && text.contains("hello, I am not a handshake"),
+        "{text}"
+    );
+}

@@ -1,5 +1,7 @@
-//! When to restart a pattern: exponential backoff with jitter, reset after a
-//! healthy stretch, and a start-rate breaker (crash-loop protection).
+//! When to restart a pattern: at once after a healthy stretch, then
+//! exponential backoff with jitter for repeated crashes within
+//! `restart.reset_after` (as runit restarts at once and throttles only fast
+//! exits), and a start-rate breaker (crash-loop protection).
 //!
 //! Written by hand rather than with `backon` (which the supervisor uses for
 //! connection retries): a restart schedule must be *reset* after the pattern
@@ -17,7 +19,8 @@ use crate::config::RestartConfig;
 #[derive(Debug)]
 pub struct RestartSchedule {
     cfg: RestartConfig,
-    /// Restarts since the last reset; the exponent of the next delay.
+    /// Restarts since the last reset. The first is immediate; after that
+    /// `attempt - 1` is the exponent of the delay.
     attempt: u32,
     /// Start times inside the breaker's window.
     starts: VecDeque<Instant>,
@@ -32,10 +35,15 @@ impl RestartSchedule {
         }
     }
 
-    /// The delay before the next restart, without jitter:
-    /// `initial * multiplier^attempt`, capped at `max_backoff`.
+    /// The delay before the next restart, without jitter: zero for the
+    /// first restart since a reset (a healthy stretch or an operator's
+    /// action), then `initial * multiplier^(restarts - 1)`, capped at
+    /// `max_backoff`.
     pub fn base_delay(&self) -> Duration {
-        let factor = self.cfg.multiplier.powi(self.attempt.min(64) as i32);
+        if self.attempt == 0 {
+            return Duration::ZERO;
+        }
+        let factor = self.cfg.multiplier.powi((self.attempt - 1).min(64) as i32);
         let secs = self.cfg.initial_backoff.as_secs_f64() * factor;
         Duration::from_secs_f64(secs.min(self.cfg.max_backoff.as_secs_f64()))
     }
@@ -76,7 +84,9 @@ impl RestartSchedule {
         }
     }
 
-    /// An operator's start: forget everything.
+    /// An operator's start or restart: forget earlier crashes and starts
+    /// (operator actions are not crashes and do not count toward
+    /// `max_starts`).
     pub fn reset(&mut self) {
         self.attempt = 0;
         self.starts.clear();
@@ -114,7 +124,7 @@ mod tests {
         assert_eq!(
             bases,
             [
-                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
+                0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000
             ]
         );
     }
@@ -138,10 +148,46 @@ mod tests {
         let mut s = RestartSchedule::new(cfg());
         s.next_delay();
         s.next_delay();
+        s.next_delay();
         s.served(Duration::from_secs(59));
         assert_eq!(s.base_delay(), Duration::from_millis(400));
         s.served(Duration::from_secs(60));
-        assert_eq!(s.base_delay(), Duration::from_millis(100));
+        assert_eq!(s.base_delay(), Duration::ZERO);
+    }
+
+    /// The schedule as the owner drives it, on tokio's paused clock: a crash
+    /// after a healthy stretch restarts at once, fast crashes back off and
+    /// grow, and a healthy stretch (or an operator) resets it.
+    #[tokio::test(start_paused = true)]
+    async fn first_restart_after_a_healthy_stretch_is_immediate_then_fast_crashes_back_off() {
+        /// Serves for `d` of paused time, crashes, and returns the delay.
+        async fn serve(s: &mut RestartSchedule, d: Duration) -> Duration {
+            let t = Instant::now();
+            tokio::time::advance(d).await;
+            s.served(t.elapsed());
+            s.next_delay()
+        }
+        let mut s = RestartSchedule::new(cfg());
+        // The first crash of a pattern is restarted without delay.
+        assert_eq!(serve(&mut s, Duration::from_secs(5)).await, Duration::ZERO);
+        // Repeated fast crashes (within reset_after) back off and grow.
+        let mut last = Duration::ZERO;
+        for base_ms in [100u64, 200, 400, 800] {
+            let d = serve(&mut s, Duration::from_millis(10)).await;
+            let base = Duration::from_millis(base_ms);
+            assert!(d >= base / 2 && d <= base, "{d:?} for base {base:?}");
+            assert!(d >= last / 2, "delays grow: {d:?} after {last:?}");
+            last = d;
+        }
+        // Serving for reset_after forgets them: immediate again.
+        assert_eq!(serve(&mut s, Duration::from_secs(60)).await, Duration::ZERO);
+        assert!(serve(&mut s, Duration::from_millis(10)).await >= Duration::from_millis(50));
+        // An operator's action resets too.
+        s.reset();
+        assert_eq!(
+            serve(&mut s, Duration::from_millis(10)).await,
+            Duration::ZERO
+        );
     }
 
     #[test]

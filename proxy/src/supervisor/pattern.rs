@@ -266,6 +266,8 @@ impl std::fmt::Display for Unhealthy {
 /// What a wait between restarts ended with.
 enum Wait {
     Proceed,
+    /// An operator's start or restart cut the wait short.
+    Operator,
     Stopped,
     Shutdown(oneshot::Sender<()>),
 }
@@ -298,6 +300,12 @@ impl Owner {
         // `why` is decided wherever the next spawn is decided.
         let mut spawned_before = false;
         let mut why = RestartReason::Operator;
+        // Set when the next start is an operator's: it resets the schedule
+        // and is not counted toward `max_starts` (operator actions are not
+        // crashes). The first start is counted.
+        let mut by_operator = false;
+        // Why the latest process failed, kept for the breaker's message.
+        let mut last_failure: Option<String> = None;
         // Set when the crash-loop breaker failed the pattern and its
         // `restart.cool_down` will start it again.
         let mut cool_down_until: Option<Instant> = None;
@@ -336,8 +344,8 @@ impl Owner {
                     }
                     Some(Command::Start(reply) | Command::Restart(reply)) => {
                         info!("started by an operator");
-                        self.schedule.reset();
                         why = RestartReason::Operator;
+                        by_operator = true;
                         want_running = true;
                         let _ = reply.send(Ok(format!("pattern {:?} is starting", self.cfg.name)));
                     }
@@ -352,7 +360,10 @@ impl Owner {
                 }
                 continue;
             }
-            if !self.schedule.allow_start(Instant::now()) {
+            if std::mem::take(&mut by_operator) {
+                self.schedule.reset();
+                last_failure = None;
+            } else if !self.schedule.allow_start(Instant::now()) {
                 let c = self.schedule.config();
                 let until = match c.cool_down {
                     Some(d) => {
@@ -364,8 +375,12 @@ impl Owner {
                     }
                     None => "it stays down until an operator starts it".to_string(),
                 };
+                let cause = match &last_failure {
+                    Some(f) => format!("; last failure: {f}"),
+                    None => String::new(),
+                };
                 let reason = format!(
-                    "crash loop: {} starts within {}; {until} (`trellis patterns start {}`) — \
+                    "crash loop: {} starts within {}{cause}; {until} (`trellis patterns start {}`) — \
                      see its last exit and stderr",
                     c.max_starts,
                     humantime::format_duration(c.start_window),
@@ -394,6 +409,7 @@ impl Owner {
                 End::Restart(reply) => {
                     let _ = reply.send(Ok(format!("pattern {:?} is restarting", self.cfg.name)));
                     why = RestartReason::Operator;
+                    by_operator = true;
                     continue;
                 }
                 End::Exited(exit) => {
@@ -438,8 +454,13 @@ impl Owner {
                     reason
                 }
             };
+            last_failure = Some(failure.clone());
             match self.wait_before_restart(failure).await {
                 Wait::Proceed => {}
+                Wait::Operator => {
+                    why = RestartReason::Operator;
+                    by_operator = true;
+                }
                 Wait::Stopped => want_running = false,
                 Wait::Shutdown(done) => {
                     self.set_state(State::Stopped);
@@ -550,8 +571,7 @@ impl Owner {
 
         let progress = Arc::new(std::sync::Mutex::new(Progress::default()));
         let bring_up = bring_up(self.cfg.clone(), stdout, progress.clone()).in_current_span();
-        let bring_up = tokio::time::timeout(self.cfg.startup_timeout, bring_up);
-        tokio::pin!(bring_up);
+        let mut bring_up = Box::pin(tokio::time::timeout(self.cfg.startup_timeout, bring_up));
         enum Starting {
             Ready(Result<Result<Up, StartError>, tokio::time::error::Elapsed>),
             Exited(Option<Exit>),
@@ -569,21 +589,31 @@ impl Owner {
                 Starting::Ready(Ok(Err(e))) => {
                     // Give a child that is exiting a moment to do so, so the
                     // error can say how it ended rather than that we killed it.
-                    let (exit, because) =
+                    let (ended, because) =
                         match process::wait_for(&mut child, Duration::from_millis(200)).await {
-                            Some(exit) => (exit, RestartReason::of_exit(exit)),
-                            None => (
-                                process::kill(&mut child, pid).await,
-                                RestartReason::Unhealthy,
-                            ),
+                            Some(exit) => {
+                                // The pattern's own exit: that is its last exit.
+                                self.record_exit(exit);
+                                (
+                                    format!("process ended with {exit}"),
+                                    RestartReason::of_exit(exit),
+                                )
+                            }
+                            None => {
+                                // The proxy's kill is not the pattern's exit:
+                                // `last_exit` keeps the pattern's own, and the
+                                // error says who ended it.
+                                let exit = process::kill(&mut child, pid).await;
+                                self.update(|s| s.process_gone());
+                                (
+                                    format!("the proxy ended it ({exit})"),
+                                    RestartReason::Unhealthy,
+                                )
+                            }
                         };
-                    self.record_exit(exit);
                     let stderr = self.stderr_hint();
                     return End::StartFailed {
-                        reason: format!(
-                            "start failed: {}; process ended with {exit}{stderr}",
-                            e.message
-                        ),
+                        reason: format!("start failed: {}; {ended}{stderr}", e.message),
                         retry: e.retry.then_some(because),
                     };
                 }
@@ -629,11 +659,24 @@ impl Owner {
                         retry: Some(RestartReason::of_exit(exit)),
                     };
                 }
+                Starting::Command(cmd @ (Some(Command::Ping(_)) | Some(Command::Start(_)))) => {
+                    // Answered; the start goes on.
+                    let _ = self.command_while_running(cmd, &mut child, pid, None).await;
+                }
                 Starting::Command(cmd) => {
-                    if let Some(end) = self.command_while_running(cmd, &mut child, pid, None).await
-                    {
-                        return end;
-                    }
+                    // A stop, restart or shutdown while starting: cancel the
+                    // start first (no call of ours stays in flight for the
+                    // pattern to wait on), then end the process at once.
+                    drop(bring_up);
+                    let end = match cmd {
+                        Some(Command::Stop(reply)) => End::Stopped(reply),
+                        Some(Command::Restart(reply)) => End::Restart(reply),
+                        Some(Command::Shutdown(done)) => End::Shutdown(done),
+                        // Every handle is gone (or a command answered above).
+                        _ => End::Shutdown(oneshot::channel().0),
+                    };
+                    self.stop_process(&mut child, pid, None).await;
+                    return end;
                 }
             }
         };
@@ -842,7 +885,9 @@ impl Owner {
     }
 
     /// Lifecycle Stop → wait `stop_grace` → SIGTERM to the group → wait
-    /// `stop_grace` → SIGKILL. Always reaps.
+    /// `stop_grace` → SIGKILL. Without a Lifecycle connection (the process
+    /// is still starting) there is no Stop to send or wait for: SIGTERM to
+    /// the group at once → wait `stop_grace` → SIGKILL. Always reaps.
     async fn stop_process(&mut self, child: &mut Child, pid: u32, channel: Option<Channel>) {
         self.set_state(State::Stopping);
         // End the health Watch stream first: an open stream is an in-flight
@@ -851,7 +896,14 @@ impl Owner {
             poller.abort();
         }
         let grace = self.cfg.stop_grace;
-        if let Some(ch) = channel {
+        let Some(ch) = channel else {
+            debug!(pid, "still starting: no Stop to send; signalling at once");
+            let exit = process::terminate(child, pid, grace).await;
+            info!(pid, %exit, "stopped while starting");
+            self.record_exit(exit);
+            return;
+        };
+        {
             let req = StopRequest {
                 grace: prost_types::Duration::try_from(grace).ok(),
             };
@@ -875,7 +927,11 @@ impl Owner {
 
     async fn wait_before_restart(&mut self, why: String) -> Wait {
         let delay = self.schedule.next_delay();
-        warn!(reason = %why, delay_ms = delay.as_millis() as u64, "restarting after a delay");
+        if delay.is_zero() {
+            warn!(reason = %why, delay_ms = 0u64, "restarting at once");
+        } else {
+            warn!(reason = %why, delay_ms = delay.as_millis() as u64, "restarting after a delay");
+        }
         self.update(|s| {
             s.state = State::Crashed;
             s.last_error = Some(why);
@@ -907,7 +963,7 @@ impl Owner {
                         "pattern {:?} is starting now instead of after its backoff",
                         self.cfg.name
                     )));
-                    Wait::Proceed
+                    Wait::Operator
                 }
             };
         }
