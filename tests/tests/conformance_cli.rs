@@ -2,8 +2,10 @@
 //! repo when it spawns them (`--command`, with a `--config` file for the
 //! ones that need a backend), passes a running pattern (`--addr`), fails
 //! with exit 1 and a line naming what was expected and seen on a pattern
-//! that lists in the wrong order (trellis-chaos `list_order: reversed`),
-//! writes JUnit XML that parses with the right counts, and exits 2 with a
+//! that lists in the wrong order (trellis-chaos `list_order: reversed`)
+//! and on one that stores an empty key (a copy of the Python example with
+//! that check taken out; the SDK validates before an SDK pattern sees a
+//! request, so trellis-chaos cannot skip it), writes JUnit XML that parses with the right counts, and exits 2 with a
 //! message saying what to fix when nothing can be checked.
 
 use std::path::Path;
@@ -451,4 +453,77 @@ async fn nothing_to_check_exits_2_saying_what_to_fix() {
     .await;
     assert_eq!(run.code, Some(2), "{}", run.show());
     assert!(run.stderr.contains("kv.round_trip"), "{}", run.show());
+}
+
+/// A copy of the Python example (`examples/python-kv/`) with one line of
+/// validation taken out: it stores an empty key instead of refusing it.
+/// Laid out like the repo (the launcher finds `../../proto`), in `dir`.
+fn python_accepting_empty_keys(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    match std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools, grpc_health"])
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "{python} lacks grpcio, grpcio-tools or grpcio-health-checking ({}): run `make \
+             setup` (scripts/setup-backends.sh installs them with pip)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("cannot run {python} ({e}): install Python 3, then run `make setup`"),
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = repo.join("examples/python-kv");
+    let copy = dir.path().join("examples/python-kv");
+    std::fs::create_dir_all(&copy).expect("create the copy's folder");
+    std::os::unix::fs::symlink(repo.join("proto"), dir.path().join("proto"))
+        .expect("link proto/ next to the copy");
+    let launcher = copy.join("trellis-python-kv");
+    // fs::copy keeps the executable bit.
+    std::fs::copy(example.join("trellis-python-kv"), &launcher).expect("copy the launcher");
+    let source = std::fs::read_to_string(example.join("pattern.py")).expect("read pattern.py");
+    let check = "    if not key:\n        raise Invalid(\"key\", \"must not be empty\")\n";
+    assert!(
+        source.contains(check),
+        "examples/python-kv/pattern.py no longer has the line this test removes:\n{check}"
+    );
+    std::fs::write(copy.join("pattern.py"), source.replacen(check, "", 1))
+        .expect("write the broken pattern.py");
+    launcher
+}
+
+/// The kit fails a pattern that does not do the validation it owns: a
+/// pattern that stores an empty key fails `kv.invalid_empty_key`, with a
+/// line naming what was expected (INVALID_ARGUMENT naming `key`) and what
+/// was seen (success), and passes the check it does not break.
+#[tokio::test]
+async fn a_pattern_accepting_an_empty_key_fails_the_validation_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = python_accepting_empty_keys(&dir);
+    let run = conformance(
+        &[
+            "--command",
+            path(&launcher),
+            "--patience",
+            PATIENCE_ARG,
+            "--check",
+            "round_trip",
+            "--check",
+            "kv.invalid_empty_key",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(1), "{}", run.show());
+    let lines = run.check_lines();
+    assert_eq!(lines.len(), 2, "{}", run.show());
+    assert_eq!(lines[0], "PASS kv.round_trip", "{}", run.show());
+    assert_eq!(
+        lines[1],
+        "FAIL kv.invalid_empty_key: Put with an empty key: want InvalidArgument naming \
+         \"key\", got success ()",
+        "{}",
+        run.show()
+    );
+    assert_eq!(run.summary(), "1 passed, 1 failed", "{}", run.show());
 }

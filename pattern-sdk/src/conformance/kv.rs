@@ -53,7 +53,9 @@ use trellis_proto::pattern::v1::{
     InitializeRequest, InitializeResponse, StartRequest, StopRequest,
 };
 
-use crate::validate::MAX_VALUE_BYTES;
+use crate::validate::{
+    DEFAULT_PAGE_SIZE, MAX_KEY_BYTES, MAX_PAGE_SIZE, MAX_TTL_SECONDS, MAX_VALUE_BYTES,
+};
 
 /// Where the suite runs: a KeyValue client and two namespaces served by the
 /// endpoint under test (the second one for the isolation check).
@@ -273,6 +275,58 @@ fn expect_code<T: fmt::Debug>(what: &str, got: Result<T, Status>, want: Code) ->
     }
 }
 
+/// The answer the contract gives a request that breaks a limit
+/// (`docs/pattern-protocol.md`, "Validation a pattern owns"):
+/// INVALID_ARGUMENT with a message that names `field`.
+fn expect_invalid<T: fmt::Debug>(what: &str, got: Result<T, Status>, field: &str) -> CheckResult {
+    match got {
+        Err(s) if s.code() == Code::InvalidArgument && s.message().contains(field) => Ok(()),
+        Err(s) if s.code() == Code::InvalidArgument => Err(format!(
+            "{what}: want InvalidArgument naming the field {field:?} in its message, got {}",
+            show(&s)
+        )),
+        Err(s) => Err(format!(
+            "{what}: want InvalidArgument naming {field:?}, got {}",
+            show(&s)
+        )),
+        Ok(v) => Err(format!(
+            "{what}: want InvalidArgument naming {field:?}, got success {v:?}"
+        )),
+    }
+}
+
+/// A `List` of one page, as the client sent it.
+async fn list_page(
+    kit: &Kit,
+    prefix: &str,
+    page_size: i32,
+    page_token: &str,
+) -> Result<trellis_proto::data::v1::ListResponse, Status> {
+    kit.client()
+        .list(ListRequest {
+            namespace: kit.ns().into(),
+            prefix: prefix.into(),
+            page_size,
+            page_token: page_token.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A `Put` with a TTL of `seconds` and `nanos`, sent as is (negative or
+/// out of range included).
+async fn put_with_raw_ttl(kit: &Kit, key: &str, seconds: i64, nanos: i32) -> Result<(), Status> {
+    kit.client()
+        .put(PutRequest {
+            namespace: kit.ns().into(),
+            key: key.into(),
+            value: b"v".to_vec(),
+            ttl: Some(prost_types::Duration { seconds, nanos }),
+        })
+        .await
+        .map(|_| ())
+}
+
 fn preview(bytes: &[u8]) -> String {
     if bytes.len() <= 32 {
         format!("{bytes:?}")
@@ -356,18 +410,20 @@ pub async fn empty_value(kit: &Kit) -> CheckResult {
     Ok(())
 }
 
-/// A value of exactly the SDK's limit (1 MiB) round-trips; one byte more is
-/// INVALID_ARGUMENT.
+/// A value of exactly [`MAX_VALUE_BYTES`] (1 MiB) round-trips; one byte
+/// more is INVALID_ARGUMENT naming `value`, and the old value stays.
 pub async fn large_value(kit: &Kit) -> CheckResult {
     let key = format!("{}big", kit.prefix("large_value"));
     let value: Vec<u8> = (0..MAX_VALUE_BYTES).map(|i| (i % 251) as u8).collect();
     ok("Put of a 1 MiB value", kit.put(&key, &value, None).await)?;
     expect_value("Get of a 1 MiB value", kit.get(&key).await, &value)?;
+    // 1 MiB + 1 byte fits one gRPC message (4 MiB), so the limit is
+    // reachable through the proxy and directly.
     let too_big = vec![7u8; MAX_VALUE_BYTES + 1];
-    expect_code(
+    expect_invalid(
         "Put of 1 MiB + 1 byte",
         kit.put(&key, &too_big, None).await,
-        Code::InvalidArgument,
+        "value",
     )?;
     expect_value(
         "Get after the rejected Put (the old value stays)",
@@ -761,6 +817,193 @@ pub async fn namespace_isolation(kit: &Kit) -> CheckResult {
     )
 }
 
+// The validation a pattern owns ----------------------------------------------
+//
+// The proxy forwards data calls unchecked, so each pattern enforces the
+// limits in `docs/pattern-protocol.md` ("Validation a pattern owns"), the
+// same as `crate::validate`; these checks take the limits from its
+// constants.
+
+/// An empty key is INVALID_ARGUMENT naming `key` for Get, Put and Delete,
+/// and the Put stores nothing.
+pub async fn invalid_empty_key(kit: &Kit) -> CheckResult {
+    expect_invalid(
+        "Put with an empty key",
+        kit.put("", b"v", None).await,
+        "key",
+    )?;
+    expect_invalid("Get with an empty key", kit.get("").await, "key")?;
+    expect_invalid("Delete with an empty key", kit.delete("").await, "key")
+}
+
+/// A key of [`MAX_KEY_BYTES`] bytes of UTF-8 round-trips; one byte more is
+/// INVALID_ARGUMENT naming `key` for Get, Put and Delete. Bytes, not
+/// characters, are counted.
+pub async fn invalid_key_length(kit: &Kit) -> CheckResult {
+    let p = kit.prefix("invalid_key_length");
+    let longest = format!("{p}{}", "k".repeat(MAX_KEY_BYTES - p.len()));
+    ok(
+        &format!("Put of a {MAX_KEY_BYTES}-byte key"),
+        kit.put(&longest, b"longest", None).await,
+    )?;
+    expect_value(
+        &format!("Get of a {MAX_KEY_BYTES}-byte key"),
+        kit.get(&longest).await,
+        b"longest",
+    )?;
+    let too_long = format!("{longest}k");
+    let what = |call: &str| format!("{call} with a key of {} bytes", MAX_KEY_BYTES + 1);
+    expect_invalid(&what("Put"), kit.put(&too_long, b"v", None).await, "key")?;
+    expect_invalid(&what("Get"), kit.get(&too_long).await, "key")?;
+    expect_invalid(&what("Delete"), kit.delete(&too_long).await, "key")?;
+    // 'é' is two bytes: fewer characters than the limit, more bytes.
+    let wide = format!("{p}{}", "é".repeat((MAX_KEY_BYTES - p.len()) / 2 + 1));
+    expect_invalid(
+        &format!(
+            "Put with a key of {} characters but {} bytes",
+            wide.chars().count(),
+            wide.len()
+        ),
+        kit.put(&wide, b"v", None).await,
+        "key",
+    )
+}
+
+/// A key containing NUL is INVALID_ARGUMENT naming `key`.
+pub async fn invalid_key_nul(kit: &Kit) -> CheckResult {
+    let key = format!("{}a\0b", kit.prefix("invalid_key_nul"));
+    expect_invalid(
+        "Put with a NUL in the key",
+        kit.put(&key, b"v", None).await,
+        "key",
+    )?;
+    expect_invalid("Get with a NUL in the key", kit.get(&key).await, "key")?;
+    expect_invalid(
+        "Delete with a NUL in the key",
+        kit.delete(&key).await,
+        "key",
+    )
+}
+
+/// A negative `page_size` is INVALID_ARGUMENT naming `page_size`.
+pub async fn invalid_page_size(kit: &Kit) -> CheckResult {
+    let prefix = kit.prefix("invalid_page_size");
+    for page_size in [-1, i32::MIN] {
+        expect_invalid(
+            &format!("List with page_size {page_size}"),
+            list_page(kit, &prefix, page_size, "").await,
+            "page_size",
+        )?;
+    }
+    Ok(())
+}
+
+/// A `page_size` above [`MAX_PAGE_SIZE`] is not an error: the page holds
+/// at most [`MAX_PAGE_SIZE`] entries; 0 means at most
+/// [`DEFAULT_PAGE_SIZE`]; paging still returns every key once.
+pub async fn page_size_bounds(kit: &Kit) -> CheckResult {
+    const WRITERS: usize = 16;
+    let prefix = kit.prefix("page_size_bounds");
+    let keys: Vec<String> = (0..=MAX_PAGE_SIZE)
+        .map(|i| format!("{prefix}{i:05}"))
+        .collect();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let kit = kit.clone();
+        let mine: Vec<String> = keys.iter().skip(w).step_by(WRITERS).cloned().collect();
+        writers.spawn(async move {
+            for key in mine {
+                ok(&format!("Put {key:?}"), kit.put(&key, b"v", None).await)?;
+            }
+            Ok::<(), String>(())
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.map_err(|e| format!("a writer task failed: {e}"))??;
+    }
+    for (page_size, most) in [
+        (i32::MAX, MAX_PAGE_SIZE),
+        (MAX_PAGE_SIZE as i32 + 1, MAX_PAGE_SIZE),
+        (0, DEFAULT_PAGE_SIZE),
+    ] {
+        let page = ok(
+            &format!("List of {} keys with page_size {page_size}", keys.len()),
+            list_page(kit, &prefix, page_size, "").await,
+        )?;
+        if page.entries.len() > most {
+            return Err(format!(
+                "List with page_size {page_size} returned {} entries; want at most {most}",
+                page.entries.len()
+            ));
+        }
+        if page.entries.is_empty() || page.next_page_token.is_empty() {
+            return Err(format!(
+                "List with page_size {page_size} over {} keys returned {} entries and \
+                 next_page_token {:?}; want a non-empty page and a token for the rest",
+                keys.len(),
+                page.entries.len(),
+                page.next_page_token
+            ));
+        }
+    }
+    let all = kit.list_all(kit.ns(), &prefix, i32::MAX).await?;
+    let listed: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+    if listed != keys {
+        return Err(format!(
+            "paging with page_size {} returned {} keys, want the {} put, each once, in order",
+            i32::MAX,
+            listed.len(),
+            keys.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A page token the pattern never returned is INVALID_ARGUMENT naming
+/// `page_token`. (A token from another prefix is not checked: the
+/// contract allows a pattern to accept it.)
+pub async fn invalid_page_token(kit: &Kit) -> CheckResult {
+    let prefix = kit.prefix("invalid_page_token");
+    ok("Put", kit.put(&format!("{prefix}a"), b"v", None).await)?;
+    for token in ["definitely not a token!", "{\"after\":", "\u{7f}\u{1}"] {
+        expect_invalid(
+            &format!("List with the made-up page_token {token:?}"),
+            list_page(kit, &prefix, 1, token).await,
+            "page_token",
+        )?;
+    }
+    Ok(())
+}
+
+/// A negative TTL, or one over [`MAX_TTL_SECONDS`], is INVALID_ARGUMENT
+/// naming `ttl` and stores nothing; a TTL of exactly [`MAX_TTL_SECONDS`]
+/// is accepted.
+pub async fn invalid_ttl(kit: &Kit) -> CheckResult {
+    let p = kit.prefix("invalid_ttl");
+    let key = format!("{p}k");
+    for (seconds, nanos) in [(-1, 0), (0, -1), (i64::MIN, 0), (MAX_TTL_SECONDS + 1, 0)] {
+        expect_invalid(
+            &format!("Put with ttl {{ seconds: {seconds}, nanos: {nanos} }}"),
+            put_with_raw_ttl(kit, &key, seconds, nanos).await,
+            "ttl",
+        )?;
+    }
+    expect_code(
+        "Get after Puts rejected for their ttl (nothing stored)",
+        kit.get(&key).await,
+        Code::NotFound,
+    )?;
+    ok(
+        &format!("Put with the longest ttl ({MAX_TTL_SECONDS}s)"),
+        put_with_raw_ttl(kit, &key, MAX_TTL_SECONDS, 0).await,
+    )?;
+    expect_value(
+        "Get of a key with the longest ttl",
+        kit.get(&key).await,
+        b"v",
+    )
+}
+
 // Running them all ---------------------------------------------------------
 
 /// The name and function of every check, in the order [`run_all`] runs them.
@@ -778,6 +1021,13 @@ pub const CHECKS: &[&str] = &[
     "list_large_values",
     "concurrent_writers",
     "namespace_isolation",
+    "invalid_empty_key",
+    "invalid_key_length",
+    "invalid_key_nul",
+    "invalid_page_size",
+    "page_size_bounds",
+    "invalid_page_token",
+    "invalid_ttl",
 ];
 
 /// Runs the check called `name` (one of [`CHECKS`]).
@@ -796,6 +1046,13 @@ pub async fn run_one(kit: &Kit, name: &str) -> CheckResult {
         "list_large_values" => list_large_values(kit).await,
         "concurrent_writers" => concurrent_writers(kit).await,
         "namespace_isolation" => namespace_isolation(kit).await,
+        "invalid_empty_key" => invalid_empty_key(kit).await,
+        "invalid_key_length" => invalid_key_length(kit).await,
+        "invalid_key_nul" => invalid_key_nul(kit).await,
+        "invalid_page_size" => invalid_page_size(kit).await,
+        "page_size_bounds" => page_size_bounds(kit).await,
+        "invalid_page_token" => invalid_page_token(kit).await,
+        "invalid_ttl" => invalid_ttl(kit).await,
         other => Err(format!(
             "no check is called {other:?}; the checks are {CHECKS:?}"
         )),
