@@ -613,8 +613,8 @@ impl Owner {
                         };
                     let stderr = self.stderr_hint();
                     return End::StartFailed {
-                        reason: format!("start failed: {}; {ended}{stderr}", e.message),
-                        retry: e.retry.then_some(because),
+                        reason: format!("start failed: {e}; {ended}{stderr}"),
+                        retry: e.is_retryable().then_some(because),
                     };
                 }
                 Starting::Ready(Err(_elapsed)) => {
@@ -1030,17 +1030,37 @@ impl Drop for AbortOnDrop {
     }
 }
 
-struct StartError {
-    message: String,
-    retry: bool,
+/// Why bringing a process up failed, at which step.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("the child's stdout was not piped")]
+    NoStdout,
+    #[error("{0}")]
+    Handshake(#[from] handshake::HandshakeError),
+    #[error("cannot connect to {endpoint}: {error}")]
+    Connect {
+        endpoint: Endpoint,
+        error: tonic::transport::Error,
+    },
+    /// `INVALID_ARGUMENT` from Initialize: a restart cannot fix it.
+    #[error(
+        "the pattern rejected its configuration (the `config:` block of pattern {pattern:?}): \
+         {message}"
+    )]
+    RejectedConfig { pattern: String, message: String },
+    #[error("Initialize failed: {0}")]
+    Initialize(tonic::Status),
+    #[error("Start failed: {0}")]
+    Start(tonic::Status),
+    #[error("opening the data connection failed: {0}")]
+    DataConnection(String),
 }
 
 impl StartError {
-    fn retry(message: impl Into<String>) -> Self {
-        StartError {
-            message: message.into(),
-            retry: true,
-        }
+    /// Whether starting again may succeed: everything but a configuration
+    /// the pattern rejected (fixing it takes an operator or a reload).
+    fn is_retryable(&self) -> bool {
+        !matches!(self, StartError::RejectedConfig { .. })
     }
 }
 
@@ -1052,11 +1072,9 @@ async fn bring_up(
     stdout: Option<ChildStdout>,
     progress: Arc<std::sync::Mutex<Progress>>,
 ) -> Result<Up, StartError> {
-    let stdout = stdout.ok_or_else(|| StartError::retry("the child's stdout was not piped"))?;
+    let stdout = stdout.ok_or(StartError::NoStdout)?;
     let mut reader = BufReader::new(stdout);
-    let endpoint = handshake::read(&mut reader)
-        .await
-        .map_err(|e| StartError::retry(e.to_string()))?;
+    let endpoint = handshake::read(&mut reader).await?;
     tokio::spawn(output::drain_stdout(reader).in_current_span());
     debug!(endpoint = %endpoint, "handshake received");
 
@@ -1070,24 +1088,20 @@ async fn bring_up(
     let info = match lifecycle.initialize(init).await {
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == tonic::Code::InvalidArgument => {
-            return Err(StartError {
-                message: format!(
-                    "the pattern rejected its configuration (the `config:` block of pattern {:?}): {}",
-                    cfg.name,
-                    s.message()
-                ),
-                retry: false,
+            return Err(StartError::RejectedConfig {
+                pattern: cfg.name.clone(),
+                message: s.message().to_string(),
             });
         }
-        Err(s) => return Err(StartError::retry(format!("Initialize failed: {s}"))),
+        Err(s) => return Err(StartError::Initialize(s)),
     };
     lifecycle
         .start(StartRequest {})
         .await
-        .map_err(|s| StartError::retry(format!("Start failed: {s}")))?;
+        .map_err(StartError::Start)?;
     let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces)
         .await
-        .map_err(|e| StartError::retry(format!("opening the data connection failed: {e}")))?;
+        .map_err(|e| StartError::DataConnection(e.to_string()))?;
 
     progress.lock().unwrap_or_else(|e| e.into_inner()).started = Some(Up {
         endpoint: endpoint.clone(),
@@ -1139,7 +1153,10 @@ async fn connect(endpoint: &Endpoint) -> Result<Channel, StartError> {
             warn!(endpoint = %endpoint, error = %e, delay_ms = delay.as_millis() as u64, "connect failed; retrying");
         })
         .await
-        .map_err(|e| StartError::retry(format!("cannot connect to {endpoint}: {e}")))
+        .map_err(|error| StartError::Connect {
+            endpoint: endpoint.clone(),
+            error,
+        })
 }
 
 async fn open_channel(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
@@ -1249,4 +1266,31 @@ async fn poll_health(
         }
     };
     tokio::join!(watch, poll);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_rejected_configuration_is_not_worth_a_restart() {
+        let rejected = StartError::RejectedConfig {
+            pattern: "mem".into(),
+            message: "config.x: must be a number".into(),
+        };
+        assert!(!rejected.is_retryable());
+        assert!(
+            rejected.to_string().contains("pattern \"mem\""),
+            "{rejected}"
+        );
+        for e in [
+            StartError::NoStdout,
+            StartError::Initialize(tonic::Status::unavailable("backend down")),
+            StartError::Start(tonic::Status::internal("boom")),
+            StartError::DataConnection("refused".into()),
+            StartError::Handshake(handshake::HandshakeError::Eof),
+        ] {
+            assert!(e.is_retryable(), "{e}");
+        }
+    }
 }
