@@ -284,15 +284,6 @@ struct Up {
     info: InitializeResponse,
 }
 
-/// How far a start got, shared with the owner so that a start-up timeout
-/// can tell "never answered" (hung: kill it) from "answers, but NOT_SERVING"
-/// (alive, its backend is not ready: keep it, not routable).
-#[derive(Default)]
-struct Progress {
-    started: Option<Up>,
-    answered_not_serving: bool,
-}
-
 impl Owner {
     async fn run(mut self) {
         let mut want_running = true;
@@ -569,11 +560,11 @@ impl Owner {
         });
         info!(pid, program = %program.display(), "spawned");
 
-        let progress = Arc::new(std::sync::Mutex::new(Progress::default()));
-        let bring_up = bring_up(self.cfg.clone(), stdout, progress.clone()).in_current_span();
-        let mut bring_up = Box::pin(tokio::time::timeout(self.cfg.startup_timeout, bring_up));
+        // Start-up owns its deadline (`startup_timeout`) and says how it
+        // ended: serving, answering NOT_SERVING, or failed at a step.
+        let mut bring_up = Box::pin(bring_up(self.cfg.clone(), stdout).in_current_span());
         enum Starting {
-            Ready(Result<Result<Up, StartError>, tokio::time::error::Elapsed>),
+            Ready(Result<BroughtUp, StartError>),
             Exited(Option<Exit>),
             Command(Option<Command>),
         }
@@ -585,8 +576,35 @@ impl Owner {
                 r = &mut bring_up => Starting::Ready(r),
             };
             match event {
-                Starting::Ready(Ok(Ok(up))) => break (up, true),
-                Starting::Ready(Ok(Err(e))) => {
+                Starting::Ready(Ok(BroughtUp::Serving(up))) => break (up, true),
+                Starting::Ready(Ok(BroughtUp::NotServing(up))) => {
+                    warn!(
+                        pid,
+                        "started, but still NOT_SERVING after startup_timeout; keeping it \
+                         (not routable) until its health check passes"
+                    );
+                    self.update(|s| {
+                        s.last_error = Some(
+                            "answers its health check with NOT_SERVING since start-up (is its backend reachable?)"
+                                .into(),
+                        )
+                    });
+                    break (up, false);
+                }
+                Starting::Ready(Err(StartError::Timeout)) => {
+                    let exit = process::kill(&mut child, pid).await;
+                    self.record_exit(exit);
+                    return End::StartFailed {
+                        reason: format!(
+                            "not ready within startup_timeout ({}): no handshake, connection, \
+                             Initialize/Start or SERVING health check in time; killed it{}",
+                            humantime::format_duration(self.cfg.startup_timeout),
+                            self.stderr_hint()
+                        ),
+                        retry: Some(RestartReason::Unhealthy),
+                    };
+                }
+                Starting::Ready(Err(e)) => {
                     // Give a child that is exiting a moment to do so, so the
                     // error can say how it ended rather than that we killed it.
                     let (ended, because) =
@@ -615,37 +633,6 @@ impl Owner {
                     return End::StartFailed {
                         reason: format!("start failed: {e}; {ended}{stderr}"),
                         retry: e.is_retryable().then_some(because),
-                    };
-                }
-                Starting::Ready(Err(_elapsed)) => {
-                    let alive = {
-                        let p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                        p.started.clone().filter(|_| p.answered_not_serving)
-                    };
-                    if let Some(up) = alive {
-                        warn!(
-                            pid,
-                            "started, but still NOT_SERVING after startup_timeout; keeping it \
-                             (not routable) until its health check passes"
-                        );
-                        self.update(|s| {
-                            s.last_error = Some(
-                                "answers its health check with NOT_SERVING since start-up (is its backend reachable?)"
-                                    .into(),
-                            )
-                        });
-                        break (up, false);
-                    }
-                    let exit = process::kill(&mut child, pid).await;
-                    self.record_exit(exit);
-                    return End::StartFailed {
-                        reason: format!(
-                            "not ready within startup_timeout ({}): no handshake, connection, \
-                             Initialize/Start or SERVING health check in time; killed it{}",
-                            humantime::format_duration(self.cfg.startup_timeout),
-                            self.stderr_hint()
-                        ),
-                        retry: Some(RestartReason::Unhealthy),
                     };
                 }
                 Starting::Exited(exit) => {
@@ -1054,6 +1041,18 @@ enum StartError {
     Start(tonic::Status),
     #[error("opening the data connection failed: {0}")]
     DataConnection(String),
+    /// `startup_timeout` passed before a SERVING answer, and the pattern
+    /// never answered its health check at all.
+    #[error("not ready within startup_timeout")]
+    Timeout,
+}
+
+/// How a start-up that did not fail ended.
+enum BroughtUp {
+    Serving(Up),
+    /// Up and answering, but NOT_SERVING when `startup_timeout` came: kept,
+    /// not routable, until its health check passes.
+    NotServing(Up),
 }
 
 impl StartError {
@@ -1064,77 +1063,82 @@ impl StartError {
     }
 }
 
-/// Handshake → connect → Initialize → Start → first SERVING. Owns nothing
-/// but the child's stdout, so the owner can keep waiting on the child and
-/// its commands while this runs.
+/// Handshake → connect → Initialize → Start → first SERVING, within
+/// `startup_timeout`. Owns nothing but the child's stdout, so the owner can
+/// keep waiting on the child and its commands while this runs (and drop it
+/// to cancel the start).
 async fn bring_up(
     cfg: Arc<PatternConfig>,
     stdout: Option<ChildStdout>,
-    progress: Arc<std::sync::Mutex<Progress>>,
-) -> Result<Up, StartError> {
-    let stdout = stdout.ok_or(StartError::NoStdout)?;
-    let mut reader = BufReader::new(stdout);
-    let endpoint = handshake::read(&mut reader).await?;
-    tokio::spawn(output::drain_stdout(reader).in_current_span());
-    debug!(endpoint = %endpoint, "handshake received");
+) -> Result<BroughtUp, StartError> {
+    let deadline = Instant::now() + cfg.startup_timeout;
+    let steps = async {
+        let stdout = stdout.ok_or(StartError::NoStdout)?;
+        let mut reader = BufReader::new(stdout);
+        let endpoint = handshake::read(&mut reader).await?;
+        tokio::spawn(output::drain_stdout(reader).in_current_span());
+        debug!(endpoint = %endpoint, "handshake received");
 
-    let channel = connect(&endpoint).await?;
-    let mut lifecycle = LifecycleClient::new(channel.clone());
-    let init = InitializeRequest {
-        name: cfg.name.clone(),
-        config: Some(trellis_proto::json::to_struct(&cfg.config)),
-        protocol_version: trellis_proto::PATTERN_PROTOCOL_VERSION,
+        let channel = connect(&endpoint).await?;
+        let mut lifecycle = LifecycleClient::new(channel.clone());
+        let init = InitializeRequest {
+            name: cfg.name.clone(),
+            config: Some(trellis_proto::json::to_struct(&cfg.config)),
+            protocol_version: trellis_proto::PATTERN_PROTOCOL_VERSION,
+        };
+        let info = match lifecycle.initialize(init).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                return Err(StartError::RejectedConfig {
+                    pattern: cfg.name.clone(),
+                    message: s.message().to_string(),
+                });
+            }
+            Err(s) => return Err(StartError::Initialize(s)),
+        };
+        lifecycle
+            .start(StartRequest {})
+            .await
+            .map_err(StartError::Start)?;
+        let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces)
+            .await
+            .map_err(|e| StartError::DataConnection(e.to_string()))?;
+        Ok(Up {
+            endpoint,
+            channel,
+            upstream,
+            info,
+        })
     };
-    let info = match lifecycle.initialize(init).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::InvalidArgument => {
-            return Err(StartError::RejectedConfig {
-                pattern: cfg.name.clone(),
-                message: s.message().to_string(),
-            });
-        }
-        Err(s) => return Err(StartError::Initialize(s)),
-    };
-    lifecycle
-        .start(StartRequest {})
+    let up = tokio::time::timeout_at(deadline, steps)
         .await
-        .map_err(StartError::Start)?;
-    let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces)
-        .await
-        .map_err(|e| StartError::DataConnection(e.to_string()))?;
-
-    progress.lock().unwrap_or_else(|e| e.into_inner()).started = Some(Up {
-        endpoint: endpoint.clone(),
-        channel: channel.clone(),
-        upstream: upstream.clone(),
-        info: info.clone(),
-    });
+        .map_err(|_| StartError::Timeout)??;
 
     // The first SERVING answer makes the pattern routable. Poll briskly: a
     // pattern built on the SDK is SERVING as soon as Start returns.
-    let mut health = HealthClient::new(channel.clone());
+    let mut health = HealthClient::new(up.channel.clone());
     let pause = cfg.health.interval.min(Duration::from_millis(50));
-    loop {
-        match check(&mut health, cfg.health.timeout).await {
-            Ok(()) => break,
-            Err(why) => {
-                if matches!(why, Unhealthy::NotServing(_)) {
-                    progress
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .answered_not_serving = true;
+    let mut answered_not_serving = false;
+    let first_serving = tokio::time::timeout_at(deadline, async {
+        loop {
+            match check(&mut health, cfg.health.timeout).await {
+                Ok(()) => return,
+                Err(why) => {
+                    if matches!(why, Unhealthy::NotServing(_)) {
+                        answered_not_serving = true;
+                    }
+                    debug!(%why, "not serving yet");
+                    tokio::time::sleep(pause).await;
                 }
-                debug!(%why, "not serving yet");
-                tokio::time::sleep(pause).await;
             }
         }
-    }
-    Ok(Up {
-        endpoint,
-        channel,
-        upstream,
-        info,
     })
+    .await;
+    match first_serving {
+        Ok(()) => Ok(BroughtUp::Serving(up)),
+        Err(_) if answered_not_serving => Ok(BroughtUp::NotServing(up)),
+        Err(_) => Err(StartError::Timeout),
+    }
 }
 
 /// Connects with exponential backoff (100 ms doubling to 2 s, 8 attempts);
@@ -1289,6 +1293,7 @@ mod tests {
             StartError::Start(tonic::Status::internal("boom")),
             StartError::DataConnection("refused".into()),
             StartError::Handshake(handshake::HandshakeError::Eof),
+            StartError::Timeout,
         ] {
             assert!(e.is_retryable(), "{e}");
         }
