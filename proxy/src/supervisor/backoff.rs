@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::RestartConfig;
+use super::process::Exit;
+use super::state::RestartReason;
+use crate::config::{RestartConfig, RestartPolicy};
 
 #[derive(Debug)]
 pub struct RestartSchedule {
@@ -94,6 +96,77 @@ impl RestartSchedule {
 
     pub fn config(&self) -> &RestartConfig {
         &self.cfg
+    }
+}
+
+/// How a process's life ended, as far as restarting is concerned.
+#[derive(Debug, Clone, Copy)]
+pub enum Ending<'a> {
+    /// It became ready, then exited on its own.
+    Exited(Exit),
+    /// The supervisor killed it (hung, over its memory limit).
+    Killed {
+        reason: &'a str,
+        because: RestartReason,
+    },
+    /// It never became ready; `retry` is `None` when a restart cannot fix
+    /// it (a missing binary, a rejected configuration, a taken fixed port).
+    StartFailed {
+        reason: &'a str,
+        retry: Option<RestartReason>,
+    },
+}
+
+/// What the supervisor does after a process's life ended (before the
+/// breaker and the backoff, which [`RestartSchedule`] decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start it again, counted with `why`; `failure` says what happened.
+    Restart { why: RestartReason, failure: String },
+    /// It ended cleanly and its policy does not restart that: STOPPED.
+    Stopped,
+    /// It failed and stays down (policy, or nothing a restart can fix):
+    /// FAILED with this reason.
+    Failed(String),
+}
+
+/// The restart rule of docs/configuration.md as a pure function:
+/// `always` restarts every ending, `on-failure` all but a clean exit
+/// (code 0), `never` none; a failure that restarting cannot fix is FAILED
+/// whatever the policy.
+pub fn decide(policy: RestartPolicy, ending: Ending<'_>) -> Decision {
+    match ending {
+        Ending::Exited(exit) => {
+            let restart = match policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => exit.is_failure(),
+                RestartPolicy::Never => false,
+            };
+            match (restart, exit.is_failure()) {
+                (true, _) => Decision::Restart {
+                    why: RestartReason::of_exit(exit),
+                    failure: format!("exited with {exit}"),
+                },
+                (false, true) => {
+                    Decision::Failed(format!("exited with {exit}; restart policy is {policy:?}"))
+                }
+                (false, false) => Decision::Stopped,
+            }
+        }
+        Ending::Killed { reason, .. } if policy == RestartPolicy::Never => {
+            Decision::Failed(format!("{reason}; restart policy is Never"))
+        }
+        Ending::Killed { reason, because } => Decision::Restart {
+            why: because,
+            failure: reason.to_string(),
+        },
+        Ending::StartFailed { reason, retry } => match retry {
+            Some(why) if policy != RestartPolicy::Never => Decision::Restart {
+                why,
+                failure: reason.to_string(),
+            },
+            _ => Decision::Failed(reason.to_string()),
+        },
     }
 }
 
@@ -205,5 +278,77 @@ mod tests {
         assert!(s.allow_start(t0 + Duration::from_secs(10)));
         s.reset();
         assert!(s.allow_start(t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn the_restart_rule_for_every_policy_and_ending() {
+        use super::{Decision, Ending, RestartPolicy as P, RestartReason as R, decide};
+        use crate::supervisor::process::Exit;
+        let clean = Ending::Exited(Exit::Code(0));
+        let failed = Ending::Exited(Exit::Code(3));
+        let crashed = Ending::Exited(Exit::Signal(11));
+        let hung = Ending::Killed {
+            reason: "no health answer",
+            because: R::Unhealthy,
+        };
+        let retryable = Ending::StartFailed {
+            reason: "bad handshake",
+            retry: Some(R::Exit),
+        };
+        let unfixable = Ending::StartFailed {
+            reason: "missing binary",
+            retry: None,
+        };
+        let restart = |why, failure: &str| Decision::Restart {
+            why,
+            failure: failure.to_string(),
+        };
+        // always: everything but what a restart cannot fix.
+        assert_eq!(
+            decide(P::Always, clean),
+            restart(R::Exit, "exited with exit code 0")
+        );
+        assert_eq!(
+            decide(P::Always, failed),
+            restart(R::Exit, "exited with exit code 3")
+        );
+        assert_eq!(
+            decide(P::Always, crashed),
+            restart(R::Signal, "exited with signal 11 (SIGSEGV)")
+        );
+        assert_eq!(
+            decide(P::Always, hung),
+            restart(R::Unhealthy, "no health answer")
+        );
+        assert_eq!(
+            decide(P::Always, retryable),
+            restart(R::Exit, "bad handshake")
+        );
+        assert_eq!(
+            decide(P::Always, unfixable),
+            Decision::Failed("missing binary".into())
+        );
+        // on-failure: a clean exit stays stopped.
+        assert_eq!(decide(P::OnFailure, clean), Decision::Stopped);
+        assert_eq!(
+            decide(P::OnFailure, failed),
+            restart(R::Exit, "exited with exit code 3")
+        );
+        assert_eq!(
+            decide(P::OnFailure, hung),
+            restart(R::Unhealthy, "no health answer")
+        );
+        assert_eq!(
+            decide(P::OnFailure, unfixable),
+            Decision::Failed("missing binary".into())
+        );
+        // never: nothing restarts; a failure is FAILED, a clean exit STOPPED.
+        assert_eq!(decide(P::Never, clean), Decision::Stopped);
+        assert!(matches!(decide(P::Never, failed), Decision::Failed(r) if r.contains("Never")));
+        assert!(matches!(decide(P::Never, hung), Decision::Failed(r) if r.contains("Never")));
+        assert_eq!(
+            decide(P::Never, retryable),
+            Decision::Failed("bad handshake".into())
+        );
     }
 }

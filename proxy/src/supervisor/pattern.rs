@@ -27,7 +27,7 @@ use trellis_proto::pattern::v1::{
     InitializeRequest, InitializeResponse, StartRequest, StopRequest,
 };
 
-use super::backoff::RestartSchedule;
+use super::backoff::{self, Decision, Ending, RestartSchedule};
 use super::cgroup::{self, Cgroups};
 use super::handshake::{self, Endpoint};
 use super::output::{self, Tail};
@@ -403,46 +403,33 @@ impl Owner {
                     by_operator = true;
                     continue;
                 }
-                End::Exited(exit) => {
-                    let policy = self.cfg.restart.policy;
-                    let restart = match policy {
-                        RestartPolicy::Always => true,
-                        RestartPolicy::OnFailure => exit.is_failure(),
-                        RestartPolicy::Never => false,
-                    };
-                    if !restart {
-                        if exit.is_failure() {
-                            self.set_failed(format!(
-                                "exited with {exit}; restart policy is {policy:?}"
-                            ));
-                        } else {
-                            self.set_state(State::Stopped);
-                        }
-                        want_running = false;
-                        continue;
-                    }
-                    why = RestartReason::of_exit(exit);
-                    format!("exited with {exit}")
-                }
-                End::Killed(reason, because) => {
-                    if self.cfg.restart.policy == RestartPolicy::Never {
-                        self.set_failed(format!("{reason}; restart policy is Never"));
-                        want_running = false;
-                        continue;
-                    }
+                End::Exited(exit) => self.after(Ending::Exited(exit)),
+                End::Killed(reason, because) => self.after(Ending::Killed {
+                    reason: &reason,
+                    because,
+                }),
+                End::StartFailed { reason, retry } => self.after(Ending::StartFailed {
+                    reason: &reason,
+                    retry,
+                }),
+            };
+            let failure = match failure {
+                Decision::Restart {
+                    why: because,
+                    failure,
+                } => {
                     why = because;
-                    reason
+                    failure
                 }
-                End::StartFailed { reason, retry } => {
-                    let Some(because) =
-                        retry.filter(|_| self.cfg.restart.policy != RestartPolicy::Never)
-                    else {
-                        self.set_failed(reason);
-                        want_running = false;
-                        continue;
-                    };
-                    why = because;
-                    reason
+                Decision::Stopped => {
+                    self.set_state(State::Stopped);
+                    want_running = false;
+                    continue;
+                }
+                Decision::Failed(reason) => {
+                    self.set_failed(reason);
+                    want_running = false;
+                    continue;
                 }
             };
             last_failure = Some(failure.clone());
@@ -910,6 +897,11 @@ impl Owner {
         };
         info!(pid, %exit, "stopped");
         self.record_exit(exit);
+    }
+
+    /// The restart rule for this pattern's policy ([`backoff::decide`]).
+    fn after(&self, ending: Ending<'_>) -> Decision {
+        backoff::decide(self.cfg.restart.policy, ending)
     }
 
     async fn wait_before_restart(&mut self, why: String) -> Wait {
