@@ -5,7 +5,11 @@
 //! - `output`: the pattern's stdout/stderr → logs and a stderr tail.
 //! - `backoff`: restart delays and the crash-loop breaker.
 //! - `state`: the state machine's states and the published status.
-//! - `pattern`: the owner task and [`PatternHandle`].
+//! - `handle`: [`PatternHandle`], what everyone but the owner holds.
+//! - `pattern`: the owner task (one process's life, commands, stop).
+//! - `startup`: bringing a process up, within `startup_timeout`.
+//! - `probe`: health checks and the health poller.
+//! - `ports`, `cgroup`: where a pattern listens; its cgroup.
 //!
 //! [`Supervisor`] holds the set of patterns running now (the [`Roster`]),
 //! published on a `watch` channel: health, the admin API, metrics and the
@@ -14,11 +18,14 @@
 
 pub mod backoff;
 pub mod cgroup;
+pub mod handle;
 pub mod handshake;
 pub mod output;
 pub mod pattern;
 pub mod ports;
+mod probe;
 pub mod process;
+mod startup;
 pub mod state;
 
 use std::path::PathBuf;
@@ -30,7 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, Host, Loaded, PatternConfig, Source, Traces};
-pub use pattern::{CommandError, CommandResult, PatternHandle};
+pub use handle::{CommandError, CommandResult, PatternHandle};
 pub use state::{Event, RestartReason, Restarts, State, Status};
 
 /// The patterns the proxy runs now, in configuration order, each handle

@@ -1,175 +1,34 @@
-//! One pattern's owner task and the handle everyone else uses.
-//!
-//! The owner task is the only code that holds the pattern's `Child`: it
-//! spawns, watches, stops and restarts it, one command at a time. Others talk
-//! to it through a [`PatternHandle`]: commands go in over an mpsc channel and
-//! come back on a oneshot; status comes out through a `watch` channel. So
+//! One pattern's owner task. It is the only code that holds the pattern's
+//! `Child`: it spawns, watches, stops and restarts it, one command at a
+//! time. Others talk to it through a [`PatternHandle`] (`handle.rs`), so
 //! there is one owner per child, no lock is shared with it, and concurrent
-//! operators are serialized by the queue — a second `stop` finds the pattern
-//! stopped and says so.
+//! operators are serialized by the queue — a second `stop` finds the
+//! pattern stopped and says so. Start-up is `startup.rs`, health probing
+//! `probe.rs`, the restart decision `backoff.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use backon::{ExponentialBuilder, Retryable};
 use tokio::io::BufReader;
-use tokio::process::{Child, ChildStdout};
+use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use tracing::{Instrument, debug, error, info, warn};
+use trellis_proto::pattern::v1::StopRequest;
 use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
-use trellis_proto::pattern::v1::{
-    InitializeRequest, InitializeResponse, StartRequest, StopRequest,
-};
 
 use super::backoff::{self, Decision, Ending, RestartSchedule};
 use super::cgroup::{self, Cgroups};
-use super::handshake::{self, Endpoint};
+use super::handle::{Command, CommandError, CommandResult, EVENT_BUFFER, PatternHandle};
 use super::output::{self, Tail};
 use super::ports;
+use super::probe::{Unhealthy, poll_health};
 use super::process::{self, Exit, Spec};
+use super::startup::{BroughtUp, StartError, Up, bring_up};
 use super::state::{Event, RestartReason, State, Status};
 use crate::config::{PatternConfig, RestartPolicy};
-use crate::upstream::Upstream;
-
-/// State changes a slow `WatchPatterns` client may fall behind by.
-pub const EVENT_BUFFER: usize = 256;
-
-/// What an operator command answers: a sentence for a human either way.
-pub type CommandResult = Result<String, CommandError>;
-
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-pub enum CommandError {
-    #[error("pattern {0:?} is already running; use restart to replace its process")]
-    AlreadyRunning(String),
-    #[error("the proxy is shutting down")]
-    ShuttingDown,
-    #[error("no pattern is named {0:?}")]
-    NotFound(String),
-    /// A blue/green replacement whose new process never served; the old
-    /// one keeps serving.
-    #[error("{0}")]
-    NotReplaced(String),
-}
-
-enum Command {
-    Start(oneshot::Sender<CommandResult>),
-    Stop(oneshot::Sender<CommandResult>),
-    Restart(oneshot::Sender<CommandResult>),
-    Shutdown(oneshot::Sender<()>),
-    /// A no-op round trip through the queue: the liveness watchdog's proof
-    /// that the owner task still takes commands.
-    Ping(oneshot::Sender<()>),
-}
-
-/// A cheap, cloneable reference to one supervised pattern.
-#[derive(Clone, Debug)]
-pub struct PatternHandle {
-    name: Arc<str>,
-    namespaces: Arc<[String]>,
-    commands: mpsc::Sender<Command>,
-    status: watch::Receiver<Status>,
-    events: broadcast::Sender<Event>,
-    tail: Tail,
-}
-
-impl PatternHandle {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn namespaces(&self) -> &[String] {
-        &self.namespaces
-    }
-
-    /// The same pattern (same owner, same process) serving `namespaces`:
-    /// how a reload moves namespaces without touching a process.
-    pub fn with_namespaces(&self, namespaces: Vec<String>) -> PatternHandle {
-        PatternHandle {
-            namespaces: namespaces.into(),
-            ..self.clone()
-        }
-    }
-
-    /// Whether `other` is a handle on the same owner (and so the same
-    /// process), whatever namespaces each carries.
-    pub fn same_owner(&self, other: &PatternHandle) -> bool {
-        self.commands.same_channel(&other.commands)
-    }
-
-    /// A snapshot of the current status.
-    pub fn status(&self) -> Status {
-        self.status.borrow().clone()
-    }
-
-    /// Reads the current status in place, without copying it (the data
-    /// plane does this on every call). `f` must not block: the owner
-    /// waits for it to publish the next status.
-    pub fn with_status<R>(&self, f: impl FnOnce(&Status) -> R) -> R {
-        f(&self.status.borrow())
-    }
-
-    /// A receiver that sees every status change.
-    pub fn watch(&self) -> watch::Receiver<Status> {
-        self.status.clone()
-    }
-
-    /// Every state change from now on, in order. A receiver that falls more
-    /// than [`EVENT_BUFFER`] events behind is told it lagged.
-    pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
-    }
-
-    pub fn stderr_tail(&self) -> Vec<String> {
-        self.tail.lines()
-    }
-
-    pub async fn start(&self) -> CommandResult {
-        self.ask(Command::Start).await
-    }
-
-    pub async fn stop(&self) -> CommandResult {
-        self.ask(Command::Stop).await
-    }
-
-    pub async fn restart(&self) -> CommandResult {
-        self.ask(Command::Restart).await
-    }
-
-    /// Resolves when the owner task has taken a no-op command from its
-    /// queue: it is not stuck. Fails when the owner task has ended.
-    pub async fn ping(&self) -> Result<(), CommandError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Ping(tx))
-            .await
-            .map_err(|_| CommandError::ShuttingDown)?;
-        rx.await.map_err(|_| CommandError::ShuttingDown)
-    }
-
-    async fn ask(&self, make: fn(oneshot::Sender<CommandResult>) -> Command) -> CommandResult {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
-            .await
-            .map_err(|_| CommandError::ShuttingDown)?;
-        rx.await.map_err(|_| CommandError::ShuttingDown)?
-    }
-
-    /// Stops the pattern for good and waits until its process is gone.
-    /// Safe to call more than once.
-    pub async fn shutdown(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
-}
 
 /// Spawns the owner task for `cfg` and returns its handle. `program` is the
 /// resolved executable, or why it could not be resolved. `initial` is the
@@ -246,23 +105,6 @@ enum End {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// Why a health check did not pass.
-#[derive(Debug, Clone, PartialEq)]
-enum Unhealthy {
-    /// The pattern answered, but not SERVING (e.g. its backend is down).
-    NotServing(String),
-    /// No answer: timeout, refused connection, transport error.
-    NoAnswer(String),
-}
-
-impl std::fmt::Display for Unhealthy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Unhealthy::NotServing(w) | Unhealthy::NoAnswer(w) => f.write_str(w),
-        }
-    }
-}
-
 /// What a wait between restarts ended with.
 enum Wait {
     Proceed,
@@ -270,18 +112,6 @@ enum Wait {
     Operator,
     Stopped,
     Shutdown(oneshot::Sender<()>),
-}
-
-/// A process that answered its handshake, Initialize, Start and a first
-/// SERVING health check.
-#[derive(Clone)]
-struct Up {
-    endpoint: Endpoint,
-    /// The control channel: Lifecycle and health.
-    channel: Channel,
-    /// The data connection the data plane forwards calls on.
-    upstream: Upstream,
-    info: InitializeResponse,
 }
 
 impl Owner {
@@ -1006,288 +836,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Why bringing a process up failed, at which step.
-#[derive(Debug, thiserror::Error)]
-enum StartError {
-    #[error("the child's stdout was not piped")]
-    NoStdout,
-    #[error("{0}")]
-    Handshake(#[from] handshake::HandshakeError),
-    #[error("cannot connect to {endpoint}: {error}")]
-    Connect {
-        endpoint: Endpoint,
-        error: tonic::transport::Error,
-    },
-    /// `INVALID_ARGUMENT` from Initialize: a restart cannot fix it.
-    #[error(
-        "the pattern rejected its configuration (the `config:` block of pattern {pattern:?}): \
-         {message}"
-    )]
-    RejectedConfig { pattern: String, message: String },
-    #[error("Initialize failed: {0}")]
-    Initialize(tonic::Status),
-    #[error("Start failed: {0}")]
-    Start(tonic::Status),
-    #[error("opening the data connection failed: {0}")]
-    DataConnection(String),
-    /// `startup_timeout` passed before a SERVING answer, and the pattern
-    /// never answered its health check at all.
-    #[error("not ready within startup_timeout")]
-    Timeout,
-}
-
-/// How a start-up that did not fail ended.
-enum BroughtUp {
-    Serving(Up),
-    /// Up and answering, but NOT_SERVING when `startup_timeout` came: kept,
-    /// not routable, until its health check passes.
-    NotServing(Up),
-}
-
-impl StartError {
-    /// Whether starting again may succeed: everything but a configuration
-    /// the pattern rejected (fixing it takes an operator or a reload).
-    fn is_retryable(&self) -> bool {
-        !matches!(self, StartError::RejectedConfig { .. })
-    }
-}
-
-/// Handshake → connect → Initialize → Start → first SERVING, within
-/// `startup_timeout`. Owns nothing but the child's stdout, so the owner can
-/// keep waiting on the child and its commands while this runs (and drop it
-/// to cancel the start).
-async fn bring_up(
-    cfg: Arc<PatternConfig>,
-    stdout: Option<ChildStdout>,
-) -> Result<BroughtUp, StartError> {
-    let deadline = Instant::now() + cfg.startup_timeout;
-    let steps = async {
-        let stdout = stdout.ok_or(StartError::NoStdout)?;
-        let mut reader = BufReader::new(stdout);
-        let endpoint = handshake::read(&mut reader).await?;
-        tokio::spawn(output::drain_stdout(reader).in_current_span());
-        debug!(endpoint = %endpoint, "handshake received");
-
-        let channel = connect(&endpoint).await?;
-        let mut lifecycle = LifecycleClient::new(channel.clone());
-        let init = InitializeRequest {
-            name: cfg.name.clone(),
-            config: Some(trellis_proto::json::to_struct(&cfg.config)),
-            protocol_version: trellis_proto::PATTERN_PROTOCOL_VERSION,
-        };
-        let info = match lifecycle.initialize(init).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                return Err(StartError::RejectedConfig {
-                    pattern: cfg.name.clone(),
-                    message: s.message().to_string(),
-                });
-            }
-            Err(s) => return Err(StartError::Initialize(s)),
-        };
-        lifecycle
-            .start(StartRequest {})
-            .await
-            .map_err(StartError::Start)?;
-        let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces)
-            .await
-            .map_err(|e| StartError::DataConnection(e.to_string()))?;
-        Ok(Up {
-            endpoint,
-            channel,
-            upstream,
-            info,
-        })
-    };
-    let up = tokio::time::timeout_at(deadline, steps)
-        .await
-        .map_err(|_| StartError::Timeout)??;
-
-    // The first SERVING answer makes the pattern routable. Poll briskly: a
-    // pattern built on the SDK is SERVING as soon as Start returns.
-    let mut health = HealthClient::new(up.channel.clone());
-    let pause = cfg.health.interval.min(Duration::from_millis(50));
-    let mut answered_not_serving = false;
-    let first_serving = tokio::time::timeout_at(deadline, async {
-        loop {
-            match check(&mut health, cfg.health.timeout).await {
-                Ok(()) => return,
-                Err(why) => {
-                    if matches!(why, Unhealthy::NotServing(_)) {
-                        answered_not_serving = true;
-                    }
-                    debug!(%why, "not serving yet");
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        }
-    })
-    .await;
-    match first_serving {
-        Ok(()) => Ok(BroughtUp::Serving(up)),
-        Err(_) if answered_not_serving => Ok(BroughtUp::NotServing(up)),
-        Err(_) => Err(StartError::Timeout),
-    }
-}
-
-/// Connects with exponential backoff (100 ms doubling to 2 s, 8 attempts);
-/// each failed attempt is logged with the delay before the next.
-async fn connect(endpoint: &Endpoint) -> Result<Channel, StartError> {
-    let attempt = || async { open_channel(endpoint).await };
-    attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(2))
-                .with_factor(2.0)
-                .with_max_times(8),
-        )
-        .notify(|e: &tonic::transport::Error, delay: Duration| {
-            warn!(endpoint = %endpoint, error = %e, delay_ms = delay.as_millis() as u64, "connect failed; retrying");
-        })
-        .await
-        .map_err(|error| StartError::Connect {
-            endpoint: endpoint.clone(),
-            error,
-        })
-}
-
-async fn open_channel(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect()
-                .await
-        }
-        Endpoint::Unix(path) => {
-            let path = path.clone();
-            // The URI is required by the API but unused by the connector.
-            tonic::transport::Endpoint::from_static("http://pattern.invalid")
-                .connect_with_connector(tower::service_fn(move |_: http_uri::Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-        }
-    }
-}
-
-mod http_uri {
-    pub use tonic::codegen::http::Uri;
-}
-
-async fn check(client: &mut HealthClient<Channel>, limit: Duration) -> Result<(), Unhealthy> {
-    let req = HealthCheckRequest {
-        service: String::new(),
-    };
-    match tokio::time::timeout(limit, client.check(req)).await {
-        Err(_) => Err(Unhealthy::NoAnswer(format!(
-            "no answer within {}",
-            humantime::format_duration(limit)
-        ))),
-        Ok(Err(status)) => Err(Unhealthy::NoAnswer(format!(
-            "{}: {}",
-            status.code(),
-            status.message()
-        ))),
-        Ok(Ok(resp)) => serving_status(resp.into_inner().status()),
-    }
-}
-
-fn serving_status(s: ServingStatus) -> Result<(), Unhealthy> {
-    match s {
-        ServingStatus::Serving => Ok(()),
-        other => Err(Unhealthy::NotServing(format!(
-            "health status is {}",
-            other.as_str_name()
-        ))),
-    }
-}
-
-/// Reports health to the owner two ways at once: a `Health/Watch` stream, so
-/// a change is seen the moment the pattern reports it, and a `Check` every
-/// `interval`, which also catches a hung process (a watch stream just goes
-/// quiet). A pattern without `Watch` (UNIMPLEMENTED) gets polling alone.
-async fn poll_health(
-    channel: Channel,
-    interval: Duration,
-    limit: Duration,
-    results: mpsc::Sender<Result<(), Unhealthy>>,
-) {
-    let watch = {
-        let results = results.clone();
-        let mut client = HealthClient::new(channel.clone());
-        async move {
-            loop {
-                let req = HealthCheckRequest {
-                    service: String::new(),
-                };
-                match client.watch(req).await {
-                    Ok(stream) => {
-                        let mut stream = stream.into_inner();
-                        while let Ok(Some(msg)) = stream.message().await {
-                            if results.send(serving_status(msg.status())).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(s) if s.code() == tonic::Code::Unimplemented => return,
-                    Err(_) => {}
-                }
-                // The stream broke; the periodic check reports the cause.
-                tokio::time::sleep(interval).await;
-            }
-        }
-    };
-    let poll = async move {
-        let mut client = HealthClient::new(channel);
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await; // the first tick is immediate; bring_up just checked
-        loop {
-            ticker.tick().await;
-            let r = check(&mut client, limit).await;
-            if results.send(r).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::join!(watch, poll);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_rejected_configuration_is_not_worth_a_restart() {
-        let rejected = StartError::RejectedConfig {
-            pattern: "mem".into(),
-            message: "config.x: must be a number".into(),
-        };
-        assert!(!rejected.is_retryable());
-        assert!(
-            rejected.to_string().contains("pattern \"mem\""),
-            "{rejected}"
-        );
-        for e in [
-            StartError::NoStdout,
-            StartError::Initialize(tonic::Status::unavailable("backend down")),
-            StartError::Start(tonic::Status::internal("boom")),
-            StartError::DataConnection("refused".into()),
-            StartError::Handshake(handshake::HandshakeError::Eof),
-            StartError::Timeout,
-        ] {
-            assert!(e.is_retryable(), "{e}");
-        }
     }
 }
