@@ -478,3 +478,25 @@ fn listening_addr(line: &str) -> Option<(String, Option<String>)> {
 pub fn state(p: &admin::Pattern) -> admin::PatternState {
     p.state()
 }
+
+/// `examples/python-kv/trellis-python-kv`, after checking that Python has
+/// the packages the example needs (`make setup` installs them).
+pub fn python_example() -> PathBuf {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    match std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools, grpc_health"])
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "{python} lacks grpcio, grpcio-tools or grpcio-health-checking ({}): run `make \
+             setup` (scripts/setup-backends.sh installs them with pip)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("cannot run {python} ({e}): install Python 3, then run `make setup`"),
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-kv/trellis-python-kv");
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}

@@ -459,19 +459,8 @@ async fn nothing_to_check_exits_2_saying_what_to_fix() {
 /// validation taken out: it stores an empty key instead of refusing it.
 /// Laid out like the repo (the launcher finds `../../proto`), in `dir`.
 fn python_accepting_empty_keys(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    match std::process::Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools, grpc_health"])
-        .output()
-    {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "{python} lacks grpcio, grpcio-tools or grpcio-health-checking ({}): run `make \
-             setup` (scripts/setup-backends.sh installs them with pip)",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run {python} ({e}): install Python 3, then run `make setup`"),
-    }
+    // Checks that Python can run the example at all.
+    trellis_tests::python_example();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let example = repo.join("examples/python-kv");
     let copy = dir.path().join("examples/python-kv");

@@ -6,7 +6,6 @@
 //! (`make setup` installs them); without them every test fails saying so.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -21,26 +20,8 @@ use trellis_tests::{PATIENCE, PatternEntry, Proxy, children_of, eventually, proc
 const NS: &str = "py";
 const OTHER: &str = "py-other";
 
-/// `examples/python-kv/trellis-python-kv`, after checking that Python has
-/// the packages it needs.
 fn launcher() -> PathBuf {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools, grpc_health"])
-        .output()
-    {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "{python} lacks grpcio, grpcio-tools or grpcio-health-checking ({}): run `make \
-             setup` (scripts/setup-backends.sh installs them with pip)",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run {python} ({e}): install Python 3, then run `make setup`"),
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let path = root.join("../examples/python-kv/trellis-python-kv");
-    assert!(path.is_file(), "{} is missing", path.display());
-    path
+    trellis_tests::python_example()
 }
 
 /// A proxy running the Python pattern for [`NS`] and [`OTHER`], SERVING.

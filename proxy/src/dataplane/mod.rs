@@ -242,8 +242,6 @@ impl Generation {
         closing: CancellationToken,
         telemetry: Arc<Telemetry>,
         policies: Policies,
-        request_timeout: Duration,
-        max_in_flight: u32,
         settings: Settings,
     ) -> Self {
         let circuits = Arc::new(Circuits::new(&policies, &telemetry));
@@ -253,12 +251,12 @@ impl Generation {
             telemetry.clone(),
             &policies,
             circuits.clone(),
-            max_in_flight,
+            settings.max_in_flight,
         );
         Generation {
             stack,
             router,
-            request_timeout,
+            request_timeout: settings.request_timeout,
             policies: Arc::new(policies),
             telemetry,
             circuits,
@@ -329,20 +327,8 @@ impl DataPlane {
             request_timeout,
             max_in_flight,
         };
-        let generation = Generation::new(
-            router,
-            closing.clone(),
-            telemetry,
-            policies,
-            request_timeout,
-            max_in_flight,
-            settings,
-        );
-        DataPlane {
-            methods: Arc::new(methods),
-            current: Arc::new(ArcSwap::from_pointee(generation)),
-            closing,
-        }
+        let generation = Generation::new(router, closing.clone(), telemetry, policies, settings);
+        DataPlane::serving(methods, generation, closing)
     }
 
     /// From the proxy's configuration, routing to `patterns`.
@@ -358,10 +344,12 @@ impl DataPlane {
             closing.clone(),
             telemetry,
             Policies::new(config),
-            config.request_timeout,
-            config.max_in_flight,
             Settings::of(config),
         );
+        DataPlane::serving(methods, generation, closing)
+    }
+
+    fn serving(methods: Methods, generation: Generation, closing: CancellationToken) -> Self {
         DataPlane {
             methods: Arc::new(methods),
             current: Arc::new(ArcSwap::from_pointee(generation)),
@@ -396,8 +384,6 @@ impl DataPlane {
             self.closing.clone(),
             telemetry.clone(),
             Policies::new(config),
-            config.request_timeout,
-            config.max_in_flight,
             settings,
         );
         self.current.store(Arc::new(generation));
