@@ -455,10 +455,21 @@ async fn a_saturated_proxy_sheds_new_calls_instead_of_queueing_them() {
         .start()
         .await;
     let channel = proxy.channel().await;
+    // A slow call can lose its slot to a probe below and be shed itself;
+    // it then tries again, so both end up in flight together.
     let slow: Vec<_> = (0..2)
         .map(|_| {
             let mut kv = KeyValueClient::new(channel.clone());
-            tokio::spawn(async move { kv.get(get("e", "sleep:3000")).await })
+            tokio::spawn(async move {
+                loop {
+                    match kv.get(get("e", "sleep:3000")).await {
+                        Err(e) if reason(&e) == "PROXY_OVERLOADED" => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                        outcome => return outcome,
+                    }
+                }
+            })
         })
         .collect();
     let kv = proxy.kv().await;
