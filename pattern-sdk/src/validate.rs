@@ -1,4 +1,6 @@
 //! The checks every data request passes, once, before any pattern sees it.
+//! The rules themselves (limits, alphabets) are `trellis_proto::rules`,
+//! which the proxy's OpenAPI document publishes.
 //! Each function reports every violation it finds, not just the first.
 //!
 //! | field | rule |
@@ -38,42 +40,14 @@ use trellis_proto::data::v1::{
 use crate::error::FieldViolation;
 use crate::{Error, ListQuery};
 
-/// The longest key, in bytes of UTF-8.
-pub const MAX_KEY_BYTES: usize = 1024;
-/// The largest value, in bytes (1 MiB).
-pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
-/// The page size used when a `List` request asks for 0.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-/// The largest page a `List` returns; bigger requests are capped to it.
-pub const MAX_PAGE_SIZE: usize = 1000;
-/// A `List` page stops growing once its keys and values pass this many bytes
-/// (it always holds at least one entry), so a page fits gRPC's default
-/// 4 MiB message limit even with [`MAX_PAGE_SIZE`] values of
-/// [`MAX_VALUE_BYTES`]. Every pattern's `list` must honour it; the
-/// conformance kit's `list_large_values` check holds them to it.
-pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
-/// The longest TTL: the range of `google.protobuf.Duration` (10,000 years).
-pub const MAX_TTL_SECONDS: i64 = 315_576_000_000;
-
-/// The longest topic or queue group, in bytes.
-pub const MAX_TOPIC_BYTES: usize = 256;
-/// The characters allowed in topics and queue groups, as said in errors.
-pub const NAME_CHARS: &str = "ASCII letters, digits, '.', '_', '-' and '~'";
-/// The largest message payload, in bytes (1 MiB).
-pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
-/// The most attributes on one message.
-pub const MAX_ATTRIBUTES: usize = 64;
-/// The longest attribute key, in bytes.
-pub const MAX_ATTRIBUTE_KEY_BYTES: usize = 128;
-/// The characters allowed in attribute keys, as said in errors.
-pub const ATTRIBUTE_KEY_CHARS: &str = "ASCII letters, digits, '.', '_' and '-'";
-/// Attribute keys starting with this (in any case) are reserved for Trellis
-/// and its patterns, e.g. for the message id a backend carries in a header.
-pub const RESERVED_ATTRIBUTE_PREFIX: &str = "trellis-";
-/// The longest attribute value, in bytes of UTF-8.
-pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
-/// The most bytes of attribute keys and values on one message (64 KiB).
-pub const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
+// The limits and alphabets live with the contracts, where the proxy's
+// OpenAPI document reads them too.
+pub use trellis_proto::rules::{
+    ATTRIBUTE_KEY_CHARS, DEFAULT_PAGE_SIZE, MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_ATTRIBUTES, MAX_ATTRIBUTES_BYTES, MAX_KEY_BYTES, MAX_PAGE_BYTES, MAX_PAGE_SIZE,
+    MAX_PAYLOAD_BYTES, MAX_TOPIC_BYTES, MAX_TTL_SECONDS, MAX_VALUE_BYTES, NAME_CHARS,
+    RESERVED_ATTRIBUTE_PREFIX, is_attribute_key_char, is_name_char,
+};
 
 /// A valid `Get` or `Delete`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,16 +157,6 @@ pub fn subscribe(req: SubscribeRequest) -> Result<SubscribeArgs, Error> {
         topic: req.topic,
         queue_group: Some(req.queue_group).filter(|g| !g.is_empty()),
     })
-}
-
-/// Is `c` allowed in a topic or queue group ([`NAME_CHARS`])?
-pub fn is_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '~')
-}
-
-/// Is `c` allowed in an attribute key ([`ATTRIBUTE_KEY_CHARS`])?
-pub fn is_attribute_key_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
 fn key_args(namespace: String, key: String) -> Result<KeyArgs, Error> {

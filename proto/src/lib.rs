@@ -22,6 +22,7 @@ pub mod pattern {
 pub mod idempotency;
 pub mod json;
 pub mod protocol;
+pub mod rules;
 
 pub mod google {
     pub mod api {

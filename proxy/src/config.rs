@@ -839,6 +839,11 @@ fn figment_problem(e: figment::Error, env_keys: &[String]) -> Problem {
 pub const NAME_RULE: &str =
     "1 to 63 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit";
 
+/// [`NAME_RULE`] as a regular expression, for the OpenAPI document's
+/// `namespace` and pattern `name` parameters; a test holds it to
+/// [`valid_name`].
+pub const NAME_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,62}$";
+
 /// Checks a pattern or namespace name against [`NAME_RULE`]. Names end up in
 /// log fields, health service names and URL paths, never in a shell.
 pub fn valid_name(name: &str) -> bool {
@@ -1330,6 +1335,15 @@ mod tests {
             long.as_str(),
         ] {
             assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The published pattern and the check agree on every string.
+        #[test]
+        fn name_pattern_is_valid_name(s in "[a-z0-9_A-Z/ é-]{0,70}") {
+            let re = regex::Regex::new(NAME_PATTERN).unwrap();
+            proptest::prop_assert_eq!(re.is_match(&s), valid_name(&s), "{:?}", s);
         }
     }
 

@@ -50,11 +50,16 @@ pub fn document(
     (status, doc)
 }
 
-/// The HTTP status for an error: grpc-gateway's table, except where a
-/// reason has its own (the IETF Idempotency-Key draft's 422 for a key
-/// reused with another request).
+/// The HTTP status for an error (the rule docs/http-gateway.md states):
+/// grpc-gateway's table for the gRPC code, except where the reason names a
+/// more exact status —
+/// - a refusal because of the target's current state is 409 Conflict
+///   (RFC 9110 §15.5.10): starting a pattern that is already running;
+/// - a key reused with another request is the IETF Idempotency-Key
+///   draft's 422.
 fn status_for(e: &ApiError) -> u16 {
     match e.reason.as_str() {
+        "ALREADY_RUNNING" => 409,
         "IDEMPOTENCY_KEY_REUSED" => 422,
         _ => http_status(e.code),
     }
@@ -147,6 +152,15 @@ mod tests {
         assert_eq!(status, 400);
         assert_eq!(doc["errors"][1]["field"], "value");
         assert!(doc.get("trace_id").is_none());
+    }
+
+    #[test]
+    fn a_conflict_with_the_current_state_is_409() {
+        let e = ApiError::new(Code::FailedPrecondition, "ALREADY_RUNNING", "running");
+        assert_eq!(document(&e, "/", "r", None).0, 409);
+        // Other failed preconditions keep grpc-gateway's 400.
+        let e = ApiError::new(Code::FailedPrecondition, "FAILED_PRECONDITION", "no keys");
+        assert_eq!(document(&e, "/", "r", None).0, 400);
     }
 
     #[test]

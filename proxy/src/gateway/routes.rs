@@ -103,11 +103,25 @@ impl RouteTable {
         &self.routes
     }
 
+    /// The route for `method` on `path`, or why there is none. A path that
+    /// fits a template with a verb (`/v1/patterns/{name}:restart`) is that
+    /// verb's resource alone: the verbless templates it also fits (`{name}`
+    /// would bind `mem:restart`) neither take it nor count in `Allow`.
     pub fn find(&self, method: &Method, path: &str) -> Lookup<'_> {
         let mut allowed = Vec::new();
         let mut path_error = None;
+        let mut verb_matched = false;
         for r in &self.routes {
-            match r.template.matches(path) {
+            // Routes are sorted verb-first, so a verb match is seen before
+            // any verbless one.
+            if verb_matched && r.template.verb.is_none() {
+                break;
+            }
+            let matched = r.template.matches(path);
+            if r.template.verb.is_some() && !matches!(matched, Ok(None)) {
+                verb_matched = true;
+            }
+            match matched {
                 Ok(Some(bindings)) => {
                     if r.http_method == *method {
                         return Lookup::Found(r, bindings);
@@ -190,6 +204,34 @@ mod tests {
             t.find(&Method::GET, "/v2/nothing"),
             Lookup::NotFound
         ));
+        // The verb's resource is the verb's alone: no GetPattern of
+        // "mem:restart" in Allow, nor a Put of the key "" under `…/keys`.
+        for (method, path, allow) in [
+            (Method::GET, "/v1/patterns/mem:restart", vec![Method::POST]),
+            (
+                Method::OPTIONS,
+                "/v1/patterns/mem:start",
+                vec![Method::POST],
+            ),
+            (Method::PUT, "/v1/namespaces/n/keys", vec![Method::GET]),
+            (
+                Method::PUT,
+                "/v1/namespaces/n/topics/t:publish",
+                vec![Method::POST],
+            ),
+        ] {
+            match t.find(&method, path) {
+                Lookup::MethodNotAllowed(got) => assert_eq!(got, allow, "{method} {path}"),
+                other => panic!("{method} {path}: {other:?}"),
+            }
+        }
+        match t.find(&Method::GET, "/v1/patterns/mem:restarts") {
+            Lookup::Found(r, b) => {
+                assert_eq!(r.grpc_path, "/trellis.admin.v1.Admin/GetPattern");
+                assert_eq!(b, vec![("name".to_string(), "mem:restarts".to_string())]);
+            }
+            other => panic!("{other:?}"),
+        }
         match t.find(&Method::GET, "/v1/patterns:watch") {
             Lookup::Found(r, _) => assert_eq!(r.grpc_path, "/trellis.admin.v1.Admin/WatchPatterns"),
             other => panic!("{other:?}"),

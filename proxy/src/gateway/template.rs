@@ -159,6 +159,13 @@ impl Template {
                     i += 1;
                 }
                 Elem::DoubleStar => {
+                    // A variable's `**` binds at least one segment: a
+                    // value is never empty (`PUT …/keys` is not a Put of
+                    // the key "").
+                    let at = spans.len();
+                    if i >= segs.len() && self.vars.iter().any(|v| v.start <= at && at < v.end) {
+                        return Ok(None);
+                    }
                     spans.push((i, segs.len()));
                     i = segs.len();
                 }
@@ -199,6 +206,15 @@ impl Template {
             bindings.push((v.field_path.clone(), value));
         }
         Ok(Some(bindings))
+    }
+
+    /// Does the variable for `field_path` span more than one segment
+    /// (`{key=**}`, `{name=projects/*}`)?
+    pub fn is_multi_segment(&self, field_path: &str) -> bool {
+        self.vars.iter().any(|v| {
+            v.field_path == field_path
+                && (v.end - v.start > 1 || self.elems.get(v.start) == Some(&Elem::DoubleStar))
+        })
     }
 
     /// The field paths bound by the path.
@@ -308,6 +324,10 @@ mod tests {
         );
         assert_eq!(bind(kv, "/v1/namespaces/default/other/a"), None);
         assert_eq!(bind(kv, "/v1/namespaces/default"), None);
+        // A variable's `**` binds at least one segment; a bare `**` may
+        // match none.
+        assert_eq!(bind(kv, "/v1/namespaces/default/keys"), None);
+        assert_eq!(bind("/v1/files/**", "/v1/files"), Some(vec![]));
     }
 
     #[test]

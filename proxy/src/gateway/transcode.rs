@@ -112,7 +112,28 @@ pub fn request(
             })?;
             if field == "*" {
                 match parsed {
-                    Value::Object(m) => root = m,
+                    Value::Object(m) => {
+                        // A field the path sets is not a body field: said, not
+                        // silently overwritten (and so the OpenAPI body schema,
+                        // which leaves it out, is exact).
+                        let from_path: Vec<&str> = route.template.fields().collect();
+                        if let Some(name) = m.keys().find(|k| {
+                            from_path.iter().any(|p| {
+                                input.get_field_by_name(p).is_some_and(|f| {
+                                    f.name() == k.as_str() || f.json_name() == k.as_str()
+                                })
+                            })
+                        }) {
+                            return Err(ApiError::invalid_argument(
+                                name,
+                                format!(
+                                    "is taken from the path ({}); remove it from the body",
+                                    route.template.source
+                                ),
+                            ));
+                        }
+                        root = m
+                    }
                     _ => {
                         return Err(ApiError::invalid_argument(
                             "(body)",
@@ -384,15 +405,14 @@ mod tests {
     }
 
     #[test]
-    fn path_wins_over_body() {
-        let m = build(
-            Method::PUT,
-            "/v1/namespaces/default/keys/k",
-            None,
-            r#"{"key":"other","value":""}"#,
-        )
-        .unwrap();
-        assert_eq!(json(&m)["key"], "k");
+    fn a_path_field_in_the_body_is_refused_by_name() {
+        for body in [r#"{"key":"other","value":""}"#, r#"{"namespace":"x"}"#] {
+            let e = build(Method::PUT, "/v1/namespaces/default/keys/k", None, body).unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument);
+            let (field, detail) = &e.violations[0];
+            assert!(body.contains(field.as_str()), "{field}");
+            assert!(detail.contains("taken from the path"), "{detail}");
+        }
     }
 
     #[test]
