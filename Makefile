@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run setup test lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers bench-soak bench-chaos
+.PHONY: all build run setup test fuzz-http lint fmt clean bench bench-supervisor bench-gateway bench-backends bench-peers bench-soak bench-chaos
 
 all: build
 
@@ -23,6 +23,15 @@ setup:
 ## test: unit tests and end-to-end tests against the real binaries
 test: setup build
 	$(CARGO) test --workspace --no-fail-fast
+
+## fuzz-http: Schemathesis against the HTTP API with a random seed and more
+## examples per operation than `make test` (which uses seed 1), so new cases
+## keep being found; the seed is printed, and TRELLIS_SCHEMATHESIS_SEED=<it>
+## replays a failing run
+fuzz-http: setup build
+	TRELLIS_SCHEMATHESIS_SEED=$${TRELLIS_SCHEMATHESIS_SEED:-random} \
+	TRELLIS_SCHEMATHESIS_EXAMPLES=$${TRELLIS_SCHEMATHESIS_EXAMPLES:-300} \
+	$(CARGO) test -p trellis-tests --test schemathesis
 
 ## bench: every benchmark (release build); prints figures beside same-run baselines
 bench: bench-supervisor bench-gateway bench-backends bench-peers bench-soak bench-chaos

@@ -11,7 +11,8 @@
 # And grpcio, grpcio-tools and grpcio-health-checking (PyPI), on which the
 # Python example pattern examples/python-kv/ runs (tests/tests/python_pattern.rs):
 # installed with pip when `python3 -c 'import grpc, grpc_tools, grpc_health'`
-# fails.
+# fails. And Schemathesis (PyPI), which tests/tests/schemathesis.rs runs
+# against the HTTP API's OpenAPI document, installed the same way.
 # If some are missing and this runs as root with apt-get, installs them
 # (apt-get update; apt-get install -y redis-server nats-server postgresql
 # prometheus).
@@ -101,52 +102,49 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
     exit 1
 fi
 
-# kubernetes-validate: the offline schema check of deploy/kubernetes/.
-KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+# Python packages from PyPI, each installed with pip when its import fails.
 if ! command -v python3 >/dev/null 2>&1; then
-    echo "setup-backends: python3 is missing; tests/tests/deploy_kubernetes.rs needs it with the package $KUBERNETES_VALIDATE (apt-get install -y python3 python3-pip, then python3 -m pip install $KUBERNETES_VALIDATE)" >&2
+    echo "setup-backends: python3 is missing; the tests need it with kubernetes-validate, grpcio and schemathesis (apt-get install -y python3 python3-pip, then make setup)" >&2
     exit 1
 fi
-if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
-    echo "setup-backends: the Python package kubernetes_validate is missing; installing $KUBERNETES_VALIDATE with pip"
+# pip_install IMPORTS WHO PACKAGE...: installs PACKAGEs unless
+# `python3 -c "import IMPORTS"` works; WHO (the test that needs them) is
+# named when it fails.
+pip_install() {
+    local imports=$1 who=$2
+    shift 2
+    if python3 -c "import $imports" >/dev/null 2>&1; then
+        return
+    fi
+    echo "setup-backends: the Python packages $* are missing ($who needs them); installing them with pip"
     if ! python3 -m pip --version >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup-backends: python3 has no pip; installing python3-pip with apt-get"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update && apt-get install -y --no-install-recommends python3-pip || true
     fi
     # A distribution's Python refuses pip installs outside a virtualenv
-    # (PEP 668); the package is self-contained, so fall back to overriding that.
-    python3 -m pip install --quiet "$KUBERNETES_VALIDATE" \
-        || python3 -m pip install --quiet --break-system-packages "$KUBERNETES_VALIDATE" \
+    # (PEP 668); these packages are self-contained, so fall back to
+    # overriding that.
+    python3 -m pip install --quiet "$@" \
+        || python3 -m pip install --quiet --break-system-packages "$@" \
         || true
-    if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+    if ! python3 -c "import $imports" >/dev/null 2>&1; then
         cat >&2 <<EOF
-setup-backends: could not install the Python package $KUBERNETES_VALIDATE for $(command -v python3):
-pip failed (its message is above), or installed it where this python3 does not look.
-tests/tests/deploy_kubernetes.rs needs \`python3 -m kubernetes_validate\`: install the
-package by hand for this python3, then run \`make setup\` again.
-EOF
-        exit 1
-    fi
-fi
-echo "setup-backends: kubernetes-validate $(python3 -m kubernetes_validate --version) ($(command -v python3))"
-
-# grpcio & co.: the Python example pattern, examples/python-kv/.
-GRPC_PACKAGES=(grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1)
-if ! python3 -c 'import grpc, grpc_tools, grpc_health' >/dev/null 2>&1; then
-    echo "setup-backends: the Python packages for examples/python-kv are missing; installing ${GRPC_PACKAGES[*]} with pip"
-    # pip is there: the kubernetes-validate step above made sure of it.
-    python3 -m pip install --quiet "${GRPC_PACKAGES[@]}" \
-        || python3 -m pip install --quiet --break-system-packages "${GRPC_PACKAGES[@]}" \
-        || true
-    if ! python3 -c 'import grpc, grpc_tools, grpc_health' >/dev/null 2>&1; then
-        cat >&2 <<EOF
-setup-backends: could not install the Python packages ${GRPC_PACKAGES[*]} for $(command -v python3):
+setup-backends: could not install the Python packages $* for $(command -v python3):
 pip failed (its message is above), or installed them where this python3 does not look.
-tests/tests/python_pattern.rs runs examples/python-kv/ on them: install them by hand
-for this python3, then run \`make setup\` again.
+$who needs them: install them by hand for this python3, then run \`make setup\` again.
 EOF
         exit 1
     fi
-fi
+}
+
+# kubernetes-validate: the offline schema check of deploy/kubernetes/.
+pip_install kubernetes_validate tests/tests/deploy_kubernetes.rs kubernetes-validate==1.37.0
+echo "setup-backends: kubernetes-validate $(python3 -m kubernetes_validate --version) ($(command -v python3))"
+# grpcio & co.: the Python example pattern, examples/python-kv/.
+pip_install "grpc, grpc_tools, grpc_health" tests/tests/python_pattern.rs \
+    grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1
 echo "setup-backends: grpcio $(python3 -c 'import grpc; print(grpc.__version__)') ($(command -v python3))"
+# Schemathesis: the HTTP API against its OpenAPI document.
+pip_install schemathesis tests/tests/schemathesis.rs schemathesis==4.32.5
+echo "setup-backends: schemathesis $(python3 -c 'import schemathesis; print(schemathesis.__version__)') ($(command -v python3))"

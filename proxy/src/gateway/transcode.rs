@@ -188,24 +188,77 @@ pub fn request(
     }
 
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    DynamicMessage::deserialize_with_options(input.clone(), Value::Object(root), &options).map_err(
-        |e| {
-            let text = e.to_string();
-            match unknown_field(&text) {
-                Some(field) => ApiError::new(
-                    Code::InvalidArgument,
-                    "UNKNOWN_FIELD",
-                    format!("unknown field {field:?} in the request; {text}"),
-                )
-                .violation(field, "no such field in ".to_string() + input.full_name()),
-                None => ApiError::new(
-                    Code::InvalidArgument,
-                    "INVALID_FIELD_VALUE",
-                    format!("the request does not fit {}: {text}", input.full_name()),
-                ),
+    let root = Value::Object(root);
+    DynamicMessage::deserialize_with_options(input.clone(), &root, &options).map_err(|e| {
+        let text = e.to_string();
+        if let Some(field) = unknown_field(&text) {
+            return ApiError::new(
+                Code::InvalidArgument,
+                "UNKNOWN_FIELD",
+                format!("unknown field {field:?} in the request; {text}"),
+            )
+            .violation(field, "no such field in ".to_string() + input.full_name());
+        }
+        let err = ApiError::new(
+            Code::InvalidArgument,
+            "INVALID_FIELD_VALUE",
+            format!("the request does not fit {}: {text}", input.full_name()),
+        );
+        // prost-reflect's error does not say where: decode the fields one
+        // by one to name the first that does not fit, with its format.
+        let culprit = root.as_object().and_then(|fields| {
+            fields.iter().find(|(name, value)| {
+                let one = Value::Object(Map::from_iter([((*name).clone(), (*value).clone())]));
+                DynamicMessage::deserialize_with_options(input.clone(), one, &options).is_err()
+            })
+        });
+        match culprit.and_then(|(name, _)| {
+            Some((
+                name,
+                input
+                    .get_field_by_json_name(name)
+                    .or_else(|| input.get_field_by_name(name))?,
+            ))
+        }) {
+            Some((name, field)) => {
+                let detail = format!("{text}; {}", expected(&field));
+                ApiError {
+                    message: format!("{name}: {detail}"),
+                    ..err
+                }
+                .violation(name.clone(), detail)
             }
+            None => err,
+        }
+    })
+}
+
+/// What a field's JSON value must look like, for an error message.
+fn expected(field: &FieldDescriptor) -> String {
+    let one = match field.kind() {
+        Kind::Message(m) => match m.full_name() {
+            "google.protobuf.Duration" => {
+                "a duration: a string of seconds ending in `s`, such as \"30s\" or \"1.5s\""
+            }
+            "google.protobuf.Timestamp" => {
+                "an RFC 3339 timestamp string, such as \"2026-01-02T03:04:05Z\""
+            }
+            _ => "a JSON object",
         },
-    )
+        Kind::Bytes => "a base64 string",
+        Kind::String => "a string",
+        Kind::Bool => "true or false",
+        Kind::Enum(_) => "one of the enum's names, as a string",
+        Kind::Float | Kind::Double => "a number",
+        _ => "an integer (a number, or a string of digits)",
+    };
+    if field.is_map() {
+        "expected an object".into()
+    } else if field.is_list() {
+        format!("expected a list, each {one}")
+    } else {
+        format!("expected {one}")
+    }
 }
 
 fn summarize(what: &str, violations: &[(String, String)]) -> String {
@@ -402,6 +455,22 @@ mod tests {
             json(&m),
             serde_json::json!({"namespace":"default","key":"a/b","value":"aGk=","ttl":"30s"})
         );
+    }
+
+    #[test]
+    fn a_value_that_does_not_fit_names_its_field_and_format() {
+        for (body, field, hint) in [
+            (r#"{"value":"aGk=","ttl":"30"}"#, "ttl", "\"30s\""),
+            (r#"{"value":"!!","ttl":"30s"}"#, "value", "base64"),
+            (r#"{"ttl":7}"#, "ttl", "duration"),
+        ] {
+            let e = build(Method::PUT, "/v1/namespaces/default/keys/k", None, body).unwrap_err();
+            assert_eq!(e.reason, "INVALID_FIELD_VALUE", "{body}");
+            let (f, detail) = &e.violations[0];
+            assert_eq!(f, field, "{body}");
+            assert!(detail.contains(hint), "{body}: {detail}");
+            assert!(e.message.starts_with(field), "{}", e.message);
+        }
     }
 
     #[test]
