@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+/// The data methods that change data, and so take a key (`Get`, `List`
+/// and `Subscribe` are safe to repeat without one).
+pub const WRITES: &[&str] = &["Put", "Delete", "Publish"];
+
 /// The client's key.
 pub const KEY: &str = "idempotency-key";
 /// The request's fingerprint, made by the proxy.

@@ -27,7 +27,7 @@ impl DataMethod {
     /// Whether the method changes data (`Put`, `Delete`, `Publish`): the
     /// ones an idempotency key applies to.
     pub fn writes(&self) -> bool {
-        matches!(self.name.as_str(), "Put" | "Delete" | "Publish")
+        trellis_proto::idempotency::WRITES.contains(&self.name.as_str())
     }
 }
 

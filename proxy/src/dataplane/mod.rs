@@ -59,7 +59,7 @@ use tower::{Layer, ServiceExt};
 
 pub use body::CallBody;
 pub use breaker::{CircuitView, Circuits};
-pub use methods::{DataMethod, Methods, is_data_path};
+pub use methods::{DATA_SERVICES, DataMethod, Methods, is_data_path};
 pub use observe::Telemetry;
 pub use route::Router;
 pub use wire::MAX_MESSAGE_BYTES;

@@ -44,6 +44,17 @@ pub fn document(table: &RouteTable) -> Value {
             "parameters": params,
             "responses": responses(route, &output),
         });
+        if is_write(route) {
+            // Not a header parameter: its grammar (a structured-field string
+            // or a bare token, trimmed) has no exact JSON Schema, and an
+            // inexact one would be a promise the server does not keep.
+            op["description"] = json!(
+                "An `Idempotency-Key` header (1 to 255 printable ASCII characters, as a \
+                 structured-field string or a bare token) makes a retry of this write safe: the \
+                 same key with the same request gets the first answer again, with \
+                 `Idempotent-Replayed: true`. See docs/idempotency.md."
+            );
+        }
         if let Some(body) = &route.body {
             let schema = if body == "*" {
                 object_schema(&input, &path_fields, true)
@@ -92,8 +103,8 @@ pub fn document(table: &RouteTable) -> Value {
 /// `problem::status_for`: which of them apply depends on what the
 /// operation does (reads a body, goes to a pattern, writes).
 fn responses(route: &Route, output: &MessageDescriptor) -> Value {
-    let data = route.method.parent_service().package_name() == "trellis.data.v1";
-    let write = data && matches!(route.method.name(), "Put" | "Delete" | "Publish");
+    let data = is_data(route);
+    let write = is_write(route);
     let request_id = json!({"X-Request-Id": {"schema": {"type": "string"},
         "description": "The request's id (the caller's, or one made up); in the logs too."}});
     let retry_after = json!({"Retry-After": {"schema": {"type": "integer", "minimum": 1},
@@ -205,7 +216,24 @@ fn responses(route: &Route, output: &MessageDescriptor) -> Value {
             false,
         );
     }
+    r.insert(
+        "default".into(),
+        problem(
+            "Another error a pattern reported, by the same status rule.",
+            false,
+        ),
+    );
     Value::Object(r)
+}
+
+/// A call the data plane forwards to a pattern.
+fn is_data(route: &Route) -> bool {
+    crate::dataplane::DATA_SERVICES.contains(&route.method.parent_service().full_name())
+}
+
+/// The data calls that take an `Idempotency-Key`.
+fn is_write(route: &Route) -> bool {
+    is_data(route) && trellis_proto::idempotency::WRITES.contains(&route.method.name())
 }
 
 /// A path parameter: the field's own rules, plus what a path segment
