@@ -61,7 +61,7 @@ pub fn is_attribute_key_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
-/// The JSON Schema (OpenAPI 3.0 dialect) constraints on `field` of the data
+/// The JSON Schema (2020-12, as OpenAPI 3.1 has it) constraints on `field` of the data
 /// request `message` (full name, e.g. `trellis.data.v1.PutRequest`), or
 /// `None` when the field has no rule beyond its type. The gateway merges
 /// them into the field's type schema.

@@ -395,7 +395,7 @@ async fn server_streams_are_ndjson_or_sse() {
 async fn openapi_and_reflection_describe_the_api() {
     let (p, base) = proxy().await;
     let doc = get(&format!("{base}/openapi.json")).await.json();
-    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/v1/namespaces/{namespace}/keys/{key}"]["put"].is_object());
 
     use tonic_reflection::pb::v1::ServerReflectionRequest;
