@@ -96,7 +96,7 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The proxy's gRPC address (client subcommands).
+    /// The proxy's data address, gRPC (`kv`, `pubsub`, `health`).
     #[arg(
         long,
         env = "TRELLIS_ADDR",
@@ -104,6 +104,15 @@ pub struct ClientArgs {
         global = true
     )]
     pub addr: String,
+    /// The proxy's admin address, `listen.admin` (`patterns`, `reload`,
+    /// `drain`, and the pattern list of `health`).
+    #[arg(
+        long,
+        env = "TRELLIS_ADMIN_ADDR",
+        default_value = "http://127.0.0.1:8982",
+        global = true
+    )]
+    pub admin_addr: String,
     /// Give up after this long (client subcommands).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub timeout: Duration,
@@ -183,19 +192,46 @@ pub enum PatternsOp {
     Watch { name: Option<String> },
 }
 
-async fn channel(c: &ClientArgs) -> anyhow::Result<Channel> {
-    tonic::transport::Endpoint::from_shared(c.addr.clone())
-        .map_err(|e| anyhow::anyhow!("--addr {:?} is not a valid URI ({e}); use e.g. http://127.0.0.1:8980", c.addr))?
-        .connect_timeout(c.timeout)
-        .timeout(c.timeout)
-        .connect()
-        .await
+/// Which of the proxy's doors a command talks to.
+#[derive(Clone, Copy)]
+enum Door {
+    Data,
+    Admin,
+}
+
+/// A channel to `door`; `stream`: no timeout on calls (a stream lives on;
+/// `--timeout` then bounds only the connect).
+async fn connect(c: &ClientArgs, door: Door, stream: bool) -> anyhow::Result<Channel> {
+    let (addr, flag, env, example) = match door {
+        Door::Data => (&c.addr, "--addr", "TRELLIS_ADDR", "http://127.0.0.1:8980"),
+        Door::Admin => (
+            &c.admin_addr,
+            "--admin-addr",
+            "TRELLIS_ADMIN_ADDR",
+            "http://127.0.0.1:8982",
+        ),
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the proxy at {} ({e}); is `trellis` running? Pass --addr or set TRELLIS_ADDR",
-                c.addr
-            )
-        })
+            anyhow::anyhow!("{flag} {addr:?} is not a valid URI ({e}); use e.g. {example}")
+        })?
+        .connect_timeout(c.timeout);
+    if !stream {
+        endpoint = endpoint.timeout(c.timeout);
+    }
+    endpoint.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the proxy at {addr} ({e}); is `trellis` running? Pass {flag} or set {env}"
+        )
+    })
+}
+
+async fn channel(c: &ClientArgs) -> anyhow::Result<Channel> {
+    connect(c, Door::Data, false).await
+}
+
+async fn admin_channel(c: &ClientArgs) -> anyhow::Result<Channel> {
+    connect(c, Door::Admin, false).await
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -302,18 +338,7 @@ pub async fn pubsub(client: ClientArgs, op: PubsubOp) -> anyhow::Result<()> {
             queue_group,
             count,
         } => {
-            // A stream lives on: no request timeout on this channel.
-            let ch = tonic::transport::Endpoint::from_shared(client.addr.clone())?
-                .connect_timeout(client.timeout)
-                .connect()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot reach the proxy at {} ({e}); is `trellis` running? Pass --addr \
-                         or set TRELLIS_ADDR",
-                        client.addr
-                    )
-                })?;
+            let ch = connect(&client, Door::Data, true).await?;
             let mut messages = PubSubClient::new(ch)
                 .subscribe(data::SubscribeRequest {
                     namespace,
@@ -340,7 +365,7 @@ pub async fn pubsub(client: ClientArgs, op: PubsubOp) -> anyhow::Result<()> {
 }
 
 pub async fn patterns(client: ClientArgs, op: Option<PatternsOp>) -> anyhow::Result<()> {
-    let mut admin = AdminClient::new(channel(&client).await?);
+    let mut admin = AdminClient::new(admin_channel(&client).await?);
     let action = |name: String| admin::PatternActionRequest { name };
     match op.unwrap_or(PatternsOp::List) {
         PatternsOp::List => {
@@ -377,11 +402,7 @@ pub async fn patterns(client: ClientArgs, op: Option<PatternsOp>) -> anyhow::Res
             println!("{}", r.into_inner().message);
         }
         PatternsOp::Watch { name } => {
-            let mut admin = AdminClient::new(
-                tonic::transport::Endpoint::from_shared(client.addr.clone())?
-                    .connect()
-                    .await?,
-            );
+            let mut admin = AdminClient::new(connect(&client, Door::Admin, true).await?);
             let mut events = admin
                 .watch_patterns(admin::WatchPatternsRequest {
                     name: name.unwrap_or_default(),
@@ -417,7 +438,7 @@ pub enum Reloaded {
 }
 
 pub async fn reload(client: ClientArgs) -> anyhow::Result<Reloaded> {
-    let mut admin = AdminClient::new(channel(&client).await?);
+    let mut admin = AdminClient::new(admin_channel(&client).await?);
     match admin.reload(admin::ReloadRequest {}).await {
         Ok(r) => {
             println!("{}", r.into_inner().message);
@@ -432,7 +453,7 @@ pub async fn reload(client: ClientArgs) -> anyhow::Result<Reloaded> {
 }
 
 pub async fn drain(client: ClientArgs) -> anyhow::Result<()> {
-    let mut admin = AdminClient::new(channel(&client).await?);
+    let mut admin = AdminClient::new(admin_channel(&client).await?);
     let r = admin
         .drain(admin::DrainRequest {})
         .await
@@ -448,7 +469,7 @@ pub async fn health(client: ClientArgs, service: Option<String>) -> anyhow::Resu
     let services = match service {
         Some(s) => vec![s],
         None => {
-            let mut admin = AdminClient::new(ch.clone());
+            let mut admin = AdminClient::new(admin_channel(&client).await?);
             let r = admin
                 .list_patterns(admin::ListPatternsRequest {})
                 .await
@@ -606,6 +627,14 @@ mod tests {
         ] {
             let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
             assert_eq!(cli.client.addr, "http://h:1", "{argv:?}");
+            assert_eq!(cli.client.admin_addr, "http://127.0.0.1:8982", "{argv:?}");
+        }
+        for argv in [
+            &["trellis", "--admin-addr", "http://a:2", "patterns"][..],
+            &["trellis", "reload", "--admin-addr", "http://a:2"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(cli.client.admin_addr, "http://a:2", "{argv:?}");
         }
         let cli = Cli::try_parse_from(["trellis", "health", "--timeout", "2s"]).unwrap();
         assert_eq!(cli.client.timeout, Duration::from_secs(2));

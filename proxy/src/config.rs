@@ -119,10 +119,16 @@ impl Default for Config {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
-    /// The gRPC front door (data API, admin API, health).
+    /// The gRPC front door: the data API and health.
     pub grpc: SocketAddr,
-    /// The HTTP/JSON front door (the same API, transcoded); `null` turns it off.
+    /// The HTTP/JSON front door (the data API transcoded, health probes,
+    /// `/metrics`); `null` turns it off.
     pub http: Option<SocketAddr>,
+    /// The admin door: the admin API over gRPC and HTTP/JSON on one port,
+    /// with reflection, health and `/metrics`; `null` turns it off (no
+    /// admin API at all). Loopback by default: whoever reaches it can stop
+    /// every pattern.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for Listen {
@@ -130,6 +136,7 @@ impl Default for Listen {
         Listen {
             grpc: SocketAddr::from(([127, 0, 0, 1], 8980)),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8981))),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 8982))),
         }
     }
 }
@@ -859,6 +866,22 @@ impl Config {
         let mut problems = Vec::new();
         let mut bad = |field: String, message: String| problems.push(Problem { field, message });
 
+        // Each door its own address (port 0 picks a free one each).
+        let doors = [
+            ("listen.grpc", Some(self.listen.grpc)),
+            ("listen.http", self.listen.http),
+            ("listen.admin", self.listen.admin),
+        ];
+        for (i, (field, addr)) in doors.iter().enumerate() {
+            if let Some(a) = addr.filter(|a| a.port() != 0)
+                && let Some((other, _)) = doors[..i].iter().find(|(_, b)| *b == Some(a))
+            {
+                bad(
+                    field.to_string(),
+                    format!("is {a}, the address of {other} too; give each door its own port"),
+                );
+            }
+        }
         if self.drain_delay > crate::policy::MAX_DURATION {
             bad(
                 "drain_delay".into(),

@@ -1,10 +1,11 @@
-//! The proxy's listeners — the gRPC door and the HTTP gateway's — and the
-//! tasks that serve them. A reload that changes `listen.grpc` or
-//! `listen.http` binds the new address first (a bind failure refuses the
-//! reload, changing nothing), then serves it, then closes the old door
-//! as a shutdown would: GOAWAY / `Connection: close`, calls in flight
-//! finish within `shutdown_grace`.
+//! The proxy's listeners — the gRPC door, the HTTP gateway's and the admin
+//! door — and the tasks that serve them. A reload that changes a `listen`
+//! address binds the new address first (a bind failure refuses the
+//! reload, changing nothing), then serves it, then closes the old door as
+//! a shutdown would: GOAWAY / `Connection: close`, calls in flight finish
+//! within `shutdown_grace`.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,7 +17,77 @@ use tracing::info;
 use crate::config::{Listen, Problem};
 use crate::front::{self, FrontDoor};
 use crate::gateway::Gateway;
+use crate::gateway::mixed::AdminDoor;
 use crate::shutdown::{CancellationToken, Grace};
+
+/// A listener's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `listen.grpc`: the data API and health over gRPC.
+    Grpc,
+    /// `listen.http`: the data API over HTTP/JSON, probes, `/metrics`.
+    Http,
+    /// `listen.admin`: the admin API over gRPC and HTTP/JSON.
+    Admin,
+}
+
+impl Surface {
+    pub const ALL: [Surface; 3] = [Surface::Grpc, Surface::Http, Surface::Admin];
+
+    /// Its field in the configuration, e.g. `listen.grpc`.
+    pub fn field(self) -> &'static str {
+        match self {
+            Surface::Grpc => "listen.grpc",
+            Surface::Http => "listen.http",
+            Surface::Admin => "listen.admin",
+        }
+    }
+
+    /// The address `listen` gives it (`None`: off).
+    pub fn addr(self, listen: &Listen) -> Option<SocketAddr> {
+        match self {
+            Surface::Grpc => Some(listen.grpc),
+            Surface::Http => listen.http,
+            Surface::Admin => listen.admin,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What serves each surface.
+pub struct Services {
+    /// Data and health, for `listen.grpc`; the HTTP gateway calls it too.
+    pub front: FrontDoor,
+    /// The data routes, for `listen.http`.
+    pub gateway: Arc<Gateway>,
+    /// Admin, reflection and health over gRPC, the admin routes over HTTP.
+    pub admin: Arc<AdminDoor>,
+}
+
+/// The addresses served now, by surface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs([Option<SocketAddr>; 3]);
+
+impl Addrs {
+    pub fn get(&self, surface: Surface) -> Option<SocketAddr> {
+        self.0[surface.index()]
+    }
+}
+
+/// An address for a log line: the address, or `off`.
+pub struct Shown(pub Option<SocketAddr>);
+
+impl fmt::Display for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
 
 /// One listener and the task serving it.
 struct Door {
@@ -34,72 +105,61 @@ impl Door {
 
 /// Every open door, and those closing after a re-bind.
 pub struct Doors {
-    front: FrontDoor,
-    gateway: Arc<Gateway>,
+    services: Services,
     grace: Grace,
-    grpc: Door,
-    http: Option<Door>,
+    /// By [`Surface::index`]; `None`: that door is off.
+    open: [Option<Door>; 3],
     closing: Vec<JoinHandle<()>>,
 }
 
-/// New listeners, bound and not yet served.
-pub struct Bound {
-    grpc: Option<TcpListener>,
-    /// `Some(None)`: turn the HTTP door off.
-    http: Option<Option<TcpListener>>,
-}
+/// New listeners, bound and not yet served: for each changed surface, its
+/// listener, or `None` to turn it off.
+pub struct Bound(Vec<(Surface, Option<TcpListener>)>);
 
 impl Doors {
-    /// Serves `grpc` (and `http`, when given) until [`Doors::close`].
+    /// Serves each listener given (by surface) until [`Doors::close`].
     pub fn open(
-        front: FrontDoor,
-        gateway: Arc<Gateway>,
+        services: Services,
         grace: Grace,
-        grpc: TcpListener,
-        http: Option<TcpListener>,
+        listeners: Vec<(Surface, TcpListener)>,
     ) -> std::io::Result<Doors> {
-        let grpc = serve_grpc(&front, &grace, grpc)?;
-        let http = http.map(|l| serve_http(&gateway, &grace, l)).transpose()?;
-        Ok(Doors {
-            front,
-            gateway,
+        let mut doors = Doors {
+            services,
             grace,
-            grpc,
-            http,
+            open: [None, None, None],
             closing: Vec::new(),
-        })
+        };
+        for (surface, listener) in listeners {
+            doors.open[surface.index()] = Some(doors.serve(surface, listener)?);
+        }
+        Ok(doors)
     }
 
     /// The addresses served now.
-    pub fn addrs(&self) -> (SocketAddr, Option<SocketAddr>) {
-        (self.grpc.addr, self.http.as_ref().map(|d| d.addr))
+    pub fn addrs(&self) -> Addrs {
+        Addrs(Surface::ALL.map(|s| self.open[s.index()].as_ref().map(|d| d.addr)))
     }
 
     /// Binds what changed between `old` and `new`; every address that
     /// cannot be bound is a problem naming its field.
     pub async fn bind(old: &Listen, new: &Listen) -> Result<Bound, Vec<Problem>> {
         let mut problems = Vec::new();
-        let mut bound = Bound {
-            grpc: None,
-            http: None,
-        };
-        if old.grpc != new.grpc {
-            match bind(new.grpc, "listen.grpc").await {
-                Ok(l) => bound.grpc = Some(l),
-                Err(p) => problems.push(p),
+        let mut bound = Vec::new();
+        for surface in Surface::ALL {
+            let (before, after) = (surface.addr(old), surface.addr(new));
+            if before == after {
+                continue;
             }
-        }
-        if old.http != new.http {
-            match new.http {
-                None => bound.http = Some(None),
-                Some(addr) => match bind(addr, "listen.http").await {
-                    Ok(l) => bound.http = Some(Some(l)),
+            match after {
+                None => bound.push((surface, None)),
+                Some(addr) => match bind(addr, surface.field()).await {
+                    Ok(l) => bound.push((surface, Some(l))),
                     Err(p) => problems.push(p),
                 },
             }
         }
         if problems.is_empty() {
-            Ok(bound)
+            Ok(Bound(bound))
         } else {
             Err(problems)
         }
@@ -107,26 +167,20 @@ impl Doors {
 
     /// Serves the new listeners, then closes the doors they replace.
     pub fn rebind(&mut self, bound: Bound) -> std::io::Result<()> {
-        let changed = bound.grpc.is_some() || bound.http.is_some();
-        if let Some(listener) = bound.grpc {
-            let door = serve_grpc(&self.front, &self.grace, listener)?;
-            let old = std::mem::replace(&mut self.grpc, door);
-            self.closing.push(old.close());
-        }
-        if let Some(http) = bound.http {
-            let door = http
-                .map(|l| serve_http(&self.gateway, &self.grace, l))
-                .transpose()?;
-            if let Some(old) = std::mem::replace(&mut self.http, door) {
+        let changed = !bound.0.is_empty();
+        for (surface, listener) in bound.0 {
+            let door = listener.map(|l| self.serve(surface, l)).transpose()?;
+            if let Some(old) = std::mem::replace(&mut self.open[surface.index()], door) {
                 self.closing.push(old.close());
             }
         }
         self.closing.retain(|t| !t.is_finished());
         if changed {
-            let (grpc, http) = self.addrs();
+            let addrs = self.addrs();
             info!(
-                grpc = %grpc,
-                http = %http.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+                grpc = %Shown(addrs.get(Surface::Grpc)),
+                http = %Shown(addrs.get(Surface::Http)),
+                admin = %Shown(addrs.get(Surface::Admin)),
                 reload = true,
                 "listening"
             );
@@ -138,9 +192,35 @@ impl Doors {
     /// grace) and waits until all are closed.
     pub async fn close(self) {
         let mut tasks = self.closing;
-        tasks.push(self.grpc.close());
-        tasks.extend(self.http.map(Door::close));
+        tasks.extend(self.open.into_iter().flatten().map(Door::close));
         join_all(tasks).await;
+    }
+
+    fn serve(&self, surface: Surface, listener: TcpListener) -> std::io::Result<Door> {
+        let addr = listener.local_addr()?;
+        let close = CancellationToken::new();
+        let (closing, grace) = (close.clone(), self.grace.clone());
+        let task = match surface {
+            Surface::Grpc => tokio::spawn(front::serve(
+                self.services.front.clone(),
+                listener,
+                closing,
+                grace,
+            )),
+            Surface::Http => tokio::spawn(crate::gateway::serve(
+                self.services.gateway.clone(),
+                listener,
+                closing,
+                grace,
+            )),
+            Surface::Admin => tokio::spawn(crate::gateway::serve(
+                self.services.admin.clone(),
+                listener,
+                closing,
+                grace,
+            )),
+        };
+        Ok(Door { addr, close, task })
     }
 }
 
@@ -151,32 +231,4 @@ async fn bind(addr: SocketAddr, field: &str) -> Result<TcpListener, Problem> {
             "cannot listen on {addr}: {e}; another process may hold it — choose a free address"
         ),
     })
-}
-
-fn serve_grpc(front: &FrontDoor, grace: &Grace, listener: TcpListener) -> std::io::Result<Door> {
-    let addr = listener.local_addr()?;
-    let close = CancellationToken::new();
-    let task = tokio::spawn(front::serve(
-        front.clone(),
-        listener,
-        close.clone(),
-        grace.clone(),
-    ));
-    Ok(Door { addr, close, task })
-}
-
-fn serve_http(
-    gateway: &Arc<Gateway>,
-    grace: &Grace,
-    listener: TcpListener,
-) -> std::io::Result<Door> {
-    let addr = listener.local_addr()?;
-    let close = CancellationToken::new();
-    let task = tokio::spawn(crate::gateway::serve(
-        gateway.clone(),
-        listener,
-        close.clone(),
-        grace.clone(),
-    ));
-    Ok(Door { addr, close, task })
 }

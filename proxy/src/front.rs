@@ -22,10 +22,13 @@ use tracing::warn;
 
 use crate::dataplane::{CallBody, DataPlane};
 
-/// Every gRPC service the proxy serves, behind one `Service`.
+/// The gRPC services of one listener family, behind one `Service`: the
+/// data plane and health for the data doors, the admin API, reflection
+/// and health for the admin door.
 #[derive(Clone)]
 pub struct FrontDoor {
-    data: Arc<DataPlane>,
+    /// `None`: data calls are not served here (UNIMPLEMENTED).
+    data: Option<Arc<DataPlane>>,
     services: Routes,
     /// The client of the connection this copy serves.
     peer: Option<std::net::SocketAddr>,
@@ -35,7 +38,16 @@ impl FrontDoor {
     /// `services` are the proxy's own; data calls go to `data`.
     pub fn new(data: DataPlane, services: Routes) -> Self {
         FrontDoor {
-            data: Arc::new(data),
+            data: Some(Arc::new(data)),
+            services,
+            peer: None,
+        }
+    }
+
+    /// Only the proxy's own `services`: a data call is UNIMPLEMENTED here.
+    pub fn without_data(services: Routes) -> Self {
+        FrontDoor {
+            data: None,
             services,
             peer: None,
         }
@@ -108,8 +120,12 @@ where
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(crate::dataplane::Peer(peer));
         }
-        if crate::dataplane::is_data_path(req.uri().path()) {
-            let data = self.data.clone();
+        if let Some(data) = self
+            .data
+            .as_ref()
+            .filter(|_| crate::dataplane::is_data_path(req.uri().path()))
+        {
+            let data = data.clone();
             Box::pin(async move { Ok(data.handle(req).await.map(FrontBody::Data)) })
         } else {
             let call = tower::Service::call(&mut self.services, req);

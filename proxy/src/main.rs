@@ -147,7 +147,14 @@ async fn serve(loaded: config::Loaded, args: cli::ServeArgs) -> ExitCode {
         },
         None => None,
     };
-    let listeners = server::Listeners { grpc, http };
+    let admin = match loaded.config.listen.admin {
+        Some(addr) => match bind(addr, "listen.admin", "TRELLIS_LISTEN__ADMIN").await {
+            Ok(l) => Some(l),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    let listeners = server::Listeners { grpc, http, admin };
     match server::run(loaded, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

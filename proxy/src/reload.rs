@@ -102,7 +102,7 @@ fn invalid(source: &str, problems: &[Problem]) -> String {
 
 enum Request {
     /// The doors, once the server has opened them.
-    Doors(Doors),
+    Doors(Box<Doors>),
     Reload(oneshot::Sender<Result<Applied, ReloadError>>),
     Operator(String, Operator, oneshot::Sender<CommandResult>),
     Shutdown(oneshot::Sender<()>),
@@ -169,7 +169,7 @@ impl Reloader {
     /// Hands the open doors to the task: a reload re-binds them, and
     /// [`Reloader::shutdown`] closes them before stopping the patterns.
     pub async fn doors(&self, doors: Doors) {
-        let _ = self.requests.send(Request::Doors(doors)).await;
+        let _ = self.requests.send(Request::Doors(Box::new(doors))).await;
     }
 
     /// Reads the configuration again and applies it.
@@ -217,7 +217,7 @@ impl Task {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         while let Some(request) = requests.recv().await {
             match request {
-                Request::Doors(doors) => self.doors = Some(doors),
+                Request::Doors(doors) => self.doors = Some(*doors),
                 Request::Reload(reply) => {
                     // The service manager sees the reload (systemd:
                     // RELOADING=1 … READY=1), applied or refused.
@@ -399,20 +399,16 @@ impl Task {
                 warn!(error = %e, "a re-bound listener has no address; the old one is closing");
             }
             let after = doors.addrs();
-            if before.0 != after.0 {
-                applied
-                    .rebound
-                    .push(format!("listen.grpc {} → {}", before.0, after.0));
-            }
-            if before.1 != after.1 {
-                let show = |a: Option<std::net::SocketAddr>| {
-                    a.map_or_else(|| "off".to_string(), |a| a.to_string())
-                };
-                applied.rebound.push(format!(
-                    "listen.http {} → {}",
-                    show(before.1),
-                    show(after.1)
-                ));
+            for surface in crate::doors::Surface::ALL {
+                let (was, now) = (before.get(surface), after.get(surface));
+                if was != now {
+                    applied.rebound.push(format!(
+                        "{} {} → {}",
+                        surface.field(),
+                        crate::doors::Shown(was),
+                        crate::doors::Shown(now)
+                    ));
+                }
             }
         }
         self.config.send_replace(Arc::new(new.config.clone()));

@@ -1,5 +1,6 @@
-//! The proxy assembled: supervisor, health reporter, data plane and admin
-//! API behind one gRPC front door, and the HTTP gateway beside it. [`run`]
+//! The proxy assembled: supervisor, health reporter, data plane behind the
+//! data doors (gRPC and HTTP/JSON), the admin API behind the admin door.
+//! [`run`]
 //! takes already-bound listeners and a shutdown future, so tests can run it
 //! on port 0.
 
@@ -14,8 +15,10 @@ use crate::config::Loaded;
 use std::sync::Arc;
 
 use crate::dataplane::{DataPlane, Methods, Telemetry};
-use crate::doors::Doors;
+use crate::doors::{Doors, Services, Shown, Surface};
 use crate::front::FrontDoor;
+use crate::gateway::Api;
+use crate::gateway::mixed::AdminDoor;
 use crate::health;
 use crate::liveness;
 use crate::metrics::Metrics;
@@ -29,6 +32,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The HTTP/JSON gateway's; `None` turns the gateway off.
     pub http: Option<TcpListener>,
+    /// The admin door's; `None` turns the admin API off.
+    pub admin: Option<TcpListener>,
 }
 
 /// Serves until `shutdown` resolves, then drains the front doors (bounded
@@ -101,28 +106,42 @@ pub async fn run(
             .with_data_plane(data.clone())
             .with_drain(drain.clone()),
     );
-    // The proxy's own services; data calls never reach them.
-    let mut services = tonic::service::RoutesBuilder::default();
-    services.add_service(health_service).add_service(admin);
-    crate::reflection::add_to(&mut services)?;
-    // One front door for both listeners: the gRPC listener serves it, and
-    // the HTTP gateway calls it in-process.
-    let front = FrontDoor::new(data, services.routes());
+    // The data doors serve data and health; the admin door the admin API,
+    // reflection and health. Each pair (gRPC, HTTP) runs the same code: the
+    // gateway calls its front door in-process.
+    let mut data_services = tonic::service::RoutesBuilder::default();
+    data_services.add_service(health_service.clone());
+    let front = FrontDoor::new(data, data_services.routes());
+    let mut admin_services = tonic::service::RoutesBuilder::default();
+    admin_services
+        .add_service(health_service)
+        .add_service(admin);
+    crate::reflection::add_to(&mut admin_services)?;
+    let admin_front = FrontDoor::without_data(admin_services.routes());
 
-    // Built whether or not it listens: a reload may open its door.
-    let gateway = crate::gateway::Gateway::new(front.clone(), &config.http, metrics)
-        .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))?;
-    let doors = Doors::open(
+    // Built whether or not they listen: a reload may open their doors.
+    let gateway = |api, front: &FrontDoor| {
+        crate::gateway::Gateway::new(api, front.clone(), &config.http, metrics.clone())
+            .map(Arc::new)
+            .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))
+    };
+    let services = Services {
+        gateway: gateway(Api::Data, &front)?,
+        admin: Arc::new(AdminDoor::new(
+            admin_front.clone(),
+            gateway(Api::Admin, &admin_front)?,
+        )),
         front,
-        Arc::new(gateway),
-        grace,
-        listeners.grpc,
-        listeners.http,
-    )?;
-    let (grpc_addr, http_addr) = doors.addrs();
+    };
+    let mut open = vec![(Surface::Grpc, listeners.grpc)];
+    open.extend(listeners.http.map(|l| (Surface::Http, l)));
+    open.extend(listeners.admin.map(|l| (Surface::Admin, l)));
+    let doors = Doors::open(services, grace, open)?;
+    let addrs = doors.addrs();
     info!(
-        grpc = %grpc_addr,
-        http = %http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        grpc = %Shown(addrs.get(Surface::Grpc)),
+        http = %Shown(addrs.get(Surface::Http)),
+        admin = %Shown(addrs.get(Surface::Admin)),
         config = %loaded.source,
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"

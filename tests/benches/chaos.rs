@@ -639,16 +639,16 @@ async fn pattern_pid(
 /// Kills something every 2–6 s until `stop`; a server it kills is always
 /// back before it returns.
 async fn chaos(
-    proxy_addr: String,
+    admin_addr: String,
     mut servers: Servers,
     mut rng: Rng,
     mut stop: watch::Receiver<bool>,
 ) -> (Servers, ChaosLog) {
-    let channel = tonic::transport::Endpoint::from_shared(proxy_addr)
+    let channel = tonic::transport::Endpoint::from_shared(admin_addr)
         .expect("uri")
         .connect()
         .await
-        .expect("connect to the proxy");
+        .expect("connect to the proxy's admin door");
     let mut admin = admin::admin_client::AdminClient::new(channel);
     let mut log = ChaosLog::default();
     loop {
@@ -728,12 +728,12 @@ async fn chaos(
 
 /// Every pattern pid the proxy reports, and its children, every 100 ms.
 async fn watch_pids(
-    proxy_addr: String,
+    admin_addr: String,
     proxy_pid: u32,
     seen: Arc<Mutex<BTreeMap<u32, String>>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let channel = tonic::transport::Endpoint::from_shared(proxy_addr)
+    let channel = tonic::transport::Endpoint::from_shared(admin_addr)
         .expect("uri")
         .connect_lazy();
     let mut admin = admin::admin_client::AdminClient::new(channel);
@@ -1024,8 +1024,9 @@ async fn run() -> bool {
     let (stop_tx, stop_rx) = watch::channel(false);
     let seen: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
     let (watcher_stop_tx, watcher_stop_rx) = watch::channel(false);
+    let admin_addr = proxy.admin.clone().expect("the admin door is on");
     let watcher = tokio::spawn(watch_pids(
-        proxy.addr.clone(),
+        admin_addr.clone(),
         proxy.pid(),
         seen.clone(),
         watcher_stop_rx,
@@ -1055,7 +1056,7 @@ async fn run() -> bool {
     }
     let (chaos_stop_tx, chaos_stop_rx) = watch::channel(false);
     let chaos_task = tokio::spawn(chaos(
-        proxy.addr.clone(),
+        admin_addr.clone(),
         servers,
         rng.fork(0),
         chaos_stop_rx,

@@ -210,7 +210,7 @@ impl ProxyBuilder {
     pub fn yaml(&self) -> String {
         let mut y = format!(
             // The harness reads the `listening` line, so keep the server at info.
-            "listen:\n  grpc: 127.0.0.1:0\n  http: 127.0.0.1:0\nlog:\n  level: \"{},trellis::server=info\"\n",
+            "listen:\n  grpc: 127.0.0.1:0\n  http: 127.0.0.1:0\n  admin: 127.0.0.1:0\nlog:\n  level: \"{},trellis::server=info\"\n",
             self.log_level.as_deref().unwrap_or("debug")
         );
         // Tests stop proxies often: no drain delay unless a test sets one.
@@ -274,7 +274,12 @@ pub struct Proxy {
     pub addr: String,
     /// The HTTP gateway's base URL, e.g. `http://127.0.0.1:40001`.
     pub http: Option<String>,
+    /// The admin door's base URL (gRPC and HTTP/JSON), e.g.
+    /// `http://127.0.0.1:40002`; `None` when `listen.admin` is off.
+    pub admin: Option<String>,
     pub logs: Arc<Mutex<Vec<String>>>,
+    /// Reads the proxy's stderr into `logs`; ends at its end.
+    log_reader: Option<tokio::task::JoinHandle<()>>,
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -309,7 +314,7 @@ impl Proxy {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let sink = logs.clone();
-        tokio::spawn(async move {
+        let log_reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             let mut addr_tx = Some(addr_tx);
             while let Ok(Some(line)) = lines.next_line().await {
@@ -324,7 +329,7 @@ impl Proxy {
                 sink.lock().unwrap().push(line);
             }
         });
-        let (addr, http) = match tokio::time::timeout(PATIENCE, addr_rx).await {
+        let (addr, http, admin) = match tokio::time::timeout(PATIENCE, addr_rx).await {
             Ok(Ok(a)) => a,
             _ => panic!(
                 "trellis never logged its listening address; its log:\n{}",
@@ -335,6 +340,8 @@ impl Proxy {
             child,
             addr: format!("http://{addr}"),
             http: http.map(|h| format!("http://{h}")),
+            admin: admin.map(|a| format!("http://{a}")),
+            log_reader: Some(log_reader),
             logs,
             config_path,
             _dir: dir,
@@ -362,8 +369,21 @@ impl Proxy {
         KeyValueClient::new(self.channel().await)
     }
 
+    /// A channel to the admin door (Admin, reflection, health).
+    pub async fn admin_channel(&self) -> Channel {
+        let addr = self
+            .admin
+            .clone()
+            .expect("this proxy has no admin door (listen.admin is off)");
+        tonic::transport::Endpoint::from_shared(addr)
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to the admin door")
+    }
+
     pub async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.channel().await)
+        AdminClient::new(self.admin_channel().await)
     }
 
     pub async fn health(&self) -> HealthClient<Channel> {
@@ -454,24 +474,32 @@ impl Proxy {
             .await
             .expect("proxy exits after SIGTERM")
             .expect("wait");
+        // Every line it wrote is in `logs` before this returns.
+        if let Some(reader) = self.log_reader.take() {
+            let _ = tokio::time::timeout(PATIENCE, reader).await;
+        }
         status.code()
     }
 }
 
-/// Finds the gRPC and HTTP addresses in the proxy's `listening` log line.
-fn listening_addr(line: &str) -> Option<(String, Option<String>)> {
+/// The gRPC, HTTP and admin addresses of the proxy's `listening` log line.
+fn listening_addr(line: &str) -> Option<(String, Option<String>, Option<String>)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
     if fields.get("message")?.as_str()? != "listening" {
         return None;
     }
-    let http = fields
-        .get("http")
-        .and_then(|h| h.as_str())
-        .filter(|h| *h != "off");
+    let door = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|h| h.as_str())
+            .filter(|h| *h != "off")
+            .map(str::to_string)
+    };
     Some((
         fields.get("grpc")?.as_str()?.to_string(),
-        http.map(str::to_string),
+        door("http"),
+        door("admin"),
     ))
 }
 

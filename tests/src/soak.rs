@@ -430,7 +430,25 @@ async fn one(
                 caller,
             );
             req.set_timeout(DEADLINE);
-            guarded(async { Outcome::of_result(kv.get(req).await) }).await
+            guarded(async {
+                match kv.get(req).await {
+                    // tonic's own timer (CANCELLED "Timeout expired") fired
+                    // before the proxy's DEADLINE_EXCEEDED arrived: the same
+                    // ending, seen from the client's side first, which a
+                    // loaded machine makes common.
+                    Err(s)
+                        if s.code() == tonic::Code::Cancelled
+                            && s.message() == "Timeout expired" =>
+                    {
+                        Outcome {
+                            code: "DEADLINE_EXCEEDED",
+                            reason: "CLIENT_TIMER".into(),
+                        }
+                    }
+                    r => Outcome::of_result(r),
+                }
+            })
+            .await
         }
         Kind::Unknown => {
             guarded(async {

@@ -340,6 +340,7 @@ async fn cli_talks_to_a_running_proxy() {
         let out = std::process::Command::new(bin("trellis"))
             .args(args)
             .env("TRELLIS_ADDR", &proxy.addr)
+            .env("TRELLIS_ADMIN_ADDR", proxy.admin.as_deref().unwrap())
             .output()
             .expect("run trellis cli");
         (

@@ -77,15 +77,54 @@ async fn kv_over_http_with_a_slash_in_the_key() {
 
 #[tokio::test]
 async fn h2c_works_too() {
-    let (_p, base) = proxy().await;
-    let r = send(Method::GET, &format!("{base}/v1/patterns"), &[], "", true).await;
+    let (p, base) = proxy().await;
+    let r = send(
+        Method::GET,
+        &format!("{base}/v1/namespaces/default/keys"),
+        &[],
+        "",
+        true,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["entries"], serde_json::json!([]));
+    // The admin door speaks h2c too (and gRPC on the same port).
+    let admin = p.admin.clone().unwrap();
+    let r = send(Method::GET, &format!("{admin}/v1/patterns"), &[], "", true).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["patterns"][0]["name"], "mem");
 }
 
 #[tokio::test]
-async fn admin_endpoints_answer_over_http() {
-    let (p, base) = proxy().await;
+async fn admin_endpoints_answer_over_http_on_the_admin_door_only() {
+    let (p, data) = proxy().await;
+    // The data door does not serve (nor document) the admin routes.
+    for (method, path) in [
+        (Method::GET, "/v1/patterns"),
+        (Method::POST, "/v1/patterns/mem:restart"),
+        (Method::POST, "/v1/config:reload"),
+        (Method::POST, "/v1/proxy:drain"),
+    ] {
+        let r = send(method.clone(), &format!("{data}{path}"), &[], "", false).await;
+        assert_eq!(
+            r.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {}",
+            r.text()
+        );
+        assert_eq!(problem(&r)["reason"], "ROUTE_NOT_FOUND");
+    }
+    let doc = get(&format!("{data}/openapi.json")).await.json();
+    assert!(
+        doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|p| p.starts_with("/v1/namespaces/")),
+        "the data door documents data routes only: {:?}",
+        doc["paths"].as_object().unwrap().keys().collect::<Vec<_>>()
+    );
+    let base = p.admin.clone().expect("the admin door is on");
     let list = get(&format!("{base}/v1/patterns")).await.json();
     assert_eq!(list["patterns"][0]["state"], "PATTERN_STATE_SERVING");
     let one = get(&format!("{base}/v1/patterns/mem")).await.json();
@@ -347,7 +386,8 @@ async fn the_request_id_reaches_the_pattern_and_authorization_is_never_logged() 
 
 #[tokio::test]
 async fn server_streams_are_ndjson_or_sse() {
-    let (_p, base) = proxy().await;
+    let (p, _) = proxy().await;
+    let base = p.admin.clone().unwrap();
     let url = format!("{base}/v1/patterns:watch");
     for (accept, want_ct, prefix) in [
         ("application/json", "application/x-ndjson", "{\"result\":"),
@@ -402,7 +442,7 @@ async fn openapi_and_reflection_describe_the_api() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut client = ServerReflectionClient::new(p.channel().await);
+    let mut client = ServerReflectionClient::new(p.admin_channel().await);
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -16,6 +16,11 @@ async fn proxy() -> (Proxy, String) {
     (p, base)
 }
 
+/// The admin door's base URL.
+fn admin(p: &Proxy) -> String {
+    p.admin.clone().expect("the admin door is on")
+}
+
 fn problem(r: &Reply) -> serde_json::Value {
     assert_eq!(
         r.headers["content-type"],
@@ -40,46 +45,59 @@ fn documented(doc: &serde_json::Value, path: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn an_undeclared_method_is_405_with_exactly_the_documented_methods_in_allow() {
-    let (_p, base) = proxy().await;
-    let doc = get(&format!("{base}/openapi.json")).await.json();
+    let (p, data) = proxy().await;
+    let admin = admin(&p);
     // Paths that share a prefix with another route: a verb after a name
     // (`{name}` alone would take `mem:restart`), a collection beside its
     // items (`{key=**}` would take an empty key), a verb after a topic.
-    for (method, path, openapi_path) in [
+    // Each on its door, held to that door's document.
+    for (base, method, path, openapi_path) in [
         (
+            &admin,
             Method::OPTIONS,
             "/v1/patterns/mem:restart",
             "/v1/patterns/{name}:restart",
         ),
         (
+            &admin,
             Method::GET,
             "/v1/patterns/mem:start",
             "/v1/patterns/{name}:start",
         ),
         (
+            &admin,
             Method::DELETE,
             "/v1/patterns/mem:stop",
             "/v1/patterns/{name}:stop",
         ),
         (
+            &data,
             Method::PUT,
             "/v1/namespaces/default/keys",
             "/v1/namespaces/{namespace}/keys",
         ),
         (
+            &data,
             Method::POST,
             "/v1/namespaces/default/keys/k",
             "/v1/namespaces/{namespace}/keys/{key}",
         ),
         (
+            &data,
             Method::PUT,
             "/v1/namespaces/default/topics/t:publish",
             "/v1/namespaces/{namespace}/topics/{topic}:publish",
         ),
-        (Method::DELETE, "/v1/patterns", "/v1/patterns"),
-        (Method::PATCH, "/v1/patterns/mem", "/v1/patterns/{name}"),
+        (&admin, Method::DELETE, "/v1/patterns", "/v1/patterns"),
+        (
+            &admin,
+            Method::PATCH,
+            "/v1/patterns/mem",
+            "/v1/patterns/{name}",
+        ),
     ] {
         let r = send(method.clone(), &format!("{base}{path}"), &[], "", false).await;
+        let doc = get(&format!("{base}/openapi.json")).await.json();
         assert_eq!(
             r.status,
             StatusCode::METHOD_NOT_ALLOWED,
@@ -97,7 +115,7 @@ async fn an_undeclared_method_is_405_with_exactly_the_documented_methods_in_allo
         assert_eq!(allow, documented(&doc, openapi_path), "{method} {path}");
     }
     // A pattern name that merely contains a verb's letters is a name.
-    let r = get(&format!("{base}/v1/patterns/mem:restarts")).await;
+    let r = get(&format!("{admin}/v1/patterns/mem:restarts")).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
     assert_eq!(problem(&r)["reason"], "PATTERN_NOT_FOUND");
 }
@@ -164,7 +182,7 @@ async fn a_storm_of_restarts_stops_and_starts_over_http_answers_every_call_and_l
         .with("stop_grace: 30s")
         .start()
         .await;
-    let base = proxy.http.clone().expect("the gateway is on");
+    let base = admin(&proxy);
     let actions = ["restart", "stop", "start", "restart", "start", "restart"];
     let calls = (0..5).flat_map(|_| actions).map(|action| {
         let url = format!("{base}/v1/patterns/mem:{action}");
@@ -219,8 +237,9 @@ async fn a_storm_of_restarts_stops_and_starts_over_http_answers_every_call_and_l
         vec![serving.pid],
         "one pattern process, and it is the one serving"
     );
+    let data = proxy.http.clone().expect("the gateway is on");
     let r = put_json(
-        &format!("{base}/v1/namespaces/default/keys/after"),
+        &format!("{data}/v1/namespaces/default/keys/after"),
         r#"{"value":"aGk="}"#,
     )
     .await;

@@ -261,6 +261,25 @@ async fn a_pattern_without_metrics_or_without_an_answer_leaves_the_scrape_whole(
     let pid = proxy.pattern("mem").await.pid;
     let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP memstore");
+    // The stop lands asynchronously: wait until every thread is stopped
+    // (`T` in /proc), so the scrape below cannot be answered.
+    let threads = format!("/proc/{pid}/task");
+    eventually("memstore to be stopped", || {
+        let threads = threads.clone();
+        async move {
+            let all = std::fs::read_dir(&threads).ok()?.all(|t| {
+                t.ok()
+                    .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                    .and_then(|stat| {
+                        let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                        Some(state == 'T' || state == 't')
+                    })
+                    .unwrap_or(true)
+            });
+            all.then_some(())
+        }
+    })
+    .await;
     let started = Instant::now();
     let text = scrape(&proxy, false).await;
     let took = started.elapsed();

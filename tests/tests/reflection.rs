@@ -1,4 +1,4 @@
-//! gRPC server reflection on the real proxy's gRPC listener, in both
+//! gRPC server reflection on the real proxy's admin door, in both
 //! protocol versions: it lists exactly the services served, describes them,
 //! and answers an unknown symbol in-stream without ending the stream.
 
@@ -37,7 +37,7 @@ macro_rules! reflection_tests {
 
             impl Session {
                 async fn open(proxy: &Proxy) -> Session {
-                    let mut client = ServerReflectionClient::new(proxy.channel().await);
+                    let mut client = ServerReflectionClient::new(proxy.admin_channel().await);
                     let (requests, rx) = mpsc::channel(1);
                     let responses = client
                         .server_reflection_info(ReceiverStream::new(rx))

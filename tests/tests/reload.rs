@@ -216,7 +216,7 @@ async fn an_invalid_reload_changes_nothing_and_names_every_problem() {
         .yaml();
     std::fs::write(&proxy.config_path, bad).unwrap();
     let out = tokio::process::Command::new(bin("trellis"))
-        .args(["reload", "--addr", &proxy.addr])
+        .args(["reload", "--admin-addr", proxy.admin.as_deref().unwrap()])
         .output()
         .await
         .expect("run trellis reload");
@@ -384,18 +384,24 @@ async fn a_reload_rebinds_changed_listeners_and_refuses_an_address_in_use() {
     drop(taken);
 
     // Free addresses: both doors move; the patterns keep their processes.
-    let (grpc_port, http_port) = (free_port(), free_port());
+    let (grpc_port, http_port, admin_port) = (free_port(), free_port(), free_port());
     let yaml = two_memstores("1")
         .yaml()
         .replace("grpc: 127.0.0.1:0", &format!("grpc: 127.0.0.1:{grpc_port}"))
-        .replace("http: 127.0.0.1:0", &format!("http: 127.0.0.1:{http_port}"));
+        .replace("http: 127.0.0.1:0", &format!("http: 127.0.0.1:{http_port}"))
+        .replace(
+            "admin: 127.0.0.1:0",
+            &format!("admin: 127.0.0.1:{admin_port}"),
+        );
     std::fs::write(&proxy.config_path, yaml).unwrap();
     let applied = reload(&proxy).await.expect("the reload is applied");
-    assert!(
-        applied.message.contains("listen.grpc") && applied.message.contains("listen.http"),
-        "{}",
-        applied.message
-    );
+    for field in ["listen.grpc", "listen.http", "listen.admin"] {
+        assert!(
+            applied.message.contains(field),
+            "{field}: {}",
+            applied.message
+        );
+    }
     assert_eq!(applied.unchanged, ["a", "b"], "{applied:?}");
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc_port}"))
         .unwrap()
@@ -416,7 +422,13 @@ async fn a_reload_rebinds_changed_listeners_and_refuses_an_address_in_use() {
         async move { both.then_some(()) }
     })
     .await;
-    let mut admin = trellis_proto::admin::v1::admin_client::AdminClient::new(channel);
+    let admin_door =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{admin_port}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("the new admin door serves");
+    let mut admin = trellis_proto::admin::v1::admin_client::AdminClient::new(admin_door);
     let a = admin
         .get_pattern(admin::GetPatternRequest { name: "a".into() })
         .await

@@ -659,6 +659,7 @@ async fn the_cli_follows_state_changes() {
     let mut watch = tokio::process::Command::new(bin("trellis"))
         .args(["patterns", "watch"])
         .env("TRELLIS_ADDR", &proxy.addr)
+        .env("TRELLIS_ADMIN_ADDR", proxy.admin.as_deref().unwrap())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -974,6 +975,7 @@ async fn a_failed_pattern_shows_the_cause_of_its_last_failure() {
     let out = std::process::Command::new(bin("trellis"))
         .args(["patterns", "get", "chatty"])
         .env("TRELLIS_ADDR", &proxy.addr)
+        .env("TRELLIS_ADMIN_ADDR", proxy.admin.as_deref().unwrap())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

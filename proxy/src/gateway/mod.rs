@@ -8,6 +8,7 @@
 //! - `problem`: errors as RFC 9457 problem+json.
 //! - `openapi`: the OpenAPI 3 document from the same descriptors.
 //! - `metrics`: `http_server_request_duration_seconds` and `GET /metrics`.
+//! - `mixed`: the admin door, gRPC and HTTP/JSON on one listener.
 //!
 //! A request's path: limits (URI 414, headers 431) → route (404/405/400) →
 //! content type (415) → body with size and time limits (413/408) →
@@ -18,6 +19,7 @@
 pub mod codec;
 pub mod headers;
 pub mod metrics;
+pub mod mixed;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
@@ -43,6 +45,7 @@ use crate::config::{HeaderMapping, Http, HttpLimits};
 use crate::error::ApiError;
 use codec::DynamicCodec;
 use metrics::{HttpMetrics, RouteId};
+pub use routes::Api;
 use routes::{Lookup, Route, RouteTable};
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -85,18 +88,20 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `grpc` is the same front door the gRPC listener serves: data calls
-    /// become protobuf bytes once here and take the same forwarding path.
-    /// `metrics`: the proxy's registry (`None`: metrics are off, and
+    /// The routes of `api` (and its own `/openapi.json`), over `grpc`,
+    /// the front door of the same listener family: data calls become
+    /// protobuf bytes once here and take the same forwarding path as gRPC
+    /// ones. `metrics`: the proxy's registry (`None`: metrics are off, and
     /// `/metrics` says how to turn them on).
     pub fn new(
+        api: Api,
         grpc: crate::front::FrontDoor,
         http: &Http,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Self, String> {
         let pool = DescriptorPool::decode(trellis_proto::FILE_DESCRIPTOR_SET)
             .map_err(|e| format!("the embedded descriptor set does not decode: {e}"))?;
-        let table = RouteTable::from_pool(&pool)?;
+        let table = RouteTable::from_pool(&pool)?.only(api);
         let openapi =
             Bytes::from(serde_json::to_vec_pretty(&openapi::document(&table)).unwrap_or_default());
         let requests = metrics
@@ -616,16 +621,47 @@ fn frame(format: StreamFormat, error: bool, json: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// What answers the requests of an HTTP listener: the [`Gateway`], or the
+/// admin door ([`mixed::AdminDoor`]), which takes gRPC too.
+pub trait Handler: Send + Sync + 'static {
+    type Body: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static;
+
+    fn answer(
+        &self,
+        req: Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
+
+    /// The limits of the listener's connections.
+    fn limits(&self) -> &HttpLimits;
+}
+
+impl Handler for Gateway {
+    type Body = Body;
+
+    fn answer(
+        &self,
+        req: Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send {
+        self.handle(req)
+    }
+
+    fn limits(&self) -> &HttpLimits {
+        &self.limits
+    }
+}
+
 /// Serves HTTP/1.1 and h2c on `listener` until `closing` is cancelled, then
 /// lets open requests finish for up to `grace`.
-pub async fn serve(
-    gateway: Arc<Gateway>,
+pub async fn serve<H: Handler>(
+    handler: Arc<H>,
     listener: TcpListener,
     closing: crate::shutdown::CancellationToken,
     grace: crate::shutdown::Grace,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let limits = gateway.limits.clone();
+    let limits = handler.limits().clone();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -644,11 +680,11 @@ pub async fn serve(
             _ = closing.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let gw = gateway.clone();
+        let handler = handler.clone();
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(crate::dataplane::Peer(peer));
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req).await) }
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.answer(req).await) }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         let header_buf = (limits.max_header_bytes.as_u64() as usize + limits.max_uri_bytes + 8192)
@@ -697,6 +733,7 @@ mod tests {
         );
         let metrics = crate::metrics::Metrics::new(&[], &[], None);
         Gateway::new(
+            Api::Data,
             crate::front::FrontDoor::new(data, routes),
             &Http::default(),
             Some(std::sync::Arc::new(metrics)),

@@ -34,6 +34,25 @@ pub enum Lookup<'a> {
     BadPath(&'a Route, PathError),
 }
 
+/// Which API a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// The data services (on `listen.grpc` and `listen.http`).
+    Data,
+    /// The admin service (on `listen.admin`).
+    Admin,
+}
+
+impl Api {
+    /// Does this API include the service `full_name`?
+    pub fn serves(self, full_name: &str) -> bool {
+        match self {
+            Api::Data => crate::dataplane::DATA_SERVICES.contains(&full_name),
+            Api::Admin => full_name == "trellis.admin.v1.Admin",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
@@ -97,6 +116,17 @@ impl RouteTable {
             r.id = i;
         }
         Ok(RouteTable { routes })
+    }
+
+    /// Only the routes of `api`'s services: each listener serves (and
+    /// documents) its own.
+    pub fn only(mut self, api: Api) -> Self {
+        self.routes
+            .retain(|r| api.serves(r.method.parent_service().full_name()));
+        for (i, r) in self.routes.iter_mut().enumerate() {
+            r.id = i;
+        }
+        self
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -177,6 +207,38 @@ mod tests {
             !paths.iter().any(|p| p.contains("Lifecycle")),
             "no route to the pattern protocol"
         );
+    }
+
+    #[test]
+    fn each_api_has_only_its_own_routes() {
+        let data = table().only(Api::Data);
+        assert!(
+            data.routes()
+                .iter()
+                .all(|r| r.grpc_path.starts_with("/trellis.data.v1."))
+        );
+        assert!(matches!(
+            data.find(&Method::POST, "/v1/patterns/mem:restart"),
+            Lookup::NotFound
+        ));
+        let admin = table().only(Api::Admin);
+        assert!(
+            admin
+                .routes()
+                .iter()
+                .all(|r| r.grpc_path.starts_with("/trellis.admin.v1.Admin/"))
+        );
+        assert!(matches!(
+            admin.find(&Method::GET, "/v1/namespaces/d/keys/k"),
+            Lookup::NotFound
+        ));
+        assert_eq!(
+            data.routes().len() + admin.routes().len(),
+            table().routes().len()
+        );
+        for (i, r) in admin.routes().iter().enumerate() {
+            assert_eq!(r.id, i, "ids index the table");
+        }
     }
 
     #[test]
