@@ -124,6 +124,13 @@ async fn admin_endpoints_answer_over_http_on_the_admin_door_only() {
         "the data door documents data routes only: {:?}",
         doc["paths"].as_object().unwrap().keys().collect::<Vec<_>>()
     );
+    // Nor over gRPC: the Admin service is not there.
+    let mut on_data = trellis_proto::admin::v1::admin_client::AdminClient::new(p.channel().await);
+    let refused = on_data
+        .list_patterns(trellis_proto::admin::v1::ListPatternsRequest {})
+        .await
+        .expect_err("no Admin on the data door");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
     let base = p.admin.clone().expect("the admin door is on");
     let list = get(&format!("{base}/v1/patterns")).await.json();
     assert_eq!(list["patterns"][0]["state"], "PATTERN_STATE_SERVING");
