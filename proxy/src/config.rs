@@ -63,6 +63,9 @@ pub const MAX_DISCARD: u64 = 1 << 30;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: Listen,
+    /// TLS on every door (gRPC, HTTP, admin); absent: plaintext (fine on
+    /// loopback, not beyond it).
+    pub tls: Option<crate::tls::Settings>,
     pub log: Log,
     /// Upper bound on every forwarded data call (a client's own shorter
     /// deadline wins).
@@ -100,6 +103,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: Listen::default(),
+            tls: None,
             log: Log::default(),
             request_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
@@ -710,8 +714,11 @@ impl Loaded {
 /// new)` check; a reload that changes one is refused, naming it.
 pub fn fixed_changes(old: &Config, new: &Config) -> Vec<Problem> {
     let restart = "cannot change while the proxy runs; restart the proxy to apply it, or put                    back the running value";
-    let checks: [(&str, bool); 6] = [
+    // `tls`: the same files are read again on every reload; turning TLS
+    // on or off, or other files, needs a restart.
+    let checks: [(&str, bool); 7] = [
         ("log", old.log == new.log),
+        ("tls", old.tls == new.tls),
         ("socket_dir", old.socket_dir == new.socket_dir),
         ("worker_threads", old.worker_threads == new.worker_threads),
         ("http", old.http == new.http),

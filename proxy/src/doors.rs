@@ -19,6 +19,7 @@ use crate::front::{self, FrontDoor};
 use crate::gateway::Gateway;
 use crate::gateway::mixed::AdminDoor;
 use crate::shutdown::{CancellationToken, Grace};
+use crate::tls::{Alpn, DoorTls, Tls};
 
 /// A listener's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,8 @@ impl Door {
 /// Every open door, and those closing after a re-bind.
 pub struct Doors {
     services: Services,
+    /// TLS on every door, when configured.
+    tls: Option<Arc<Tls>>,
     grace: Grace,
     /// By [`Surface::index`]; `None`: that door is off.
     open: [Option<Door>; 3],
@@ -120,11 +123,13 @@ impl Doors {
     /// Serves each listener given (by surface) until [`Doors::close`].
     pub fn open(
         services: Services,
+        tls: Option<Arc<Tls>>,
         grace: Grace,
         listeners: Vec<(Surface, TcpListener)>,
     ) -> std::io::Result<Doors> {
         let mut doors = Doors {
             services,
+            tls,
             grace,
             open: [None, None, None],
             closing: Vec::new(),
@@ -133,6 +138,14 @@ impl Doors {
             doors.open[surface.index()] = Some(doors.serve(surface, listener)?);
         }
         Ok(doors)
+    }
+
+    /// Reads the TLS files again (a reload asks for it); new connections
+    /// use what they hold.
+    pub fn refresh_tls(&self) {
+        if let Some(tls) = &self.tls {
+            tls.refresh("reload");
+        }
     }
 
     /// The addresses served now.
@@ -200,22 +213,31 @@ impl Doors {
         let addr = listener.local_addr()?;
         let close = CancellationToken::new();
         let (closing, grace) = (close.clone(), self.grace.clone());
+        let tls = |alpn| {
+            self.tls.as_ref().map(|tls| DoorTls {
+                tls: tls.clone(),
+                alpn,
+            })
+        };
         let task = match surface {
             Surface::Grpc => tokio::spawn(front::serve(
                 self.services.front.clone(),
                 listener,
+                tls(Alpn::H2),
                 closing,
                 grace,
             )),
             Surface::Http => tokio::spawn(crate::gateway::serve(
                 self.services.gateway.clone(),
                 listener,
+                tls(Alpn::H2AndHttp1),
                 closing,
                 grace,
             )),
             Surface::Admin => tokio::spawn(crate::gateway::serve(
                 self.services.admin.clone(),
                 listener,
+                tls(Alpn::H2AndHttp1),
                 closing,
                 grace,
             )),

@@ -18,7 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpListener;
 use tonic::Status;
 use tonic::service::Routes;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::dataplane::{CallBody, DataPlane};
 
@@ -143,6 +143,7 @@ where
 pub async fn serve(
     front: FrontDoor,
     listener: TcpListener,
+    tls: Option<crate::tls::DoorTls>,
     closing: crate::shutdown::CancellationToken,
     grace: crate::shutdown::Grace,
 ) {
@@ -175,10 +176,27 @@ pub async fn serve(
         // Without it a response waits on Nagle + delayed ACK (~40 ms).
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(front.for_peer(peer));
-        let conn = http2.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let (watcher, http2, tls, closing) = (
+            graceful.watcher(),
+            http2.clone(),
+            tls.clone(),
+            closing.clone(),
+        );
+        // The handshake in the connection's task: a slow client holds up
+        // no other.
         tokio::spawn(async move {
-            let _ = conn.await;
+            let stream = match crate::tls::handshake(tls.as_ref(), stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            if closing.is_cancelled() {
+                return;
+            }
+            let conn = http2.serve_connection(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn).await;
         });
     }
     drop(listener);

@@ -24,7 +24,8 @@
 //! - [`server`]: everything assembled on a listener, with shutdown.
 //! - [`reload`]: the task that owns the supervisor and the doors once the
 //!   proxy runs: reloads, blue/green restarts, operator commands.
-//! - [`doors`]: the gRPC and HTTP listeners, re-bound by a reload.
+//! - [`doors`]: the gRPC, HTTP and admin listeners, re-bound by a reload.
+//! - [`tls`]: TLS on the doors (rustls), files re-read when they change.
 //! - [`shutdown`]: the bounded shutdown waits a second signal cuts short.
 //! - [`cli`]: the command line and its client subcommands.
 //! - [`logging`]: tracing set-up.
@@ -54,5 +55,6 @@ pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod supervisor;
+pub mod tls;
 pub mod traces;
 pub mod upstream;

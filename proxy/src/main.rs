@@ -112,9 +112,13 @@ fn check_config(file: Option<std::path::PathBuf>) -> ExitCode {
     }
 }
 
-/// Every pattern's command must resolve to an executable.
+/// Every pattern's command must resolve to an executable, and the TLS
+/// files (when set) must load.
 fn check_commands(loaded: &config::Loaded) -> Result<(), String> {
-    let missing = trellis::supervisor::check_commands(loaded);
+    let mut missing = trellis::supervisor::check_commands(loaded);
+    if let Some(Err(e)) = loaded.config.tls.as_ref().map(trellis::tls::Tls::load) {
+        missing.push(e.to_string());
+    }
     if missing.is_empty() {
         Ok(())
     } else {

@@ -393,6 +393,9 @@ impl Task {
         for h in removed {
             self.supervisor.retire(h);
         }
+        if let Some(doors) = &self.doors {
+            doors.refresh_tls();
+        }
         if let (Some(bound), Some(doors)) = (bound, self.doors.as_mut()) {
             let before = doors.addrs();
             if let Err(e) = doors.rebind(bound) {

@@ -136,13 +136,23 @@ pub async fn run(
     let mut open = vec![(Surface::Grpc, listeners.grpc)];
     open.extend(listeners.http.map(|l| (Surface::Http, l)));
     open.extend(listeners.admin.map(|l| (Surface::Admin, l)));
-    let doors = Doors::open(services, grace, open)?;
+    // TLS on every door, when configured; its files are watched for a
+    // rotation until the proxy stops.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(crate::tls::Tls::load)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.source))?;
+    let tls_watch = tls.clone().map(|t| tokio::spawn(t.watch()));
+    let doors = Doors::open(services, tls.clone(), grace, open)?;
     let addrs = doors.addrs();
     info!(
         grpc = %Shown(addrs.get(Surface::Grpc)),
         http = %Shown(addrs.get(Surface::Http)),
         admin = %Shown(addrs.get(Surface::Admin)),
         config = %loaded.source,
+        tls = tls.is_some(),
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"
     );
@@ -156,6 +166,9 @@ pub async fn run(
     }
     hangups.abort();
     ready_task.abort();
+    if let Some(t) = tls_watch {
+        t.abort();
+    }
     notify::stopping("stopping: draining calls, then stopping patterns");
     // Installed now, so a second signal is never missed.
     let again = signal();

@@ -16,6 +16,7 @@ pub mod kv;
 pub mod nats;
 pub mod otlp;
 pub mod outage;
+pub mod pki;
 pub mod sd_notify;
 pub mod soak;
 

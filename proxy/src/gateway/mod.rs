@@ -657,6 +657,7 @@ impl Handler for Gateway {
 pub async fn serve<H: Handler>(
     handler: Arc<H>,
     listener: TcpListener,
+    tls: Option<crate::tls::DoorTls>,
     closing: crate::shutdown::CancellationToken,
     grace: crate::shutdown::Grace,
 ) {
@@ -698,12 +699,24 @@ pub async fn serve<H: Handler>(
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes.as_u64() as u32);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (watcher, tls, closing) = (graceful.watcher(), tls.clone(), closing.clone());
+        // The handshake in the connection's task: a slow client holds up
+        // no other.
         tokio::spawn(async move {
-            let _ = conn.await;
+            let stream = match crate::tls::handshake(tls.as_ref(), stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            if closing.is_cancelled() {
+                return;
+            }
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
             drop(permit);
         });
     }
