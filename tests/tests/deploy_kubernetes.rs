@@ -413,11 +413,11 @@ fn ports_agree_across_config_container_probes_and_service() {
     );
 
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-        let port = d.u64(&format!("{CONTAINER}.{probe}.grpc.port"));
+        let port = d.u64(&format!("{CONTAINER}.{probe}.httpGet.port"));
         assert_eq!(
-            port, grpc,
-            "{}: {CONTAINER}.{probe}.grpc.port {port} is not listen.grpc's port {grpc} \
-             (configmap.yaml): health is served on the gRPC listener",
+            port, http,
+            "{}: {CONTAINER}.{probe}.httpGet.port {port} is not listen.http's port {http} \
+             (configmap.yaml): /readyz and /livez are served on the HTTP listener",
             d.file
         );
     }
@@ -459,36 +459,91 @@ fn ports_agree_across_config_container_probes_and_service() {
 #[test]
 fn probes_ask_readiness_and_liveness_of_the_right_health_services() {
     let d = deployment();
-    // An absent `service` is "" for Kubernetes; these manifests write it out.
-    let service = |probe: &str| {
-        d.find(&format!("{CONTAINER}.{probe}.grpc"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: {CONTAINER}.{probe}.grpc is missing: use the native gRPC probe",
-                    d.file
-                )
-            })
-            .get("service")
+    let (config, _dir, _path) = loaded_config();
+    let path = |probe: &str| {
+        let get = d
+            .find(&format!("{CONTAINER}.{probe}.httpGet"))
+            .unwrap_or_else(|| panic!("{}: {CONTAINER}.{probe}.httpGet is missing", d.file));
+        let scheme = get.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
+        // With TLS on, a plain HTTP probe never gets an answer.
+        assert_eq!(
+            scheme == "HTTPS",
+            config.tls.is_some(),
+            "{}: {CONTAINER}.{probe}.httpGet.scheme is {scheme}, but configmap.yaml {} TLS",
+            d.file,
+            if config.tls.is_some() {
+                "turns on"
+            } else {
+                "has no"
+            }
+        );
+        get.get("path")
             .and_then(Value::as_str)
-            .unwrap_or("")
+            .unwrap_or("/")
             .to_string()
     };
     for probe in ["startupProbe", "readinessProbe"] {
         assert_eq!(
-            service(probe),
-            "",
-            "{}: {CONTAINER}.{probe}.grpc.service must be \"\" (readiness: every pattern serves \
-             and the proxy is not draining)",
+            path(probe),
+            "/readyz",
+            "{}: {CONTAINER}.{probe} must ask /readyz (health \"\": every pattern serves and \
+             the proxy is not draining)",
             d.file
         );
     }
     assert_eq!(
-        service("livenessProbe"),
-        trellis::health::LIVENESS,
-        "{}: {CONTAINER}.livenessProbe.grpc.service must be {:?}: \"\" turns NOT_SERVING when a \
-         backend is down, and restarting the pod would not bring it back",
+        path("livenessProbe"),
+        "/livez",
+        "{}: {CONTAINER}.livenessProbe must ask /livez ({}): /readyz turns 503 when a backend \
+         is down, and restarting the pod would not bring it back",
         d.file,
         trellis::health::LIVENESS
+    );
+}
+
+#[test]
+fn the_tls_files_are_where_the_secret_is_mounted_and_admin_stays_on_loopback() {
+    let d = deployment();
+    let (config, _dir, _path) = loaded_config();
+    let tls = config.tls.expect("configmap.yaml turns TLS on");
+    let mounts = d
+        .at(&format!("{CONTAINER}.volumeMounts"))
+        .as_sequence()
+        .expect("volumeMounts is a list");
+    let volumes = d
+        .at("spec.template.spec.volumes")
+        .as_sequence()
+        .expect("volumes is a list");
+    for file in [&tls.cert_file, &tls.key_file] {
+        let mount = mounts
+            .iter()
+            .find(|m| {
+                m.get("mountPath")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| file.starts_with(p) && p.ends_with("/tls"))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: no volume is mounted where {} is",
+                    d.file,
+                    file.display()
+                )
+            });
+        let name = mount.get("name").and_then(Value::as_str).unwrap_or("");
+        let volume = volumes
+            .iter()
+            .find(|v| v.get("name").and_then(Value::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("{}: volume {name} is not defined", d.file));
+        assert!(
+            volume.get("secret").is_some(),
+            "{}: the TLS files come from a Secret, not from {volume:?}",
+            d.file
+        );
+    }
+    let admin = config.listen.admin.expect("the admin door is on");
+    assert!(
+        admin.ip().is_loopback(),
+        "configmap.yaml: listen.admin is {admin}; keep the admin API on the pod's loopback"
     );
 }
 
