@@ -3,7 +3,9 @@ docs/pattern-protocol.md alone. Run it through ./trellis-python-kv, which
 generates the gRPC stubs and then execs this file.
 
 The protocol, in the order this file follows it:
-  1. read TRELLIS_PATTERN_LISTEN and bind it;
+  1. read TRELLIS_PATTERN_LISTEN and bind it (unix:/path by default under
+     the proxy); take TRELLIS_PATTERN_SECRET out of the environment and
+     refuse every call that does not carry it (UNAUTHENTICATED);
   2. write the handshake line on stdout, log only to stderr;
   3. serve Lifecycle, grpc.health.v1.Health and trellis.data.v1.KeyValue;
   4. NOT_SERVING until Start, SERVING after, NOT_SERVING once stopping;
@@ -11,6 +13,7 @@ The protocol, in the order this file follows it:
 """
 
 import base64
+import hmac
 import ipaddress
 import json
 import logging
@@ -353,8 +356,49 @@ def remove_stale_socket(path):
             os.unlink(path)
 
 
+class RequireSecret(grpc.ServerInterceptor):
+    """Refuses every call (lifecycle, health and data alike) whose
+    trellis-pattern-secret metadata is not the secret the proxy gave this
+    process, with UNAUTHENTICATED. hmac.compare_digest compares in constant
+    time, so response times tell nothing about the secret."""
+
+    HEADER = "trellis-pattern-secret"
+
+    def __init__(self, secret):
+        self._secret = secret.encode()
+
+        def refuse(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "this pattern answers only the proxy that started it")
+
+        self._refuse = {
+            (False, False): grpc.unary_unary_rpc_method_handler(refuse),
+            (False, True): grpc.unary_stream_rpc_method_handler(refuse),
+            (True, False): grpc.stream_unary_rpc_method_handler(refuse),
+            (True, True): grpc.stream_stream_rpc_method_handler(refuse),
+        }
+
+    def intercept_service(self, continuation, details):
+        presented = dict(details.invocation_metadata).get(self.HEADER, "")
+        if isinstance(presented, str):
+            presented = presented.encode()
+        handler = continuation(details)
+        if hmac.compare_digest(presented, self._secret):
+            return handler
+        if handler is None:  # an unknown method: refused all the same
+            return self._refuse[(False, False)]
+        return self._refuse[(handler.request_streaming, handler.response_streaming)]
+
+
+def take_secret():
+    """TRELLIS_PATTERN_SECRET, removed from the environment so that no
+    child process this pattern starts inherits it."""
+    return os.environ.pop("TRELLIS_PATTERN_SECRET", "") or None
+
+
 def main():
     setup_logging()
+    secret = take_secret()
     if os.environ.get("TRELLIS_PATTERN_PROTOCOL", str(PROTOCOL)) != str(PROTOCOL):
         log.warning("the proxy speaks another pattern protocol; it will likely reject this one")
     listen = os.environ.get("TRELLIS_PATTERN_LISTEN", "127.0.0.1:0")
@@ -365,7 +409,8 @@ def main():
         signal.signal(sig, lambda signum, _: pattern.request_stop(
             DEFAULT_GRACE, signal.Signals(signum).name))
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         interceptors=[RequireSecret(secret)] if secret else [])
     lifecycle_pb2_grpc.add_LifecycleServicer_to_server(Lifecycle(pattern), server)
     health_pb2_grpc.add_HealthServicer_to_server(pattern.health, server)
     keyvalue_pb2_grpc.add_KeyValueServicer_to_server(KeyValue(pattern), server)

@@ -35,6 +35,8 @@ use crate::{KeyValue, Listener, Options, Pattern, PubSub, handshake, logging};
 pub struct Server<P> {
     interfaces: Vec<Interface<P>>,
     name: Option<String>,
+    /// When set, every call must carry it in `trellis-pattern-secret`.
+    secret: Option<Arc<str>>,
 }
 
 /// A data service: its gRPC name and how to add it to the router.
@@ -90,7 +92,18 @@ impl<P: Pattern> Server<P> {
         Self {
             interfaces: Vec::new(),
             name: None,
+            secret: None,
         }
+    }
+
+    /// Refuses every call (lifecycle, health and data alike) whose
+    /// `trellis-pattern-secret` metadata is not `secret`, with
+    /// UNAUTHENTICATED. [`Server::run`] sets it from
+    /// `TRELLIS_PATTERN_SECRET`; this is for tests and custom mains that
+    /// call [`Server::serve`].
+    pub fn require_secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(secret.into().into());
+        self
     }
 
     fn interface(
@@ -110,7 +123,12 @@ impl<P: Pattern> Server<P> {
     /// SIGINT, drains, and stops the pattern. Returns the exit code for
     /// `main`: success after a clean shutdown, failure (with the reason on
     /// stderr) otherwise.
-    pub async fn run(self) -> ExitCode {
+    pub async fn run(mut self) -> ExitCode {
+        // Taken first, before any other thread of this process can be
+        // reading the environment or starting a child.
+        if let Some(secret) = take_secret() {
+            self = self.require_secret(secret);
+        }
         let options = Options::from_env(P::NAME, P::VERSION);
         logging::init(options.log_format);
         let code = match self.run_with(options).await {
@@ -186,7 +204,11 @@ impl<P: Pattern> Server<P> {
         for interface in &self.interfaces {
             (interface.add)(&mut routes, Arc::clone(&slot), stop.clone(), &metrics);
         }
-        let router = tonic::transport::Server::builder().add_routes(routes.routes());
+        let router = tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(CheckSecret(
+                self.secret.clone(),
+            )))
+            .add_routes(routes.routes());
 
         let on_shutdown = tokio::spawn({
             let stop = stop.clone();
@@ -266,6 +288,48 @@ async fn until_stopped<P: Pattern>(
     served.map_err(ServerError::Serve)
 }
 
+/// `TRELLIS_PATTERN_SECRET`, removed from this process's environment so
+/// that no child the pattern starts inherits it.
+fn take_secret() -> Option<String> {
+    let var = trellis_proto::protocol::env::SECRET;
+    let secret = std::env::var(var).ok().filter(|s| !s.is_empty());
+    if std::env::var_os(var).is_some() {
+        // SAFETY: `remove_var` is unsound only while another thread reads
+        // or writes the environment outside std's lock (C code calling
+        // `getenv`). `run` calls this first thing: the runtime's worker
+        // threads are idle (nothing has been spawned on them yet), and no
+        // other code of this process has run.
+        unsafe { std::env::remove_var(var) };
+    }
+    secret
+}
+
+/// Refuses a call without the expected secret (when one is expected),
+/// comparing in constant time (`trellis_proto::protocol::secret_matches`).
+#[derive(Clone)]
+struct CheckSecret(Option<Arc<str>>);
+
+impl tonic::service::Interceptor for CheckSecret {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(expected) = &self.0 else {
+            return Ok(req);
+        };
+        let presented = req
+            .metadata()
+            .get(trellis_proto::protocol::SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if trellis_proto::protocol::secret_matches(presented, expected.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "this pattern answers only the proxy that started it: the call lacks the \
+                 trellis-pattern-secret the proxy was given",
+            ))
+        }
+    }
+}
+
 /// Resolves on the first SIGTERM or SIGINT.
 fn termination_signals() -> io::Result<impl Future<Output = ()> + Send + 'static> {
     let mut term = signal(SignalKind::terminate())?;
@@ -277,4 +341,69 @@ fn termination_signals() -> io::Result<impl Future<Output = ()> + Send + 'static
         };
         tracing::info!(signal = name, "received signal");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ListenAddr;
+    use crate::testing::TestPattern;
+    use tonic::transport::Channel;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use trellis_proto::pattern::v1::MetricsRequest;
+    use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
+    use trellis_proto::protocol::SECRET_HEADER;
+
+    fn with_secret<T>(msg: T, secret: &str) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert(SECRET_HEADER, secret.parse().unwrap());
+        req
+    }
+
+    #[tokio::test]
+    async fn a_call_without_the_secret_is_refused_health_included() {
+        let listener = Listener::bind(&ListenAddr::default()).await.unwrap();
+        let Ok(crate::Endpoint::Tcp(addr)) = listener.endpoint() else {
+            panic!("a tcp listener");
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            Server::<TestPattern>::new()
+                .key_value()
+                .require_secret("s3cret")
+                .serve(listener, async move {
+                    let _ = stop_rx.await;
+                }),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let check = || HealthCheckRequest {
+            service: String::new(),
+        };
+        for presented in [None, Some("wrong!"), Some("s3cre")] {
+            let req = match presented {
+                None => tonic::Request::new(check()),
+                Some(s) => with_secret(check(), s),
+            };
+            let err = health.check(req).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{presented:?}");
+        }
+        let mut lifecycle = LifecycleClient::new(channel);
+        let err = lifecycle.metrics(MetricsRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        // With it, the same calls are answered.
+        health.check(with_secret(check(), "s3cret")).await.unwrap();
+        lifecycle
+            .metrics(with_secret(MetricsRequest {}, "s3cret"))
+            .await
+            .unwrap();
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
 }

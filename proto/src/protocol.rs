@@ -28,9 +28,36 @@ pub mod env {
     pub const LISTEN: &str = "TRELLIS_PATTERN_LISTEN";
     /// How to log on stderr: `json` under the proxy.
     pub const LOG_FORMAT: &str = "TRELLIS_LOG_FORMAT";
+    /// A fresh random secret for this start of the process (64 hex
+    /// digits). When it is set, a pattern must refuse every call whose
+    /// [`SECRET_HEADER`](super::SECRET_HEADER) does not carry it, with
+    /// UNAUTHENTICATED, and must not pass it on to processes it starts.
+    /// Only ever in the environment: never on the command line.
+    pub const SECRET: &str = "TRELLIS_PATTERN_SECRET";
     /// Every variable of the pattern protocol starts with this (a
     /// pattern's `env:` may not set them).
     pub const PREFIX: &str = "TRELLIS_PATTERN_";
+}
+
+/// The request header (gRPC metadata) that carries
+/// [`env::SECRET`] on every call the proxy makes to a pattern: lifecycle,
+/// health, data and metrics calls alike.
+pub const SECRET_HEADER: &str = "trellis-pattern-secret";
+
+/// Whether `presented` is `expected`, in time that depends only on their
+/// lengths (the secret's length is public: 64 hex digits), so a caller
+/// cannot learn the secret a byte at a time from response times. Every
+/// byte is compared, and the differences are OR-ed together, with no
+/// early exit; `black_box` keeps the compiler from adding one.
+pub fn secret_matches(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    let diff = presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | std::hint::black_box(a ^ b));
+    std::hint::black_box(diff) == 0
 }
 
 /// Where a pattern serves gRPC.
@@ -138,6 +165,15 @@ mod tests {
             format_handshake(&Endpoint::Tcp("[::1]:9100".parse().unwrap())),
             "TRELLIS|1|tcp|[::1]:9100|grpc"
         );
+    }
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(secret_matches(b"abc", b"abc"));
+        assert!(!secret_matches(b"abd", b"abc"));
+        assert!(!secret_matches(b"ab", b"abc"));
+        assert!(!secret_matches(b"", b"abc"));
+        assert!(secret_matches(b"", b""));
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub struct Config {
     /// balancer needs to take the proxy out of rotation.
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
-    /// Where Unix sockets of `transport: unix` patterns are created;
-    /// default `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
+    /// Where Unix sockets of `transport: unix` patterns are created, each
+    /// run in a private folder of its own inside it; default
+    /// `$XDG_RUNTIME_DIR/trellis` or `/tmp/trellis-<uid>`.
     pub socket_dir: Option<PathBuf>,
     /// Threads that run the proxy: absent = half the cores, at least one
     /// ([`default_worker_threads`]); `1` = a single-threaded runtime. Like
@@ -397,7 +398,8 @@ pub struct PatternConfig {
     /// start as long as it fits `startup_timeout`).
     #[serde(default = "defaults::slow_start", with = "humantime_serde")]
     pub slow_start_warning: Duration,
-    /// How the proxy reaches the pattern: `tcp` (default) or `unix`.
+    /// How the proxy reaches the pattern: `unix` (default: a socket in the
+    /// run's private folder under `socket_dir`) or `tcp` (loopback).
     #[serde(default)]
     pub transport: Transport,
     /// For tcp: `auto` (default: the pattern binds port 0, so no conflict can
@@ -416,9 +418,12 @@ pub struct PatternConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    #[default]
+    /// Loopback TCP: any local process can connect, so the per-start
+    /// secret is what keeps them out.
     Tcp,
-    /// A Unix domain socket in `socket_dir`.
+    /// A Unix domain socket in this proxy run's folder under `socket_dir`
+    /// (mode 0700: only the proxy's user can reach it).
+    #[default]
     Unix,
 }
 
@@ -1050,7 +1055,9 @@ impl Config {
             if p.transport == Transport::Unix && p.port != PortSpec::Auto {
                 bad(
                     at("port"),
-                    "applies to transport tcp only; remove it for unix".into(),
+                    "applies to transport tcp only; add `transport: tcp` to use a port, or \
+                     remove it (the default transport is unix)"
+                        .into(),
                 );
             }
             if p.limits.open_files == Some(0) {
@@ -1381,7 +1388,9 @@ mod tests {
     fn ports_are_auto_fixed_or_a_range() {
         let port = |v: &str| {
             parse(
-                &format!("patterns:\n  - name: m\n    command: x\n    port: {v}\n"),
+                &format!(
+                    "patterns:\n  - name: m\n    command: x\n    transport: tcp\n    port: {v}\n"
+                ),
                 &Source::Embedded,
                 Vec::new(),
             )

@@ -21,6 +21,7 @@ use h2::client::{ResponseFuture, SendRequest};
 use tracing::{Instrument, debug};
 
 use crate::supervisor::handshake::Endpoint;
+use crate::supervisor::secret::Secret;
 
 /// How long connecting to a pattern may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,6 +63,9 @@ struct Inner {
     /// The data services the process said it implements.
     interfaces: Arc<[String]>,
     authority: http::uri::Authority,
+    /// The process's secret, added to every call (sensitive: never
+    /// indexed by HPACK, never printed).
+    secret: http::HeaderValue,
     /// The current connection. Held only to clone or replace the handle,
     /// never across an await.
     conn: Mutex<Option<SendRequest<Bytes>>>,
@@ -82,6 +86,7 @@ impl Upstream {
         pattern: &str,
         endpoint: Endpoint,
         interfaces: &[String],
+        secret: &Secret,
     ) -> Result<Upstream, UpstreamError> {
         let authority = match &endpoint {
             Endpoint::Tcp(addr) => addr.to_string().parse().ok(),
@@ -94,6 +99,7 @@ impl Upstream {
                 endpoint,
                 interfaces: interfaces.into(),
                 authority,
+                secret: secret.header(),
                 conn: Mutex::new(None),
             }),
         };
@@ -127,14 +133,19 @@ impl Upstream {
         http::Uri::from_parts(parts).unwrap_or_default()
     }
 
-    /// Opens a stream with `head` and sends `body` as the whole request
-    /// body. When the connection turns out to be closed before the stream
-    /// opened, it is replaced once and the call goes on the new one.
+    /// Opens a stream with `head` (plus the process's secret, which
+    /// replaces any value a caller sent) and sends `body` as the whole
+    /// request body. When the connection turns out to be closed before the
+    /// stream opened, it is replaced once and the call goes on the new one.
     pub async fn send(
         &self,
-        head: http::Request<()>,
+        mut head: http::Request<()>,
         body: Bytes,
     ) -> Result<ResponseFuture, UpstreamError> {
+        head.headers_mut().insert(
+            http::HeaderName::from_static(trellis_proto::protocol::SECRET_HEADER),
+            self.inner.secret.clone(),
+        );
         let mut fresh = false;
         loop {
             let current = self.current();

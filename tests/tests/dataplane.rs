@@ -124,6 +124,7 @@ async fn metadata_is_forwarded_and_transport_headers_are_not() {
             ("grpc-previous-rpc-attempts", "2"),
             ("grpc-accept-encoding", "gzip"),
             ("x-request-id", "rid-42"),
+            ("trellis-pattern-secret", "a-guess"),
         ],
         h2raw::frame(&get("e", "headers")),
     )
@@ -146,6 +147,13 @@ async fn metadata_is_forwarded_and_transport_headers_are_not() {
     );
     assert_eq!(seen["te"], ["trailers"]);
     assert_eq!(seen["content-type"], ["application/grpc"]);
+    // The pattern's secret replaces whatever a client sent in its name.
+    let secret = &seen[trellis_proto::protocol::SECRET_HEADER];
+    assert_eq!(secret.len(), 1, "{secret:?}");
+    assert!(
+        secret[0].len() == 64 && secret[0].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{secret:?}"
+    );
     assert_eq!(seen[":path"], [GET]);
     for gone in ["grpc-previous-rpc-attempts", "grpc-accept-encoding", "host"] {
         assert!(
@@ -229,7 +237,13 @@ async fn metadata_is_forwarded_and_transport_headers_are_not() {
 
 #[tokio::test]
 async fn trailers_and_error_details_reach_the_client_byte_for_byte() {
-    let proxy = echo("").await;
+    // Over TCP, so the test can call the pattern around the proxy (echo
+    // does not check the pattern secret).
+    let proxy = Proxy::builder()
+        .echo("echo", &["e"], "")
+        .with("transport: tcp")
+        .start()
+        .await;
     let via_proxy = host_port(&proxy.addr).to_string();
     let direct = pattern_addr(&proxy, "echo").await;
     for key in ["fail", "ok-trailers", "big:100000", "plain"] {

@@ -154,6 +154,58 @@ async fn serves_key_value_calls_through_the_proxy() {
     assert!(bad.message().contains("page_size"), "{bad:?}");
 }
 
+/// Over `transport: tcp`, the Python pattern refuses a call around the
+/// proxy (no `trellis-pattern-secret`) with UNAUTHENTICATED, health checks
+/// included, and serves the proxy's; by default it listens on the Unix
+/// socket the proxy gave it.
+#[tokio::test]
+async fn refuses_calls_without_the_pattern_secret() {
+    let on_unix = proxy().await;
+    let p = on_unix.pattern("py").await;
+    assert!(p.endpoint.starts_with("unix:///"), "{}", p.endpoint);
+    drop(on_unix);
+
+    let proxy = Proxy::builder()
+        .pattern(PatternEntry::new("py", launcher(), &[NS, OTHER]))
+        .with("startup_timeout: 60s")
+        .with("transport: tcp")
+        .start()
+        .await;
+    let p = proxy.pattern("py").await;
+    let addr = p.endpoint.strip_prefix("tcp://").expect("a tcp endpoint");
+    let direct = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = trellis_proto::data::v1::key_value_client::KeyValueClient::new(direct.clone())
+        .get(GetRequest {
+            namespace: NS.into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = tonic_health::pb::health_client::HealthClient::new(direct)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    proxy
+        .kv()
+        .await
+        .put(PutRequest {
+            namespace: NS.into(),
+            key: "k".into(),
+            value: b"v".to_vec(),
+            ttl: None,
+        })
+        .await
+        .expect("the proxy's call is served");
+}
+
 #[tokio::test]
 async fn conforms_through_the_proxy() {
     let proxy = proxy().await;

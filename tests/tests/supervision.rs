@@ -414,6 +414,7 @@ async fn a_taken_fixed_port_fails_naming_the_port_and_its_holder() {
     let port = held.local_addr().unwrap().port();
     let proxy = Proxy::builder()
         .memstore("fixed", &["x"])
+        .with("transport: tcp")
         .with(&format!("port: {port}"))
         .spawn()
         .await;
@@ -440,6 +441,7 @@ async fn a_port_range_uses_the_next_free_port() {
     let port = held.local_addr().unwrap().port();
     let proxy = Proxy::builder()
         .memstore("ranged", &["x"])
+        .with("transport: tcp")
         .with(&format!("port: \"{port}-{}\"", port.saturating_add(20)))
         .start()
         .await;
@@ -454,13 +456,18 @@ async fn a_port_range_uses_the_next_free_port() {
 
 #[tokio::test]
 async fn unix_socket_transport_serves_data() {
+    // No `transport:`: a Unix socket is the default.
     let proxy = Proxy::builder()
         .memstore("sock", &["default"])
-        .with("transport: unix")
         .start()
         .await;
     let p = proxy.pattern("sock").await;
     assert!(p.endpoint.starts_with("unix:///"), "{}", p.endpoint);
+    assert!(
+        p.endpoint.contains(&format!("/trellis-{}-", proxy.pid())),
+        "in the run's own folder: {}",
+        p.endpoint
+    );
     let mut kv = proxy.kv().await;
     kv.put(PutRequest {
         namespace: "default".into(),

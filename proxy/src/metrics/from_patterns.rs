@@ -29,7 +29,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tonic::transport::Channel;
 use tracing::debug;
 use trellis_proto::pattern::v1::MetricsRequest;
 use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
@@ -133,7 +132,7 @@ enum Answer {
     Failed(String),
 }
 
-async fn ask(control: Channel) -> Answer {
+async fn ask(control: crate::supervisor::secret::Control) -> Answer {
     let mut client = LifecycleClient::new(control);
     let mut request = tonic::Request::new(MetricsRequest {});
     request.set_timeout(SCRAPE_TIMEOUT);

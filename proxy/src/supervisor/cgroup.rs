@@ -251,7 +251,7 @@ fn own_cgroup(proc_cgroup: &str) -> Option<&str> {
 
 /// A process's start time (clock ticks since boot; field 22 of
 /// `/proc/<pid>/stat`), which with the pid names one process for good.
-fn start_time(pid: u32) -> Option<u64> {
+pub(super) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start
     // after the last ')'. Field 22 is the 20th after it.
@@ -259,11 +259,11 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-fn proxy_dir_name(pid: u32, start: u64) -> String {
+pub(super) fn proxy_dir_name(pid: u32, start: u64) -> String {
     format!("trellis-{pid}-{start}")
 }
 
-fn parse_proxy_dir(name: &str) -> Option<(u32, u64)> {
+pub(super) fn parse_proxy_dir(name: &str) -> Option<(u32, u64)> {
     let (pid, start) = name.strip_prefix("trellis-")?.split_once('-')?;
     Some((pid.parse().ok()?, start.parse().ok()?))
 }

@@ -9,7 +9,9 @@
 //! - `pattern`: the owner task (one process's life, commands, stop).
 //! - `startup`: bringing a process up, within `startup_timeout`.
 //! - `probe`: health checks and the health poller.
-//! - `ports`, `cgroup`: where a pattern listens; its cgroup.
+//! - `ports`, `sockets`, `cgroup`: where a pattern listens (a Unix socket
+//!   in the run's private folder by default); its cgroup.
+//! - `secret`: the per-start secret every call to a pattern carries.
 //!
 //! [`Supervisor`] holds the set of patterns running now (the [`Roster`]),
 //! published on a `watch` channel: health, the admin API, metrics and the
@@ -25,6 +27,8 @@ pub mod pattern;
 pub mod ports;
 mod probe;
 pub mod process;
+pub mod secret;
+pub mod sockets;
 mod startup;
 pub mod state;
 
@@ -81,7 +85,8 @@ impl Roster {
 /// What every spawn needs besides the pattern's own configuration; fixed
 /// for the proxy's life (a reload cannot change it).
 struct Spawner {
-    socket_dir: PathBuf,
+    /// The run's private socket folder (made on the first unix start).
+    sockets: Arc<sockets::Sockets>,
     exe_dir: Option<PathBuf>,
     path_var: Option<std::ffi::OsString>,
     traces: Traces,
@@ -91,10 +96,12 @@ struct Spawner {
 impl Spawner {
     fn new(config: &Config, host: &Host) -> Self {
         Spawner {
-            socket_dir: config
-                .socket_dir
-                .clone()
-                .unwrap_or_else(|| host.default_socket_dir()),
+            sockets: Arc::new(sockets::Sockets::new(
+                config
+                    .socket_dir
+                    .clone()
+                    .unwrap_or_else(|| host.default_socket_dir()),
+            )),
             exe_dir: host.exe_dir.clone(),
             path_var: host.path.clone(),
             traces: config.telemetry.traces.clone(),
@@ -131,7 +138,7 @@ impl Spawner {
             p,
             program,
             namespaces,
-            self.socket_dir.clone(),
+            Arc::clone(&self.sockets),
             initial,
             self.cgroups.clone(),
         )
@@ -233,6 +240,7 @@ impl Supervisor {
         if let Some(c) = &self.spawner.cgroups {
             c.remove().await;
         }
+        self.spawner.sockets.remove();
     }
 }
 

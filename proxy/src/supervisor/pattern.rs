@@ -14,7 +14,6 @@ use tokio::io::BufReader;
 use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tracing::{Instrument, debug, error, info, warn};
 use trellis_proto::pattern::v1::StopRequest;
 use trellis_proto::pattern::v1::lifecycle_client::LifecycleClient;
@@ -26,6 +25,8 @@ use super::output::{self, Tail};
 use super::ports;
 use super::probe::{Unhealthy, poll_health};
 use super::process::{self, Exit, Spec};
+use super::secret::{Control, Secret};
+use super::sockets::Sockets;
 use super::startup::{BroughtUp, StartError, Up, bring_up};
 use super::state::{Event, RestartReason, State, Status};
 use crate::config::{PatternConfig, RestartPolicy};
@@ -38,7 +39,7 @@ pub fn spawn(
     cfg: PatternConfig,
     program: Result<PathBuf, String>,
     namespaces: Vec<String>,
-    socket_dir: PathBuf,
+    sockets: Arc<Sockets>,
     initial: Status,
     cgroups: Option<Arc<Cgroups>>,
 ) -> (PatternHandle, tokio::task::JoinHandle<()>) {
@@ -60,7 +61,7 @@ pub fn spawn(
         schedule: RestartSchedule::new(cfg.restart.clone()),
         cfg: Arc::new(cfg),
         program,
-        socket_dir,
+        sockets,
         cgroups,
         status: status_tx,
         events,
@@ -76,7 +77,8 @@ struct Owner {
     poller: Option<tokio::task::AbortHandle>,
     cfg: Arc<PatternConfig>,
     program: Result<PathBuf, String>,
-    socket_dir: PathBuf,
+    /// Where a unix-socket start's socket goes.
+    sockets: Arc<Sockets>,
     /// Where each process of this pattern gets a cgroup, if anywhere.
     cgroups: Option<Arc<Cgroups>>,
     status: watch::Sender<Status>,
@@ -294,7 +296,7 @@ impl Owner {
             &self.cfg.name,
             self.cfg.transport,
             self.cfg.port,
-            &self.socket_dir,
+            &self.sockets,
         )
         .await
         {
@@ -306,6 +308,9 @@ impl Owner {
                 };
             }
         };
+        // Fresh for this process: its environment carries it (never its
+        // argv, never a log line), every call to it carries it back.
+        let secret = Secret::generate();
         let mut env = self.cfg.env.clone();
         {
             use trellis_proto::protocol::{VERSION, env as var};
@@ -313,6 +318,7 @@ impl Owner {
             env.insert(var::NAME.into(), self.cfg.name.clone());
             env.insert(var::LISTEN.into(), listen);
             env.insert(var::LOG_FORMAT.into(), "json".into());
+            env.insert(var::SECRET.into(), secret.env_value().into());
         }
         // Lives as long as this process's life: dropped, it kills whatever
         // the pattern left running and removes itself.
@@ -379,7 +385,7 @@ impl Owner {
 
         // Start-up owns its deadline (`startup_timeout`) and says how it
         // ended: serving, answering NOT_SERVING, or failed at a step.
-        let mut bring_up = Box::pin(bring_up(self.cfg.clone(), stdout).in_current_span());
+        let mut bring_up = Box::pin(bring_up(self.cfg.clone(), stdout, secret).in_current_span());
         enum Starting {
             Ready(Result<BroughtUp, StartError>),
             Exited(Option<Exit>),
@@ -656,7 +662,7 @@ impl Owner {
         cmd: Option<Command>,
         child: &mut Child,
         pid: u32,
-        channel: Option<Channel>,
+        channel: Option<Control>,
     ) -> Option<End> {
         match cmd {
             Some(Command::Ping(reply)) => {
@@ -692,7 +698,7 @@ impl Owner {
     /// `stop_grace` → SIGKILL. Without a Lifecycle connection (the process
     /// is still starting) there is no Stop to send or wait for: SIGTERM to
     /// the group at once → wait `stop_grace` → SIGKILL. Always reaps.
-    async fn stop_process(&mut self, child: &mut Child, pid: u32, channel: Option<Channel>) {
+    async fn stop_process(&mut self, child: &mut Child, pid: u32, channel: Option<Control>) {
         self.set_state(State::Stopping);
         // End the health Watch stream first: an open stream is an in-flight
         // call the pattern would otherwise wait on for its whole grace period.

@@ -1,15 +1,15 @@
 //! Choosing where a pattern listens, and saying who holds a taken port.
 //!
-//! `auto` hands the pattern `127.0.0.1:0`: the kernel picks a free port and
+//! `unix` (the default) hands the pattern a socket path in this proxy
+//! run's private folder (`sockets.rs`). `auto` hands the pattern `127.0.0.1:0`: the kernel picks a free port and
 //! the pattern reports it in its handshake, so no conflict is possible. A
 //! fixed port or a range is checked here first by binding it, so a conflict
 //! is reported with the port, its holder (found through /proc) and what to
 //! do, instead of as a pattern that died at start-up.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::Path;
-
+use super::sockets::Sockets;
 use crate::config::{PortSpec, Transport};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 /// The `TRELLIS_PATTERN_LISTEN` value for one start, or why there is none.
 /// Naming a taken port's holder walks every process's fds in /proc: that
@@ -19,27 +19,10 @@ pub async fn listen_address(
     name: &str,
     transport: Transport,
     port: PortSpec,
-    socket_dir: &Path,
+    sockets: &Sockets,
 ) -> Result<String, String> {
     match (transport, port) {
-        (Transport::Unix, _) => {
-            std::fs::create_dir_all(socket_dir).map_err(|e| {
-                format!(
-                    "cannot create the socket folder {}: {e}; set `socket_dir` to a writable folder",
-                    socket_dir.display()
-                )
-            })?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ =
-                    std::fs::set_permissions(socket_dir, std::fs::Permissions::from_mode(0o700));
-            }
-            Ok(format!(
-                "unix:{}",
-                socket_dir.join(format!("{name}.sock")).display()
-            ))
-        }
+        (Transport::Unix, _) => Ok(format!("unix:{}", sockets.socket(name)?.display())),
         (Transport::Tcp, PortSpec::Auto) => Ok("127.0.0.1:0".into()),
         (Transport::Tcp, PortSpec::Fixed(p)) => {
             if is_free(p) {
@@ -119,17 +102,16 @@ fn listening_inode(table: &str, port: u16) -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn nowhere() -> Sockets {
+        Sockets::new("/nonexistent".into())
+    }
+
     #[tokio::test]
     async fn auto_cannot_conflict() {
         assert_eq!(
-            listen_address(
-                "m",
-                Transport::Tcp,
-                PortSpec::Auto,
-                Path::new("/nonexistent")
-            )
-            .await
-            .unwrap(),
+            listen_address("m", Transport::Tcp, PortSpec::Auto, &nowhere())
+                .await
+                .unwrap(),
             "127.0.0.1:0"
         );
     }
@@ -138,7 +120,7 @@ mod tests {
     async fn a_taken_fixed_port_names_the_port_and_this_process() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
-        let err = listen_address("m", Transport::Tcp, PortSpec::Fixed(port), Path::new("/x"))
+        let err = listen_address("m", Transport::Tcp, PortSpec::Fixed(port), &nowhere())
             .await
             .unwrap_err();
         assert!(err.contains(&format!("port {port}")), "{err}");
@@ -153,14 +135,9 @@ mod tests {
     async fn a_range_skips_taken_ports_and_reports_exhaustion() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
-        let err = listen_address(
-            "m",
-            Transport::Tcp,
-            PortSpec::Range(port, port),
-            Path::new("/x"),
-        )
-        .await
-        .unwrap_err();
+        let err = listen_address("m", Transport::Tcp, PortSpec::Range(port, port), &nowhere())
+            .await
+            .unwrap_err();
         assert!(err.contains(&format!("{port}-{port}")), "{err}");
         // A range starting at the held port moves on to a free one (the
         // next port is very likely free; if not, a later one is).
@@ -168,7 +145,7 @@ mod tests {
             "m",
             Transport::Tcp,
             PortSpec::Range(port, port.saturating_add(50)),
-            Path::new("/x"),
+            &nowhere(),
         )
         .await
         .unwrap();
@@ -176,14 +153,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unix_sockets_live_in_the_socket_dir() {
+    async fn unix_sockets_live_in_the_runs_private_folder() {
         let dir = tempfile::tempdir().unwrap();
-        let sock_dir = dir.path().join("s");
-        let got = listen_address("mem", Transport::Unix, PortSpec::Auto, &sock_dir)
+        let sockets = Sockets::new(dir.path().join("s"));
+        let got = listen_address("mem", Transport::Unix, PortSpec::Auto, &sockets)
             .await
             .unwrap();
-        assert_eq!(got, format!("unix:{}/mem.sock", sock_dir.display()));
-        assert!(sock_dir.is_dir());
+        let run = sockets.dir().unwrap();
+        assert_eq!(got, format!("unix:{}/mem-0.sock", run.display()));
+        assert!(run.starts_with(dir.path().join("s")));
     }
 
     #[test]

@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+use super::secret::Control;
 
 /// Why a health check did not pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,7 +30,7 @@ impl std::fmt::Display for Unhealthy {
 }
 
 pub(super) async fn check(
-    client: &mut HealthClient<Channel>,
+    client: &mut HealthClient<Control>,
     limit: Duration,
 ) -> Result<(), Unhealthy> {
     let req = HealthCheckRequest {
@@ -64,7 +65,7 @@ fn serving_status(s: ServingStatus) -> Result<(), Unhealthy> {
 /// `interval`, which also catches a hung process (a watch stream just goes
 /// quiet). A pattern without `Watch` (UNIMPLEMENTED) gets polling alone.
 pub(super) async fn poll_health(
-    channel: Channel,
+    channel: Control,
     interval: Duration,
     limit: Duration,
     results: mpsc::Sender<Result<(), Unhealthy>>,

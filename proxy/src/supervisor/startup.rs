@@ -20,6 +20,7 @@ use trellis_proto::pattern::v1::{InitializeRequest, InitializeResponse, StartReq
 use super::handshake::{self, Endpoint};
 use super::output;
 use super::probe::{Unhealthy, check};
+use super::secret::{Control, Secret};
 use crate::config::PatternConfig;
 use crate::upstream::Upstream;
 
@@ -28,8 +29,9 @@ use crate::upstream::Upstream;
 #[derive(Clone)]
 pub(super) struct Up {
     pub(super) endpoint: Endpoint,
-    /// The control channel: Lifecycle and health.
-    pub(super) channel: Channel,
+    /// The control channel: Lifecycle and health, each call with the
+    /// process's secret.
+    pub(super) channel: Control,
     /// The data connection the data plane forwards calls on.
     pub(super) upstream: Upstream,
     pub(super) info: InitializeResponse,
@@ -88,6 +90,7 @@ impl StartError {
 pub(super) async fn bring_up(
     cfg: Arc<PatternConfig>,
     stdout: Option<ChildStdout>,
+    secret: Secret,
 ) -> Result<BroughtUp, StartError> {
     let deadline = Instant::now() + cfg.startup_timeout;
     let steps = async {
@@ -97,7 +100,7 @@ pub(super) async fn bring_up(
         tokio::spawn(output::drain_stdout(reader).in_current_span());
         debug!(endpoint = %endpoint, "handshake received");
 
-        let channel = connect(&endpoint).await?;
+        let channel = secret.control(connect(&endpoint).await?);
         let mut lifecycle = LifecycleClient::new(channel.clone());
         let init = InitializeRequest {
             name: cfg.name.clone(),
@@ -118,7 +121,7 @@ pub(super) async fn bring_up(
             .start(StartRequest {})
             .await
             .map_err(StartError::Start)?;
-        let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces)
+        let upstream = Upstream::connect(&cfg.name, endpoint.clone(), &info.interfaces, &secret)
             .await
             .map_err(|e| StartError::DataConnection(e.to_string()))?;
         Ok(Up {

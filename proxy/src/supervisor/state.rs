@@ -18,8 +18,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use tonic::transport::Channel;
-
 use super::handshake::Endpoint;
 use super::process::Exit;
 use crate::upstream::Upstream;
@@ -163,7 +161,7 @@ pub struct Status {
     /// The control channel (Lifecycle, health) to the process; `Some`
     /// exactly when `upstream` is. The metrics scrape asks the pattern for
     /// its own metrics over it.
-    pub control: Option<Channel>,
+    pub control: Option<super::secret::Control>,
     /// Every spawn after the first, whoever caused it.
     pub restarts: u32,
     /// `restarts` by reason.
