@@ -288,9 +288,22 @@ fn kustomization_lists_every_manifest() {
 
 #[test]
 fn the_configmap_holds_a_valid_config_that_listens_on_the_pod_ip() {
-    let (config, _dir, path) = loaded_config();
+    let (config, dir, path) = loaded_config();
     // The real binary too: `check-config` also resolves every pattern's
-    // command, here next to target/debug/trellis as in the image's folder.
+    // command, here next to target/debug/trellis as in the image's folder,
+    // and loads the TLS files, here a test certificate where the Secret
+    // `trellis-tls` would be mounted.
+    let tls = config.tls.as_ref().expect("configmap.yaml turns TLS on");
+    let mounted = tls.cert_file.parent().expect("a folder");
+    let certs = dir.path().join("tls");
+    std::fs::create_dir(&certs).unwrap();
+    trellis_tests::pki::Ca::new("test")
+        .server()
+        .write(&certs, "tls");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(&mounted.display().to_string(), &certs.display().to_string());
+    std::fs::write(&path, text).unwrap();
     let out = Command::new(trellis_tests::bin("trellis"))
         .arg("check-config")
         .arg(&path)
