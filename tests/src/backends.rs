@@ -1,6 +1,8 @@
 //! Private Redis and PostgreSQL servers for tests: each on a free loopback
 //! port, with its data in a temporary directory, started and stopped (or
 //! killed and restarted on the same port, keeping its data) by the test.
+//! Either can serve TLS only, with certificates from [`crate::pki::Pki`]
+//! ([`RedisServer::start_tls`], [`PostgresServer::start_tls`]).
 //! Nothing here touches a server the machine itself runs.
 //!
 //! The server binaries are found the way `scripts/setup-backends.sh` finds
@@ -176,6 +178,21 @@ pub struct RedisServer {
     child: Option<Child>,
     output: Output,
     binary: PathBuf,
+    /// TLS only (`--port 0`), and a password, from a config file.
+    secure: Option<RedisTls>,
+}
+
+/// What a TLS-only Redis uses: its certificate, the CA it checks client
+/// certificates with, whether it demands one, and an AUTH password (in its
+/// config file, never on its command line).
+#[derive(Clone)]
+pub struct RedisTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+    /// `--tls-auth-clients yes`: mutual TLS.
+    pub auth_clients: bool,
+    pub requirepass: Option<String>,
 }
 
 impl RedisServer {
@@ -189,7 +206,17 @@ impl RedisServer {
         Self::start_with(false).await
     }
 
+    /// One that speaks TLS only (on [`RedisServer::port`]; `--port 0`),
+    /// without persistence; returns once it is ready to accept connections.
+    pub async fn start_tls(tls: RedisTls) -> RedisServer {
+        Self::start_secure(false, Some(tls)).await
+    }
+
     async fn start_with(durable: bool) -> RedisServer {
+        Self::start_secure(durable, None).await
+    }
+
+    async fn start_secure(durable: bool, secure: Option<RedisTls>) -> RedisServer {
         let binary = find_binary("redis-server", &[]);
         let dir = tempfile::tempdir().expect("tempdir for redis");
         let mut server = RedisServer {
@@ -199,14 +226,40 @@ impl RedisServer {
             child: None,
             output: Output::default(),
             binary,
+            secure,
         };
         server.launch().await;
         server
     }
 
     async fn launch(&mut self) {
-        let mut child = Command::new(&self.binary)
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new(&self.binary);
+        if let Some(tls) = &self.secure {
+            // A config file first (the password stays off the command
+            // line), then the TLS options.
+            let conf = self.dir.path().join("redis.conf");
+            let pass = tls
+                .requirepass
+                .as_ref()
+                .map(|p| format!("requirepass \"{p}\"\n"))
+                .unwrap_or_default();
+            std::fs::write(&conf, pass).expect("write redis.conf");
+            cmd.arg(&conf)
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert_file)
+                .arg("--tls-key-file")
+                .arg(&tls.key_file)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca_file)
+                .args([
+                    "--tls-auth-clients",
+                    if tls.auth_clients { "yes" } else { "no" },
+                ]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
+        let mut child = cmd
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -227,9 +280,18 @@ impl RedisServer {
         self.output.drain(&mut child);
         self.child = Some(child);
         let port = self.port;
+        let tls = self.secure.is_some();
+        let output = self.output.clone();
         let ready = tokio::time::timeout(PATIENCE, async {
             loop {
-                if redis_ping(port).await {
+                // A TLS-only Redis cannot be PINGed in plain text: its
+                // log says when it is ready.
+                let up = if tls {
+                    output.text().contains("Ready to accept connections")
+                } else {
+                    redis_ping(port).await
+                };
+                if up {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -247,9 +309,14 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:<port>`
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.secure.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -318,6 +385,36 @@ impl PostgresServer {
     /// [`PostgresServer::start`] with extra server settings, e.g.
     /// `("synchronous_commit", "off")`.
     pub async fn start_with(settings: &[(&str, &str)]) -> PostgresServer {
+        Self::start_inner(settings, None).await
+    }
+
+    /// One with TLS on (`ssl=on`, the server certificate and key of `pki`
+    /// in its data directory, the key 0600 and the server's own) where the
+    /// user [`TLS_USER`] may log in over TLS only, with a password
+    /// (scram-sha-256); everyone else as before (trust, TLS or not).
+    /// Create the user with [`PostgresServer::create_tls_user`].
+    pub async fn start_tls(pki: &crate::pki::Pki) -> PostgresServer {
+        Self::start_inner(&[("ssl", "on")], Some(pki)).await
+    }
+
+    /// Creates [`TLS_USER`] with `password` and its own database of the
+    /// same name (so it may create tables there).
+    pub async fn create_tls_user(&self, password: &str) {
+        let client = self.connect().await;
+        // Two statements: CREATE DATABASE cannot run in the implicit
+        // transaction of a multi-statement query.
+        for sql in [
+            format!("CREATE ROLE {TLS_USER} LOGIN PASSWORD '{password}'"),
+            format!("CREATE DATABASE {TLS_USER} OWNER {TLS_USER}"),
+        ] {
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("create the TLS user: {e:?}"));
+        }
+    }
+
+    async fn start_inner(settings: &[(&str, &str)], tls: Option<&crate::pki::Pki>) -> PostgresServer {
         let dirs = postgres_bin_dirs();
         let initdb = find_binary("initdb", &dirs);
         let postgres = find_binary("postgres", &dirs);
@@ -378,6 +475,9 @@ impl PostgresServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(pki) = tls {
+            install_tls(&data, pki, user);
+        }
         let mut server = PostgresServer {
             port: free_port(),
             dir,
@@ -502,6 +602,43 @@ impl Drop for PostgresServer {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
+}
+
+/// The user a [`PostgresServer::start_tls`] server lets in over TLS only.
+pub const TLS_USER: &str = "app";
+
+/// Puts `pki`'s server certificate and key where PostgreSQL looks by
+/// default (`server.crt`, `server.key` in the data directory), owned by
+/// the server's user with the key 0600 (PostgreSQL refuses a key others
+/// can read), and makes [`TLS_USER`] log in over TLS only.
+fn install_tls(data: &Path, pki: &crate::pki::Pki, user: Option<(u32, u32)>) {
+    for (from, to, mode) in [
+        (pki.server_cert(), "server.crt", 0o644),
+        (pki.server_key(), "server.key", 0o600),
+    ] {
+        let to = data.join(to);
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+            .expect("chmod the server's TLS file");
+        if let Some((uid, gid)) = user {
+            nix::unistd::chown(
+                &to,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .expect("chown the server's TLS file");
+        }
+    }
+    let hba = data.join("pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!(
+            "hostnossl all {TLS_USER} 127.0.0.1/32 reject\n\
+             hostssl all {TLS_USER} 127.0.0.1/32 scram-sha-256\n{rest}"
+        ),
+    )
+    .expect("write pg_hba.conf");
 }
 
 /// Does the server at `url` answer `SELECT 1`?

@@ -18,6 +18,8 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// A config file (TLS, authorization), when there is one.
+    config: Option<std::path::PathBuf>,
 }
 
 impl NatsServer {
@@ -28,6 +30,38 @@ impl NatsServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
+            config: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// One that requires TLS, with `cert_file`/`key_file` as its
+    /// certificate, and with `user`/`password` required when given (in its
+    /// config file, never on its command line).
+    pub async fn start_tls(
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+        user: Option<(&str, &str)>,
+    ) -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("nats.conf");
+        let mut text = format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+            cert_file.display().to_string(),
+            key_file.display().to_string()
+        );
+        if let Some((user, password)) = user {
+            text.push_str(&format!(
+                "authorization {{\n  user: {user:?}\n  password: {password:?}\n}}\n"
+            ));
+        }
+        std::fs::write(&config, text).expect("write nats.conf");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            dir,
+            config: Some(config),
         };
         server.spawn().await;
         server
@@ -35,7 +69,11 @@ impl NatsServer {
 
     async fn spawn(&mut self) {
         let log = self.dir.path().join("nats-server.log");
-        let child = Command::new(find_binary("nats-server", &[]))
+        let mut cmd = Command::new(find_binary("nats-server", &[]));
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let child = cmd
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-l"])
             .arg(&log)
             .stdin(Stdio::null())

@@ -16,18 +16,31 @@
 //!   SDK's [`Backend`] (`PUBLISH`, `SUBSCRIBE`; refused while disconnected
 //!   counts as an error); the SDK counts open subscriptions.
 //!
+//! - TLS: a `tls:` block (`ca_file`, `cert_file` + `key_file`) or a
+//!   `tls://` url makes TLS required; the server's certificate must chain
+//!   to the CA (or the system's roots) and name the url's host. A failed
+//!   handshake leaves the pattern `NOT_SERVING`, saying so and naming
+//!   `config.tls.ca_file`.
+//! - Credentials: `user` with `password_file`/`password_env`, or
+//!   `token_file`/`token_env` (backend-config); a password in the url
+//!   still works and is shown as `***` wherever the url is.
+//!
 //! What is lost while the server is unreachable is in README.md.
 
 pub mod subject;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::client::PublishErrorKind;
 use async_nats::connection::State;
-use async_nats::{Client, ConnectOptions, Event, HeaderMap, HeaderName, HeaderValue, ServerAddr};
+use async_nats::{
+    Client, ClientError, ConnectOptions, Event, HeaderMap, HeaderName, HeaderValue, ServerAddr,
+};
+use backend_config::{Secret, Tls, read_secret, redact_url};
 use bytes::Bytes;
 use futures::StreamExt;
 use pattern_sdk::observe::Backend;
@@ -50,6 +63,20 @@ pub struct Config {
     /// The NATS server, e.g. "nats://127.0.0.1:4222" (user:password@ and
     /// tls:// work as in any NATS client).
     pub url: String,
+    /// TLS (required once the block is there): `ca_file`, and `cert_file`
+    /// + `key_file` for mutual TLS.
+    pub tls: Option<Tls>,
+    /// The user to connect as; its password from `password_file` or
+    /// `password_env`.
+    pub user: Option<String>,
+    /// A file holding `user`'s password.
+    pub password_file: Option<PathBuf>,
+    /// The name of an environment variable holding `user`'s password.
+    pub password_env: Option<String>,
+    /// A file holding the authentication token (instead of a user).
+    pub token_file: Option<PathBuf>,
+    /// The name of an environment variable holding the token.
+    pub token_env: Option<String>,
     /// The first subject tokens of every subject this pattern uses.
     pub subject_prefix: String,
     /// How long one connection attempt may take, and the longest a publish
@@ -65,6 +92,12 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
+            tls: None,
+            user: None,
+            password_file: None,
+            password_env: None,
+            token_file: None,
+            token_env: None,
             subject_prefix: "trellis".into(),
             connect_timeout: Duration::from_secs(5),
             publish_buffer: 2048,
@@ -72,9 +105,26 @@ impl Default for Config {
     }
 }
 
+/// How the pattern authenticates, read from the files and variables the
+/// config names.
+#[derive(Debug, PartialEq)]
+enum Credentials {
+    None,
+    UserPassword(String, Secret),
+    Token(Secret),
+}
+
+/// What [`Config::validate`] found good.
+#[derive(Debug)]
+struct Checked {
+    addr: ServerAddr,
+    credentials: Credentials,
+}
+
 impl Config {
-    /// Every problem at once, each naming its field.
-    fn validate(&self) -> Result<ServerAddr, Error> {
+    /// Every problem at once, each naming its field. `lookup` reads the
+    /// environment (for `password_env`, `token_env`).
+    fn validate(&self, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Checked, Error> {
         let mut problems = Vec::new();
         let addr = ServerAddr::from_str(&self.url)
             .map_err(|e| {
@@ -82,12 +132,16 @@ impl Config {
                     "config.url",
                     format!(
                         "{:?} is not a NATS server address ({e}); use e.g. \
-                         \"nats://127.0.0.1:4222\"",
-                        self.url
+                         \"nats://127.0.0.1:4222\" or \"tls://host:4222\"",
+                        redact_url(&self.url)
                     ),
                 ))
             })
             .ok();
+        let credentials = self.credentials(addr.as_ref(), lookup, &mut problems);
+        if let Some(Err(v)) = self.tls.as_ref().map(|t| t.load("config.tls")) {
+            problems.extend(v);
+        }
         if !subject::valid_prefix(&self.subject_prefix) {
             problems.push(FieldViolation::new(
                 "config.subject_prefix",
@@ -111,8 +165,64 @@ impl Config {
             ));
         }
         match addr {
-            Some(addr) if problems.is_empty() => Ok(addr),
+            Some(addr) if problems.is_empty() => Ok(Checked { addr, credentials }),
             _ => Err(Error::InvalidArgument(problems)),
+        }
+    }
+
+    fn credentials(
+        &self,
+        addr: Option<&ServerAddr>,
+        lookup: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<FieldViolation>,
+    ) -> Credentials {
+        let mut read = |file: (&str, Option<&std::path::Path>), env: (&str, Option<&str>)| {
+            read_secret(file, env, lookup)
+                .map_err(|v| problems.push(v))
+                .ok()
+                .flatten()
+        };
+        let password = read(
+            ("config.password_file", self.password_file.as_deref()),
+            ("config.password_env", self.password_env.as_deref()),
+        );
+        let token = read(
+            ("config.token_file", self.token_file.as_deref()),
+            ("config.token_env", self.token_env.as_deref()),
+        );
+        let given = self.user.is_some() || password.is_some() || token.is_some();
+        if given && addr.is_some_and(|a| a.username().is_some() || a.password().is_some()) {
+            problems.push(FieldViolation::new(
+                "config.url",
+                "has credentials too; give them either in the url or in user/password_file/\
+                 password_env/token_file/token_env",
+            ));
+        }
+        match (&self.user, password, token) {
+            (Some(_), _, Some(_)) => {
+                problems.push(FieldViolation::new(
+                    "config.token_file",
+                    "give a token or a user with a password, not both",
+                ));
+                Credentials::None
+            }
+            (Some(user), Some(password), None) => Credentials::UserPassword(user.clone(), password),
+            (Some(_), None, None) => {
+                problems.push(FieldViolation::new(
+                    "config.user",
+                    "needs its password: set config.password_file or config.password_env",
+                ));
+                Credentials::None
+            }
+            (None, Some(_), _) => {
+                problems.push(FieldViolation::new(
+                    "config.password_file",
+                    "a password needs config.user",
+                ));
+                Credentials::None
+            }
+            (None, None, Some(token)) => Credentials::Token(token),
+            (None, None, None) => Credentials::None,
         }
     }
 }
@@ -125,6 +235,10 @@ pub struct Nats {
     wait: Duration,
     /// Times and traces every publish and subscribe.
     backend: Backend,
+    /// The client's last error while not connected (e.g. "TLS error").
+    last_error: Arc<Mutex<Option<String>>>,
+    /// With TLS: what to check when the handshake fails.
+    tls_hint: Option<String>,
 }
 
 impl Pattern for Nats {
@@ -137,12 +251,33 @@ impl Pattern for Nats {
     /// `NOT_SERVING` until the client gets through: a backend outage is not
     /// a reason to crash-loop.
     async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
-        let addr = config.validate()?;
-        let server = redact(&config.url);
+        let Checked { addr, credentials } = config.validate(&|name| std::env::var(name).ok())?;
+        let server = redact_url(&config.url);
+        let tls_hint = (config.tls.is_some() || addr.tls_required())
+            .then(|| backend_config::tls_hint("config.tls", config.tls.as_ref(), "config.url"));
         let (connected_tx, mut connected) = watch::channel(false);
         let connected_tx = Arc::new(connected_tx);
+        let last_error = Arc::new(Mutex::new(None::<String>));
         let log_server = server.clone();
-        let client = ConnectOptions::new()
+        let mut options = ConnectOptions::new();
+        match credentials {
+            Credentials::None => {}
+            Credentials::UserPassword(user, password) => {
+                options = options.user_and_password(user, password.expose().to_string());
+            }
+            Credentials::Token(token) => options = options.token(token.expose().to_string()),
+        }
+        if let Some(tls) = &config.tls {
+            options = options.require_tls(true);
+            if let Some(ca) = &tls.ca_file {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        let events_error = Arc::clone(&last_error);
+        let client = options
             .name(format!("trellis-nats/{}", ctx.name()))
             .connection_timeout(config.connect_timeout)
             .client_capacity(config.publish_buffer)
@@ -150,9 +285,18 @@ impl Pattern for Nats {
             .event_callback(move |event| {
                 let connected_tx = Arc::clone(&connected_tx);
                 let server = log_server.clone();
+                let last_error = Arc::clone(&events_error);
                 async move {
+                    let last = |e: Option<String>| {
+                        *last_error.lock().unwrap_or_else(PoisonError::into_inner) = e;
+                    };
                     match &event {
+                        Event::ClientError(ClientError::Other(e)) => {
+                            last(Some(e.clone()));
+                            tracing::info!(%server, error = %e, "cannot connect to NATS; retrying");
+                        }
                         Event::Connected => {
+                            last(None);
                             connected_tx.send_replace(true);
                             tracing::info!(%server, "connected to NATS");
                         }
@@ -173,24 +317,26 @@ impl Pattern for Nats {
             .map_err(|e| {
                 Error::unavailable(format!("cannot start the NATS client for {server}: {e}"))
             })?;
-        if tokio::time::timeout(config.connect_timeout, connected.wait_for(|c| *c))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                %server,
-                timeout = ?config.connect_timeout,
-                "NATS is not reachable yet; NOT_SERVING until the client connects \
-                 (start nats-server or fix config.url)"
-            );
-        }
-        Ok(Self {
+        let nats = Self {
             client,
             server,
             prefix: config.subject_prefix,
             wait: config.connect_timeout,
             backend: ctx.backend("nats"),
-        })
+            last_error,
+            tls_hint,
+        };
+        if tokio::time::timeout(config.connect_timeout, connected.wait_for(|c| *c))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?config.connect_timeout,
+                "NATS is not reachable yet: {}; NOT_SERVING until the client connects",
+                nats.not_connected(&nats.client.connection_state())
+            );
+        }
+        Ok(nats)
     }
 
     async fn health(&self) -> Health {
@@ -210,9 +356,27 @@ impl Pattern for Nats {
 
 impl Nats {
     fn not_connected(&self, state: &State) -> String {
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // async-nats reports a failed handshake as "IO error" or "TLS
+        // error", without rustls's reason; a refused connection is an "IO
+        // error" too, so the hint says when it applies.
+        let (error, hint) = match (&last, &self.tls_hint) {
+            (Some(e), Some(hint)) => (
+                format!(" (last error: {e})"),
+                format!(
+                    "; if nats-server is running there, the TLS handshake may be what fails: {hint}"
+                ),
+            ),
+            (Some(e), _) => (format!(" (last error: {e})"), String::new()),
+            (None, _) => (String::new(), String::new()),
+        };
         format!(
-            "the connection to NATS at {} is {state}; the client reconnects on its own. \
-             Check that nats-server is running there, or fix config.url",
+            "the connection to NATS at {} is {state}{error}; the client reconnects on its \
+             own. Check that nats-server is running there, or fix config.url{hint}",
             self.server
         )
     }
@@ -403,18 +567,6 @@ fn message(topic: &str, m: async_nats::Message) -> Message {
     }
 }
 
-/// The URL without its password, for logs and error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,8 +594,9 @@ mod tests {
             subject_prefix: "a.>".into(),
             connect_timeout: Duration::ZERO,
             publish_buffer: 0,
+            ..Config::default()
         };
-        match bad.validate() {
+        match bad.validate(&|_| None) {
             Err(Error::InvalidArgument(v)) => {
                 let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
                 assert_eq!(
@@ -458,7 +611,7 @@ mod tests {
             }
             other => panic!("want InvalidArgument, got {other:?}"),
         }
-        assert!(Config::default().validate().is_ok());
+        assert!(Config::default().validate(&|_| None).is_ok());
     }
 
     #[test]
@@ -509,9 +662,38 @@ mod tests {
     }
 
     #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(redact("nats://u:secret@h:4222"), "nats://u:***@h:4222");
-        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+    fn credentials_come_from_files_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "tok\n").unwrap();
+        let env = |name: &str| (name == "NATS_PW").then(|| "pw".to_string());
+        let check = |json: &str| config(json).unwrap().validate(&env).map(|c| c.credentials);
+        assert_eq!(
+            check(r#"{"user": "app", "password_env": "NATS_PW"}"#).unwrap(),
+            Credentials::UserPassword("app".into(), Secret::new("pw"))
+        );
+        let json = format!(r#"{{"token_file": {:?}}}"#, file.display().to_string());
+        assert_eq!(
+            check(&json).unwrap(),
+            Credentials::Token(Secret::new("tok"))
+        );
+        let fields = |json: &str| match check(json) {
+            Err(Error::InvalidArgument(v)) => v.into_iter().map(|v| v.field).collect::<Vec<_>>(),
+            other => panic!("want InvalidArgument, got {other:?}"),
+        };
+        assert_eq!(fields(r#"{"user": "app"}"#), ["config.user"]);
+        assert_eq!(
+            fields(r#"{"password_env": "NATS_PW"}"#),
+            ["config.password_file"]
+        );
+        assert_eq!(
+            fields(r#"{"url": "nats://u:p@h:1", "user": "a", "password_env": "NATS_PW"}"#),
+            ["config.url"]
+        );
+        assert_eq!(
+            fields(r#"{"tls": {"ca_file": "/nonexistent/ca.pem"}}"#),
+            ["config.tls.ca_file"]
+        );
     }
 
     #[tokio::test]

@@ -25,6 +25,15 @@
 //!   a span each, timed once a connection is in hand. The pool's figures
 //!   (`Pool::status()`), its waits and its timeouts are exported too.
 //!
+//! - TLS (`tls:`): with `mode: verify-full` (the default once the block is
+//!   there) every connection is TLS, and the server's certificate must
+//!   chain to `tls.ca_file` (or the system's roots) and name the host
+//!   (rustls through tokio-postgres-rustls). A failed handshake leaves the
+//!   pattern `NOT_SERVING` with a message naming `config.tls.ca_file`.
+//! - The password: `password_file` or `password_env` (backend-config), or
+//!   `password` / the url's (kept for compatibility), else `PGPASSWORD`.
+//!   Logs show `host:port/dbname` only.
+//!
 //! `schema.rs` has the table and its migrations, `errors.rs` the mapping of
 //! failures to what the caller should do. See README.md.
 
@@ -35,10 +44,12 @@ mod schema;
 mod writes;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use backend_config::{Tls, read_secret};
 use bytes::Bytes;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts, tokio_postgres,
@@ -51,6 +62,8 @@ use pattern_sdk::{
 use serde::Deserialize;
 use tokio::task::AbortHandle;
 use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::Instrument;
 
 pub use schema::{MAX_TABLE_NAME, Queries, migrations, validate_table};
@@ -73,9 +86,18 @@ pub struct Config {
     pub port: Option<u16>,
     /// Default `postgres`.
     pub user: Option<String>,
+    /// Prefer `password_file` or `password_env`: a password written here
+    /// sits in the config file.
     pub password: Option<String>,
+    /// A file holding the password (one trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the password.
+    pub password_env: Option<String>,
     /// Default `postgres`.
     pub dbname: Option<String>,
+    /// TLS to the server; without it, plain TCP (a url's
+    /// `sslmode=require` is refused: it would not verify the server).
+    pub tls: Option<PgTls>,
     /// The table holding the data; created on start if missing.
     pub table: String,
     pub pool: PoolConfig,
@@ -89,6 +111,44 @@ pub struct Config {
     /// once either way.)
     #[serde(with = "humantime_serde")]
     pub purge_interval: Duration,
+}
+
+/// The `tls:` block.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PgTls {
+    pub mode: TlsMode,
+    /// PEM file with the CA certificate(s) that signed the server's
+    /// certificate; without it, the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a server that asks for one (`cert`
+    /// authentication or `clientcert=verify-full` in pg_hba.conf).
+    pub cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// libpq's `sslmode`, the two values Trellis offers: TLS with full
+/// verification, or none. (`require` and `verify-ca` accept a server that
+/// is not the one named in the url, so they are not offered.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Always TLS; the certificate chains to the CA and names the host.
+    #[default]
+    VerifyFull,
+    /// Plain TCP (the block's files are ignored).
+    Disable,
+}
+
+impl PgTls {
+    fn files(&self) -> Tls {
+        Tls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,7 +170,10 @@ impl Default for Config {
             port: None,
             user: None,
             password: None,
+            password_file: None,
+            password_env: None,
             dbname: None,
+            tls: None,
             table: "trellis_kv".into(),
             pool: PoolConfig::default(),
             connect_timeout: Duration::from_secs(2),
@@ -131,15 +194,22 @@ impl Default for PoolConfig {
 
 impl Config {
     /// The connection settings, or every problem with the config.
-    /// `env_password` is the value of libpq's `PGPASSWORD` (passed in, so
-    /// tests never touch the process environment): used only when neither
-    /// `url` nor `password` gives one, so a password can come from a secret
-    /// in the environment instead of the config file.
+    /// `lookup` reads the environment (passed in, so tests never touch the
+    /// process's): for `password_env`, and libpq's `PGPASSWORD`, used only
+    /// when no other setting gives a password.
     fn pg_config(
         &self,
-        env_password: Option<&str>,
+        lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<tokio_postgres::Config, Vec<FieldViolation>> {
         let mut problems = Vec::new();
+        let secret = read_secret(
+            ("config.password_file", self.password_file.as_deref()),
+            ("config.password_env", self.password_env.as_deref()),
+            lookup,
+        )
+        .map_err(|v| problems.push(v))
+        .ok()
+        .flatten();
         let separate = self.host.is_some()
             || self.port.is_some()
             || self.user.is_some()
@@ -185,10 +255,39 @@ impl Config {
         if pg.get_user().is_none() {
             pg.user("postgres");
         }
+        if let Some(secret) = secret {
+            if pg.get_password().is_some() {
+                let field = if self.password_file.is_some() {
+                    "config.password_file"
+                } else {
+                    "config.password_env"
+                };
+                problems.push(FieldViolation::new(
+                    field,
+                    "config.password (or the url) gives a password too; give only one",
+                ));
+            }
+            pg.password(secret.expose().as_bytes());
+        }
         if pg.get_password().is_none()
-            && let Some(password) = env_password.filter(|p| !p.is_empty())
+            && let Some(password) = lookup(PASSWORD_ENV).filter(|p| !p.is_empty())
         {
             pg.password(password.as_bytes());
+        }
+        match &self.tls {
+            Some(tls) if tls.mode == TlsMode::VerifyFull => {
+                pg.ssl_mode(SslMode::Require);
+            }
+            Some(_) => {
+                pg.ssl_mode(SslMode::Disable);
+            }
+            None if pg.get_ssl_mode() == SslMode::Require => problems.push(FieldViolation::new(
+                "config.url",
+                "sslmode=require needs a tls: block (tls.ca_file: the CA that signed the \
+                 server's certificate); trellis-postgres verifies the server's certificate \
+                 and host, as libpq's verify-full",
+            )),
+            None => {}
         }
         if let Err(v) = schema::validate_table(&self.table) {
             problems.push(v);
@@ -225,6 +324,47 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The rustls configuration for `tls:` with `mode: verify-full`, or
+    /// `None` for plain TCP; every problem with the block's files.
+    fn tls_config(&self) -> Result<Option<rustls::ClientConfig>, Vec<FieldViolation>> {
+        let Some(tls) = self.tls.as_ref().filter(|t| t.mode == TlsMode::VerifyFull) else {
+            return Ok(None);
+        };
+        let files = tls.files().load("config.tls")?;
+        files
+            .client_config("config.tls")
+            .map(Some)
+            .map_err(|v| vec![v])
+    }
+
+    /// What to check when a handshake fails, when TLS is on.
+    fn tls_hint(&self) -> Option<String> {
+        let tls = self
+            .tls
+            .as_ref()
+            .filter(|t| t.mode == TlsMode::VerifyFull)?;
+        let field = if self.url.is_some() {
+            "config.url"
+        } else {
+            "config.host"
+        };
+        Some(backend_config::tls_hint(
+            "config.tls",
+            Some(&tls.files()),
+            field,
+        ))
+    }
+}
+
+/// `why`, followed by `hint` when `why` is about TLS.
+fn with_hint(why: String, hint: Option<&str>) -> String {
+    match hint {
+        Some(hint) if backend_config::looks_like_tls(&why) => format!("{why}; {hint}"),
+        _ => why,
+    }
+}
+
 pub struct Postgres {
     pool: Pool,
     queries: Queries,
@@ -238,6 +378,8 @@ pub struct Postgres {
     schema: Arc<SchemaState>,
     /// `host:port/dbname` (never the password), for logs.
     target: String,
+    /// With TLS: what to check when the handshake fails.
+    tls_hint: Option<String>,
     /// Times and traces every query.
     backend: Backend,
     /// Counts waits for a connection and their timeouts.
@@ -250,25 +392,32 @@ impl Pattern for Postgres {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
-        let env_password = std::env::var(PASSWORD_ENV).ok();
-        let pg = config
-            .pg_config(env_password.as_deref())
-            .map_err(Error::InvalidArgument)?;
+        let lookup = |name: &str| std::env::var(name).ok();
+        let (pg, tls) = match (config.pg_config(&lookup), config.tls_config()) {
+            (Ok(pg), Ok(tls)) => (pg, tls),
+            (pg, tls) => {
+                let mut problems = pg.err().unwrap_or_default();
+                problems.extend(tls.err().unwrap_or_default());
+                return Err(Error::InvalidArgument(problems));
+            }
+        };
         let target = describe(&pg);
-        let pool = Pool::builder(Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        ))
-        .max_size(config.pool.max_size)
-        .wait_timeout(Some(config.pool.acquire_timeout))
-        .create_timeout(Some(config.connect_timeout))
-        .recycle_timeout(Some(config.connect_timeout))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .map_err(|e| Error::internal(format!("cannot build the connection pool: {e}")))?;
+        let tls_hint = config.tls_hint();
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Some(tls) => Manager::from_config(pg, MakeRustlsConnect::new(tls), manager_config),
+            None => Manager::from_config(pg, NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(config.pool.max_size)
+            .wait_timeout(Some(config.pool.acquire_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::internal(format!("cannot build the connection pool: {e}")))?;
 
         // Create or migrate the table now. A server that refuses for good
         // (wrong password, no such database, a newer schema) fails the
@@ -279,6 +428,7 @@ impl Pattern for Postgres {
             pool: pool.clone(),
             table: config.table.clone(),
             target: target.clone(),
+            tls_hint: tls_hint.clone(),
             limit: config.connect_timeout + config.statement_timeout + config.pool.acquire_timeout,
         };
         let schema = Arc::new(SchemaState::default());
@@ -302,7 +452,7 @@ impl Pattern for Postgres {
                     pattern = ctx.name(),
                     target = %target,
                     "{why}; starting anyway, NOT_SERVING until PostgreSQL answers (is it \
-                     running? are config.url/host/port right?)"
+                     running? are config.url/host/port and config.tls right?)"
                 );
                 schema.set_problem(why);
                 Some(tokio::spawn(setup.retry(Arc::clone(&schema))).abort_handle())
@@ -334,6 +484,7 @@ impl Pattern for Postgres {
             migrator,
             schema,
             target,
+            tls_hint,
             backend,
             pool_metrics,
         })
@@ -365,9 +516,9 @@ impl Pattern for Postgres {
                     return Health::Serving;
                 }
                 Err(e) => {
-                    return Health::NotServing(format!(
-                        "PostgreSQL at {} is unreachable: {e}",
-                        self.target
+                    return Health::NotServing(with_hint(
+                        format!("PostgreSQL at {} is unreachable: {e}", self.target),
+                        self.tls_hint.as_deref(),
                     ));
                 }
             };
@@ -444,6 +595,7 @@ struct Setup {
     pool: Pool,
     table: String,
     target: String,
+    tls_hint: Option<String>,
     limit: Duration,
 }
 
@@ -455,12 +607,15 @@ impl Setup {
                 deadpool_postgres::PoolError::Backend(pe) => match config_mistake(pe, &self.target)
                 {
                     Some(fatal) => Attempt::Fatal(fatal),
-                    None => Attempt::Retry(format!(
-                        "PostgreSQL at {} is unreachable: {pe}",
-                        self.target
+                    None => Attempt::Retry(with_hint(
+                        format!("PostgreSQL at {} is unreachable: {pe}", self.target),
+                        self.tls_hint.as_deref(),
                     )),
                 },
-                _ => Attempt::Retry(format!("PostgreSQL at {} is unreachable: {e}", self.target)),
+                _ => Attempt::Retry(with_hint(
+                    format!("PostgreSQL at {} is unreachable: {e}", self.target),
+                    self.tls_hint.as_deref(),
+                )),
             })?;
             schema::migrate(&mut client, &self.table)
                 .await
@@ -843,14 +998,14 @@ mod tests {
     fn connection_settings_from_fields_or_url() {
         let pg = config(r#"{"host": "db", "port": 6000, "dbname": "kv"}"#)
             .unwrap()
-            .pg_config(None)
+            .pg_config(&|_| None)
             .unwrap();
         assert_eq!(describe(&pg), "db:6000/kv");
         assert_eq!(pg.get_user(), Some("postgres"));
         assert_eq!(pg.get_options(), Some("-c statement_timeout=5000"));
         let pg = config(r#"{"url": "postgres://u:secret@h:7000/d"}"#)
             .unwrap()
-            .pg_config(None)
+            .pg_config(&|_| None)
             .unwrap();
         assert_eq!(describe(&pg), "h:7000/d");
         assert!(!describe(&pg).contains("secret"));
@@ -861,7 +1016,11 @@ mod tests {
         let from_env = |json: &str, env: Option<&str>| {
             config(json)
                 .unwrap()
-                .pg_config(env)
+                .pg_config(&|name| {
+                    (name == PASSWORD_ENV)
+                        .then(|| env.map(str::to_string))
+                        .flatten()
+                })
                 .unwrap()
                 .get_password()
                 .map(<[u8]>::to_vec)
@@ -889,6 +1048,69 @@ mod tests {
     }
 
     #[test]
+    fn a_password_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let env = |name: &str| match name {
+            "APP_PW" => Some("from-env".to_string()),
+            PASSWORD_ENV => Some("pgpassword".to_string()),
+            _ => None,
+        };
+        let c = Config {
+            password_file: Some(file.clone()),
+            ..Config::default()
+        };
+        let pg = c.pg_config(&env).unwrap();
+        assert_eq!(pg.get_password(), Some(&b"from-file"[..]));
+        let c = config(r#"{"password_env": "APP_PW"}"#).unwrap();
+        assert_eq!(
+            c.pg_config(&env).unwrap().get_password(),
+            Some(&b"from-env"[..])
+        );
+        let c = config(r#"{"url": "postgres://u:inline@h/d", "password_env": "APP_PW"}"#).unwrap();
+        let e = c.pg_config(&env).unwrap_err();
+        assert_eq!(e[0].field, "config.password_env");
+        let c = config(r#"{"password_file": "/nonexistent/pw"}"#).unwrap();
+        let e = c.pg_config(&env).unwrap_err();
+        assert_eq!(e[0].field, "config.password_file");
+        assert!(
+            e[0].message.starts_with("cannot read /nonexistent/pw"),
+            "{}",
+            e[0].message
+        );
+    }
+
+    #[test]
+    fn tls_modes_and_their_files() {
+        let c = config(r#"{"url": "postgres://u@h/d?sslmode=require"}"#).unwrap();
+        let e = c.pg_config(&|_| None).unwrap_err();
+        assert!(
+            e[0].message.contains("needs a tls: block"),
+            "{}",
+            e[0].message
+        );
+        let c = config(r#"{"host": "h", "tls": {"ca_file": "/nonexistent/ca.pem"}}"#).unwrap();
+        assert_eq!(
+            c.pg_config(&|_| None).unwrap().get_ssl_mode(),
+            SslMode::Require
+        );
+        let e = c.tls_config().unwrap_err();
+        assert_eq!(e[0].field, "config.tls.ca_file");
+        assert!(
+            e[0].message
+                .starts_with("cannot read /nonexistent/ca.pem: No such file")
+        );
+        let c = config(r#"{"host": "h", "tls": {"mode": "disable", "ca_file": "/x"}}"#).unwrap();
+        assert_eq!(
+            c.pg_config(&|_| None).unwrap().get_ssl_mode(),
+            SslMode::Disable
+        );
+        assert!(c.tls_config().unwrap().is_none());
+        assert!(config(r#"{"tls": {"mode": "require"}}"#).is_err());
+    }
+
+    #[test]
     fn every_config_problem_is_reported() {
         let c = config(
             r#"{"url": "postgres://h/d", "host": "x", "table": "Bad-Name",
@@ -896,7 +1118,7 @@ mod tests {
         )
         .unwrap();
         let fields: Vec<String> = c
-            .pg_config(None)
+            .pg_config(&|_| None)
             .unwrap_err()
             .into_iter()
             .map(|v| v.field)

@@ -11,6 +11,13 @@
 //!   index in step). See README.md for why.
 //! - Health is a `PING`: `NOT_SERVING` while Redis is unreachable, `SERVING`
 //!   again once it answers. The pattern never exits because Redis is down.
+//! - TLS with a `rediss://` url: the server's certificate must chain to
+//!   `tls.ca_file` (or the system's roots) and name the url's host; a
+//!   client certificate for mutual TLS. The AUTH password comes from
+//!   `password_file` or `password_env` (backend-config); a password in the
+//!   url still works and is never logged (logs show `host:port` only). A
+//!   failed handshake is `NOT_SERVING` with a message naming
+//!   `config.tls.ca_file`.
 //! - Idempotency keys (`put_once`, `delete_once`): one script per call
 //!   checks the key's record (`P{ns}:idem:{key}`), and if there is none
 //!   does the write and then `SET`s the record with the retention as its
@@ -28,8 +35,10 @@ mod keys;
 mod scripts;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use backend_config::{Tls, read_secret};
 use bytes::Bytes;
 use pattern_sdk::idempotency::{Once, Outcome};
 use pattern_sdk::observe::{Backend, PoolStatus};
@@ -37,7 +46,10 @@ use pattern_sdk::{
     Error, FieldViolation, Health, InitContext, KeyValue, ListPage, ListQuery, Pattern,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind};
+use redis::{
+    ClientTlsConfig, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, Script,
+    ScriptInvocation, ServerErrorKind, TlsCertificates,
+};
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -56,9 +68,19 @@ const MAX_RECORD_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where Redis is: `redis://[:password@]host:port[/db]`, or
-    /// `redis+unix:///path/to/socket`.
+    /// Where Redis is: `redis://[:password@]host:port[/db]`,
+    /// `rediss://host:port[/db]` (TLS), or `redis+unix:///path/to/socket`.
     pub url: String,
+    /// TLS settings for a `rediss://` url: `ca_file`, and `cert_file` +
+    /// `key_file` for mutual TLS. Without it a `rediss://` url trusts the
+    /// system's roots.
+    pub tls: Option<Tls>,
+    /// The ACL user to AUTH as (Redis 6+); default: the url's, else none.
+    pub username: Option<String>,
+    /// A file holding the AUTH password (one trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the AUTH password.
+    pub password_env: Option<String>,
     /// Put in front of every Redis key this pattern writes, so several
     /// patterns (or other programs) can share one Redis.
     pub key_prefix: String,
@@ -74,10 +96,122 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            tls: None,
+            username: None,
+            password_file: None,
+            password_env: None,
             key_prefix: "trellis:".into(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
         }
+    }
+}
+
+impl Config {
+    /// The Redis client these settings describe, or every problem with
+    /// them. `lookup` reads the environment (for `password_env`).
+    fn client(
+        &self,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<redis::Client, Vec<FieldViolation>> {
+        let mut problems = Vec::new();
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| {
+                problems.push(FieldViolation::new(
+                    "config.url",
+                    format!(
+                        "is not a Redis URL ({}); write e.g. redis://127.0.0.1:6379, \
+                         rediss://host:6380 (TLS) or redis+unix:///path/to/socket",
+                        e.category()
+                    ),
+                ))
+            })
+            .ok();
+        let password = read_secret(
+            ("config.password_file", self.password_file.as_deref()),
+            ("config.password_env", self.password_env.as_deref()),
+            lookup,
+        )
+        .map_err(|v| problems.push(v))
+        .ok()
+        .flatten();
+        let files = match self.tls.as_ref().map(|t| t.load("config.tls")) {
+            Some(Ok(files)) => Some(files),
+            Some(Err(v)) => {
+                problems.extend(v);
+                None
+            }
+            None => None,
+        };
+        for (field, value) in [
+            ("config.connect_timeout", self.connect_timeout),
+            ("config.response_timeout", self.response_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(FieldViolation::new(
+                    field,
+                    "must be longer than zero, e.g. \"1s\"",
+                ));
+            }
+        }
+        let Some(info) = info else {
+            return Err(problems);
+        };
+        let tls_url = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        if self.tls.is_some() && !tls_url {
+            problems.push(FieldViolation::new(
+                "config.tls",
+                "needs a rediss:// url (TLS); config.url is not one",
+            ));
+        }
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &self.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = password {
+            if settings.password().is_some() {
+                let field = if self.password_file.is_some() {
+                    "config.password_file"
+                } else {
+                    "config.password_env"
+                };
+                problems.push(FieldViolation::new(
+                    field,
+                    "config.url has a password too; remove it from the url",
+                ));
+            }
+            settings = settings.set_password(password.expose());
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let info = info.set_redis_settings(settings);
+        let built = match files {
+            Some(files) => redis::Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: files.client.map(|id| ClientTlsConfig {
+                        client_cert: id.cert_pem,
+                        client_key: id.key_pem,
+                    }),
+                    root_cert: files.ca.map(|(pem, _)| pem),
+                },
+            ),
+            None => redis::Client::open(info),
+        };
+        built.map_err(|e| {
+            vec![FieldViolation::new(
+                if self.tls.is_some() {
+                    "config.tls"
+                } else {
+                    "config.url"
+                },
+                format!("cannot build the Redis client: {e}"),
+            )]
+        })
     }
 }
 
@@ -90,6 +224,8 @@ pub struct RedisKv {
     addr: String,
     /// Times and traces every command.
     backend: Backend,
+    /// With a `rediss://` url: what to check when the handshake fails.
+    tls_hint: Option<String>,
 }
 
 impl Pattern for RedisKv {
@@ -98,36 +234,18 @@ impl Pattern for RedisKv {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
-        let mut problems = Vec::new();
-        let client = match redis::Client::open(config.url.as_str()) {
-            Ok(client) => Some(client),
-            Err(e) => {
-                problems.push(FieldViolation::new(
-                    "config.url",
-                    format!(
-                        "is not a Redis URL ({}); write e.g. redis://127.0.0.1:6379 or \
-                         redis://:password@host:6379/0",
-                        e.category()
-                    ),
-                ));
-                None
-            }
-        };
-        for (field, value) in [
-            ("config.connect_timeout", config.connect_timeout),
-            ("config.response_timeout", config.response_timeout),
-        ] {
-            if value.is_zero() {
-                problems.push(FieldViolation::new(
-                    field,
-                    "must be longer than zero, e.g. \"1s\"",
-                ));
-            }
-        }
-        let Some(client) = client.filter(|_| problems.is_empty()) else {
-            return Err(Error::InvalidArgument(problems));
-        };
+        // redis's rustls connector takes the process's crypto provider:
+        // make it `ring`, whatever else the build enables.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = config
+            .client(&|name| std::env::var(name).ok())
+            .map_err(Error::InvalidArgument)?;
         let addr = client.get_connection_info().addr().to_string();
+        let tls_hint = matches!(
+            client.get_connection_info().addr(),
+            ConnectionAddr::TcpTls { .. }
+        )
+        .then(|| backend_config::tls_hint("config.tls", config.tls.as_ref(), "config.url"));
         // One connection attempt per command while Redis is down (the next
         // command tries again), so no request waits out a retry series.
         let manager_config = ConnectionManagerConfig::new()
@@ -157,6 +275,7 @@ impl Pattern for RedisKv {
             op_timeout: config.connect_timeout + config.response_timeout,
             addr,
             backend,
+            tls_hint,
         };
         // Redis down at start is not a reason to fail: the pattern starts,
         // answers NOT_SERVING (the proxy keeps it, not routable) and serves
@@ -170,7 +289,7 @@ impl Pattern for RedisKv {
                     pattern = ctx.name(),
                     addr = %pattern.addr,
                     "{why}; starting anyway, NOT_SERVING until Redis answers (is it running? \
-                     is config.url right?)"
+                     are config.url and config.tls right?)"
                 );
             }
         }
@@ -183,7 +302,15 @@ impl Pattern for RedisKv {
         let limit = HEALTH_TIMEOUT.min(self.op_timeout);
         match tokio::time::timeout(limit, ping.query_async::<String>(&mut conn)).await {
             Ok(Ok(_)) => Health::Serving,
-            Ok(Err(e)) => Health::NotServing(format!("Redis at {} is unreachable: {e}", self.addr)),
+            Ok(Err(e)) => {
+                let mut why = format!("Redis at {} is unreachable: {e}", self.addr);
+                if let Some(hint) = &self.tls_hint
+                    && backend_config::looks_like_tls(&why)
+                {
+                    why = format!("{why}; {hint}");
+                }
+                Health::NotServing(why)
+            }
             Err(_) => Health::NotServing(format!(
                 "Redis at {} did not answer PING within {limit:?}",
                 self.addr
@@ -480,6 +607,56 @@ mod tests {
             Err(other) => panic!("want InvalidArgument, got {other:?}"),
             Ok(_) => panic!("want InvalidArgument, got a pattern"),
         }
+    }
+
+    fn problems(c: &Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        match c.client(env) {
+            Ok(_) => Vec::new(),
+            Err(v) => v
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tls_and_credentials_are_checked_and_named() {
+        let no_env = |_: &str| None;
+        let c =
+            config(r#"{"url": "redis://h:1", "tls": {"ca_file": "/nonexistent/ca.pem"}}"#).unwrap();
+        let p = problems(&c, &no_env);
+        assert!(
+            p[0].starts_with("config.tls.ca_file: cannot read /nonexistent/ca.pem: No such file"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("config.tls: needs a rediss:// url"),
+            "{p:?}"
+        );
+
+        let c = config(r#"{"url": "redis://:inline@h:1", "password_env": "PW"}"#).unwrap();
+        let p = problems(&c, &|_| Some("from-env".into()));
+        assert_eq!(
+            p,
+            ["config.password_env: config.url has a password too; remove it from the url"]
+        );
+        let c = config(r#"{"url": "redis://h:1", "password_env": "PW"}"#).unwrap();
+        let p = problems(&c, &no_env);
+        assert!(p[0].contains("PW is not set"), "{p:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let c = Config {
+            url: "rediss://127.0.0.1:1".into(),
+            username: Some("app".into()),
+            password_file: Some(pw),
+            ..Config::default()
+        };
+        let client = c.client(&no_env).expect("a rediss:// client");
+        let settings = client.get_connection_info().redis_settings();
+        assert_eq!(settings.password(), Some("s3cret"));
+        assert_eq!(settings.username(), Some("app"));
     }
 
     #[tokio::test]
