@@ -98,6 +98,11 @@ pub struct Config {
     pub max_in_flight: u32,
     pub patterns: Vec<PatternConfig>,
     pub namespaces: Vec<NamespaceConfig>,
+    /// Who may call: bearer tokens (by SHA-256 or in a file) and
+    /// certificate names (see `access.rs`).
+    pub identities: Vec<crate::access::IdentityConfig>,
+    /// Roles per identity and namespace; absent: nothing is checked.
+    pub access: Option<Vec<crate::access::Grant>>,
 }
 
 impl Default for Config {
@@ -117,6 +122,8 @@ impl Default for Config {
             max_in_flight: 10_000,
             patterns: Vec::new(),
             namespaces: Vec::new(),
+            identities: Vec::new(),
+            access: None,
         }
     }
 }
@@ -872,6 +879,16 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
+/// An identity's name: what a certificate's DNS or URI SAN or CN may be
+/// (`app-c`, `spiffe://example.org/app`), and what a token names.
+pub fn valid_identity(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_:/@".contains(c))
+}
+
 impl Config {
     /// Semantic checks serde cannot express. Returns every problem found.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
@@ -1162,6 +1179,11 @@ impl Config {
                 );
             }
         }
+        // Reads the token files: a file that cannot be read fails here, at
+        // load and at reload, not on the first call.
+        if let Err(more) = crate::access::Rules::of(self) {
+            problems.extend(more);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -1239,6 +1261,32 @@ mod tests {
     }
 
     const MINIMAL: &str = "patterns:\n  - name: mem\n    command: trellis-memstore\nnamespaces:\n  - name: default\n    pattern: mem\n";
+
+    #[test]
+    fn identities_and_access_are_validated_with_the_rest() {
+        let c = parse_ok(MINIMAL);
+        assert!(c.access.is_none(), "no access section: nothing is checked");
+        let yaml = format!(
+            "{MINIMAL}identities:\n  - name: app-a\n    token_sha256: \"{}\"\naccess:\n  - identity: app-a\n    namespaces: [\"*\"]\n    roles: [read]\n  - identity: app-a\n    namespaces: [default]\n    roles: [rwx]\n  - identity: nobody\n    namespaces: [default]\n    roles: [read]\n",
+            "ab".repeat(32)
+        );
+        let p = problems(&yaml);
+        let fields: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["access[1].roles[0]", "access[2].identity"],
+            "{p:?}"
+        );
+        assert_eq!(
+            p[0].message,
+            "\"rwx\" is not a role; allowed: read, write, admin"
+        );
+        // Debug of the whole config shows no token hash.
+        let ok = yaml.replace("[rwx]", "[write]").replace("nobody", "app-a");
+        let c = parse_ok(&ok);
+        c.validate().expect("valid");
+        assert!(!format!("{c:?}").contains(&"ab".repeat(32)));
+    }
 
     #[test]
     fn telemetry_defaults_env_fill_in_and_checks() {

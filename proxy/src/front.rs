@@ -20,7 +20,9 @@ use tonic::Status;
 use tonic::service::Routes;
 use tracing::{debug, warn};
 
+use crate::access::{Access, CertIdentity, Role};
 use crate::dataplane::{CallBody, DataPlane};
+use crate::error::ApiError;
 
 /// The gRPC services of one listener family, behind one `Service`: the
 /// data plane and health for the data doors, the admin API, reflection
@@ -32,34 +34,61 @@ pub struct FrontDoor {
     services: Routes,
     /// The client of the connection this copy serves.
     peer: Option<std::net::SocketAddr>,
+    /// The name in that connection's client certificate.
+    cert: Option<CertIdentity>,
+    /// Checked for admin calls (`trellis.admin.v1.Admin`); data calls are
+    /// checked in the data plane (`Authorize`), whose namespace it knows.
+    access: Access,
 }
 
 impl FrontDoor {
     /// `services` are the proxy's own; data calls go to `data`.
     pub fn new(data: DataPlane, services: Routes) -> Self {
         FrontDoor {
+            access: data.access().clone(),
             data: Some(Arc::new(data)),
             services,
             peer: None,
+            cert: None,
         }
     }
 
     /// Only the proxy's own `services`: a data call is UNIMPLEMENTED here.
-    pub fn without_data(services: Routes) -> Self {
+    /// Admin calls are checked against `access`.
+    pub fn without_data(services: Routes, access: Access) -> Self {
         FrontDoor {
             data: None,
             services,
             peer: None,
+            cert: None,
+            access,
         }
     }
 
     /// This front door for one client connection: its calls carry the
-    /// client's address (`dataplane::Peer`).
-    pub fn for_peer(&self, peer: std::net::SocketAddr) -> Self {
+    /// client's address (`dataplane::Peer`) and the name in its client
+    /// certificate (`access::CertIdentity`), if any.
+    pub fn for_connection(&self, peer: std::net::SocketAddr, cert: Option<CertIdentity>) -> Self {
         FrontDoor {
             peer: Some(peer),
+            cert,
             ..self.clone()
         }
+    }
+
+    /// With `access:`, an admin call must come from an identity with the
+    /// `admin` role; `Err` is the refusal to send.
+    fn check_admin<B>(&self, req: &Request<B>) -> Result<(), ApiError> {
+        let Some(rules) = self.access.rules() else {
+            return Ok(());
+        };
+        if !req.uri().path().starts_with(crate::access::ADMIN_PREFIX) {
+            return Ok(());
+        }
+        let cert = req.extensions().get::<CertIdentity>();
+        rules
+            .check(req.headers(), cert, None, Role::Admin)
+            .map(|_| ())
     }
 }
 
@@ -120,6 +149,13 @@ where
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(crate::dataplane::Peer(peer));
         }
+        if let Some(cert) = &self.cert {
+            req.extensions_mut().insert(cert.clone());
+        }
+        if let Err(e) = self.check_admin(&req) {
+            let refusal = crate::dataplane::refusal(e).map(FrontBody::Data);
+            return Box::pin(std::future::ready(Ok(refusal)));
+        }
         if let Some(data) = self
             .data
             .as_ref()
@@ -175,12 +211,12 @@ pub async fn serve(
         };
         // Without it a response waits on Nagle + delayed ACK (~40 ms).
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(front.for_peer(peer));
-        let (watcher, http2, tls, closing) = (
+        let (watcher, http2, tls, closing, front) = (
             graceful.watcher(),
             http2.clone(),
             tls.clone(),
             closing.clone(),
+            front.clone(),
         );
         // The handshake in the connection's task: a slow client holds up
         // no other.
@@ -195,6 +231,8 @@ pub async fn serve(
             if closing.is_cancelled() {
                 return;
             }
+            let cert = crate::access::of_stream(&stream);
+            let service = TowerToHyperService::new(front.for_connection(peer, cert));
             let conn = http2.serve_connection(TokioIo::new(stream), service);
             let _ = watcher.watch(conn).await;
         });

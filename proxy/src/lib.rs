@@ -18,6 +18,8 @@
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`traces`]: OpenTelemetry spans of data calls, exported over OTLP.
 //! - [`policy`]: traffic policies per namespace (plain configuration data).
+//! - [`access`]: caller identities (bearer tokens, client certificates)
+//!   and the roles `access:` grants them per namespace.
 //! - [`admin`]: the admin API over the supervisor's handles.
 //! - [`reflection`]: gRPC server reflection (v1 and v1alpha) of exactly the
 //!   services served, errors answered in-stream.
@@ -35,6 +37,7 @@
 // buy nothing measurable.
 #![allow(clippy::result_large_err)]
 
+pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;

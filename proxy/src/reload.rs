@@ -284,6 +284,15 @@ impl Task {
                     },
                 }),
         );
+        // The access rules, token files read again (a rotated token takes
+        // effect with the reload).
+        let rules = match crate::access::Rules::of(&new.config) {
+            Ok(rules) => Some(rules),
+            Err(more) => {
+                problems.extend(more);
+                None
+            }
+        };
         if !problems.is_empty() {
             return Err(ReloadError::Invalid {
                 source_name,
@@ -383,6 +392,7 @@ impl Task {
         // Switch: routes and policies for new calls, then everyone else.
         let telemetry = Arc::new(self.data.telemetry().with_patterns(labels(&new.config)));
         self.data.reconfigure(&new.config, &next, &telemetry);
+        self.data.access().set(rules.flatten());
         self.supervisor.publish(Roster::new(next));
         // Drain and stop what was replaced or removed.
         for (_, old) in fresh {

@@ -89,7 +89,28 @@ pub async fn run(
         config.telemetry.call_log.clone(),
         crate::reload::labels(&config),
     ));
-    let data = DataPlane::from_config(methods, &config, &patterns, closing.clone(), telemetry);
+    // Validated with the configuration; read again here (token files).
+    let rules = crate::access::Rules::of(&config).map_err(|problems| {
+        anyhow::Error::msg(
+            crate::config::ConfigError {
+                source_name: loaded.source.to_string(),
+                problems,
+            }
+            .to_string(),
+        )
+    })?;
+    if rules.is_some() {
+        info!("access control is on: data and admin calls need an identity with a role");
+    }
+    let access = crate::access::Access::new(rules);
+    let data = DataPlane::from_config(
+        methods,
+        &config,
+        &patterns,
+        closing.clone(),
+        telemetry,
+        access.clone(),
+    );
     let reloader = Reloader::start(supervisor, loaded.clone(), data.clone(), closing.clone());
     let liveness_task = tokio::spawn(liveness::run(
         {
@@ -117,7 +138,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(admin);
     crate::reflection::add_to(&mut admin_services)?;
-    let admin_front = FrontDoor::without_data(admin_services.routes());
+    let admin_front = FrontDoor::without_data(admin_services.routes(), access);
 
     // Built whether or not they listen: a reload may open their doors.
     let gateway = |api, front: &FrontDoor| {

@@ -414,7 +414,10 @@ impl PostgresServer {
         }
     }
 
-    async fn start_inner(settings: &[(&str, &str)], tls: Option<&crate::pki::Pki>) -> PostgresServer {
+    async fn start_inner(
+        settings: &[(&str, &str)],
+        tls: Option<&crate::pki::Pki>,
+    ) -> PostgresServer {
         let dirs = postgres_bin_dirs();
         let initdb = find_binary("initdb", &dirs);
         let postgres = find_binary("postgres", &dirs);

@@ -88,6 +88,8 @@ async fn schemathesis(door: Door, select: &[&str]) {
     let seed = std::env::var("TRELLIS_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
     let examples = std::env::var("TRELLIS_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "40".into());
     let config = root.join("tests/schemathesis/schemathesis.toml");
+    let work = trellis_tests::target_dir().join("schemathesis");
+    std::fs::create_dir_all(&work).expect("target/debug/schemathesis");
     let mut cmd = Command::new(&python);
     cmd.args(["-m", "schemathesis.cli", "--no-color", "--config-file"])
         .arg(&config)
@@ -96,6 +98,9 @@ async fn schemathesis(door: Door, select: &[&str]) {
         .args(["--suppress-health-check", "too_slow"])
         .args(select)
         .env("SCHEMATHESIS_TELEMETRY", "false")
+        // Its cache of failures found (replayed first next time) lives
+        // with the build, not in the source tree.
+        .current_dir(&work)
         .kill_on_drop(true);
     if seed != "random" {
         cmd.args(["--seed", &seed]);

@@ -220,9 +220,14 @@ impl RateLimiter {
     }
 }
 
-/// Who is calling: the `key` metadata's value, else the peer's IP address
-/// (one client may open several connections), else `unknown`.
+/// Who is calling: the identity `Authorize` established (with `access:`
+/// configured, every call that gets here has one), else the `key`
+/// metadata's value, else the peer's IP address (one client may open
+/// several connections), else `unknown`.
 fn caller_of(call: &Call, key: &HeaderName) -> String {
+    if let Some(identity) = &call.identity {
+        return identity.to_string();
+    }
     if let Some(v) = call.headers.get(key) {
         let s = String::from_utf8_lossy(v.as_bytes());
         let mut end = s.len().min(MAX_CALLER_LEN);

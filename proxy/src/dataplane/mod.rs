@@ -10,6 +10,8 @@
 //!  HTTP/2 request ──▶ DataPlane::handle   (the edge)
 //!    read the request message (one, ≤ 4 MiB, within the deadline), look up
 //!    the method, scan the namespace, prepare the metadata, fix the deadline
+//!    ──▶ Authorize  with `access:`: the caller's identity and role on the
+//!                   namespace (UNAUTHENTICATED, PERMISSION_DENIED)
 //!    ──▶ Route      namespace → the serving pattern's Upstream
 //!                   (NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED)
 //!    ──▶ Deadline   grpc-timeout for the pattern; a unary call is bounded
@@ -29,6 +31,7 @@
 //! concurrency limits, circuit breaking) sits between `Route` and
 //! `Deadline`, so each attempt gets the time that is left.
 
+mod authorize;
 mod body;
 mod breaker;
 mod deadline;
@@ -98,6 +101,10 @@ pub struct Call {
     pub policy: Arc<Resolved>,
     /// The client's address, when the front door knows it.
     pub peer: Option<std::net::SocketAddr>,
+    /// The name in the connection's client certificate (mutual TLS).
+    pub cert: Option<Arc<str>>,
+    /// Who the caller is, set by `Authorize` when `access:` is configured.
+    pub identity: Option<Arc<str>>,
     /// Set by `Route`.
     pub upstream: Option<Upstream>,
     /// The call's server span, set by `Observe` while traces are on.
@@ -119,21 +126,31 @@ impl Call {
             client_deadline: self.client_deadline,
             policy: self.policy.clone(),
             peer: self.peer,
+            cert: self.cert.clone(),
+            identity: self.identity.clone(),
             upstream: self.upstream.clone(),
             trace: self.trace.clone(),
         }
     }
 }
 
+/// A trailers-only gRPC response for an error a door refuses a call with
+/// (the admin door's access check).
+pub fn refusal(e: ApiError) -> Response<CallBody> {
+    errors::response(e)
+}
+
 /// The stack below the edge.
 pub type Stack = observe::Observe<
     limits::Shed<
-        route::Route<
-            limits::RateLimit<
-                limits::Concurrency<
-                    breaker::Breaker<
-                        retry::Retry<
-                            deadline::Deadline<drain::Drain<observe::Hop<forward::Forward>>>,
+        authorize::Authorize<
+            route::Route<
+                limits::RateLimit<
+                    limits::Concurrency<
+                        breaker::Breaker<
+                            retry::Retry<
+                                deadline::Deadline<drain::Drain<observe::Hop<forward::Forward>>>,
+                            >,
                         >,
                     >,
                 >,
@@ -148,17 +165,22 @@ pub type Stack = observe::Observe<
 ///    measured and logged.
 /// 2. `Shed` — the proxy's own overload comes before any per-namespace
 ///    work: refusing early is the point.
-/// 3. `Route` — NOT_FOUND / UNAVAILABLE / UNIMPLEMENTED; the layers below
+/// 3. `Authorize` — with `access:`, who the caller is and whether it holds
+///    the method's role on the namespace (UNAUTHENTICATED,
+///    PERMISSION_DENIED); before `Route`, so a caller without the role
+///    learns nothing about the namespace, and before the limits, which
+///    key per-caller buckets on the identity it finds.
+/// 4. `Route` — NOT_FOUND / UNAVAILABLE / UNIMPLEMENTED; the layers below
 ///    act on a known, serving pattern.
-/// 4. `RateLimit` — before `Concurrency`, so a caller over its rate never
+/// 5. `RateLimit` — before `Concurrency`, so a caller over its rate never
 ///    holds a slot.
-/// 5. `Concurrency` — slots per namespace; a call refused by the breaker
+/// 6. `Concurrency` — slots per namespace; a call refused by the breaker
 ///    below gives its slot back at once.
-/// 6. `Breaker` — sees each call's final outcome (after retries): an open
+/// 7. `Breaker` — sees each call's final outcome (after retries): an open
 ///    circuit fails calls before they wait on retries or the pattern.
-/// 7. `Retry` — each attempt runs the layers below afresh, all inside the
+/// 8. `Retry` — each attempt runs the layers below afresh, all inside the
 ///    call's one deadline.
-/// 8. `Deadline`, `Drain`, `Hop`, `Forward` — one attempt.
+/// 9. `Deadline`, `Drain`, `Hop`, `Forward` — one attempt.
 pub fn stack(
     router: Router,
     closing: CancellationToken,
@@ -166,6 +188,7 @@ pub fn stack(
     policies: &Policies,
     circuits: Arc<Circuits>,
     max_in_flight: u32,
+    access: crate::access::Access,
 ) -> Stack {
     let t = || telemetry.clone();
     let attempt = forward::Forward;
@@ -181,7 +204,8 @@ pub fn stack(
     let call = limits::ConcurrencyLayer::new(policies, t()).layer(call);
     let call = limits::RateLimitLayer::new(policies, t()).layer(call);
     let routed = route::RouteLayer::new(router).layer(call);
-    let shed = limits::ShedLayer::new(t(), max_in_flight).layer(routed);
+    let authorized = authorize::AuthorizeLayer::new(access).layer(routed);
+    let shed = limits::ShedLayer::new(t(), max_in_flight).layer(authorized);
     // Outermost: every call, refused ones included.
     observe::ObserveLayer::new(telemetry).layer(shed)
 }
@@ -199,6 +223,9 @@ pub struct DataPlane {
     current: Arc<ArcSwap<Generation>>,
     /// What every generation is built with.
     closing: CancellationToken,
+    /// The access rules (shared with the admin door; a reload replaces
+    /// them in place, whatever the generation).
+    access: crate::access::Access,
 }
 
 /// One configuration of the data plane, with the state its layers keep
@@ -243,6 +270,7 @@ impl Generation {
         telemetry: Arc<Telemetry>,
         policies: Policies,
         settings: Settings,
+        access: crate::access::Access,
     ) -> Self {
         let circuits = Arc::new(Circuits::new(&policies, &telemetry));
         let stack = stack(
@@ -252,6 +280,7 @@ impl Generation {
             &policies,
             circuits.clone(),
             settings.max_in_flight,
+            access,
         );
         Generation {
             stack,
@@ -327,17 +356,27 @@ impl DataPlane {
             request_timeout,
             max_in_flight,
         };
-        let generation = Generation::new(router, closing.clone(), telemetry, policies, settings);
-        DataPlane::serving(methods, generation, closing)
+        let access = crate::access::Access::off();
+        let generation = Generation::new(
+            router,
+            closing.clone(),
+            telemetry,
+            policies,
+            settings,
+            access.clone(),
+        );
+        DataPlane::serving(methods, generation, closing, access)
     }
 
-    /// From the proxy's configuration, routing to `patterns`.
+    /// From the proxy's configuration, routing to `patterns`, checking
+    /// calls against `access`.
     pub fn from_config(
         methods: Methods,
         config: &crate::config::Config,
         patterns: &[crate::supervisor::PatternHandle],
         closing: CancellationToken,
         telemetry: Arc<Telemetry>,
+        access: crate::access::Access,
     ) -> Self {
         let generation = Generation::new(
             Router::new(patterns),
@@ -345,16 +384,28 @@ impl DataPlane {
             telemetry,
             Policies::new(config),
             Settings::of(config),
+            access.clone(),
         );
-        DataPlane::serving(methods, generation, closing)
+        DataPlane::serving(methods, generation, closing, access)
     }
 
-    fn serving(methods: Methods, generation: Generation, closing: CancellationToken) -> Self {
+    fn serving(
+        methods: Methods,
+        generation: Generation,
+        closing: CancellationToken,
+        access: crate::access::Access,
+    ) -> Self {
         DataPlane {
             methods: Arc::new(methods),
             current: Arc::new(ArcSwap::from_pointee(generation)),
             closing,
+            access,
         }
+    }
+
+    /// The access rules data calls are checked against.
+    pub fn access(&self) -> &crate::access::Access {
+        &self.access
     }
 
     /// Routes every namespace to its pattern in `patterns` from the next
@@ -385,6 +436,7 @@ impl DataPlane {
             telemetry.clone(),
             Policies::new(config),
             settings,
+            self.access.clone(),
         );
         self.current.store(Arc::new(generation));
     }
@@ -497,6 +549,11 @@ impl DataPlane {
             client_deadline,
             policy,
             peer: parts.extensions.get::<Peer>().map(|p| p.0),
+            cert: parts
+                .extensions
+                .get::<crate::access::CertIdentity>()
+                .map(|c| c.0.clone()),
+            identity: None,
             upstream: None,
             trace: None,
         })

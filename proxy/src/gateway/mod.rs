@@ -70,6 +70,8 @@ struct Ctx {
     path: String,
     /// The client's address (for per-caller rate limits).
     peer: Option<crate::dataplane::Peer>,
+    /// The name in the connection's client certificate (mutual TLS).
+    cert: Option<crate::access::CertIdentity>,
     /// The client's deadline, from a `Grpc-Timeout` header (as
     /// grpc-gateway reads it).
     timeout: Option<std::time::Duration>,
@@ -131,6 +133,10 @@ impl Gateway {
             trace_id: headers::trace_id(req.headers()),
             path: req.uri().path().to_string(),
             peer: req.extensions().get::<crate::dataplane::Peer>().copied(),
+            cert: req
+                .extensions()
+                .get::<crate::access::CertIdentity>()
+                .cloned(),
             timeout: req
                 .headers()
                 .get("grpc-timeout")
@@ -529,6 +535,9 @@ impl Gateway {
         if let Some(peer) = ctx.peer {
             extensions.insert(peer);
         }
+        if let Some(cert) = &ctx.cert {
+            extensions.insert(cert.clone());
+        }
         let mut request = tonic::Request::from_parts(metadata, extensions, message);
         if let Some(t) = ctx.timeout {
             request.set_timeout(t);
@@ -682,11 +691,6 @@ pub async fn serve<H: Handler>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(crate::dataplane::Peer(peer));
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.answer(req).await) }
-        });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         let header_buf = (limits.max_header_bytes.as_u64() as usize + limits.max_uri_bytes + 8192)
             .max(16 * 1024);
@@ -713,6 +717,16 @@ pub async fn serve<H: Handler>(
             if closing.is_cancelled() {
                 return;
             }
+            let cert = crate::access::of_stream(&stream);
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(crate::dataplane::Peer(peer));
+                    if let Some(cert) = &cert {
+                        req.extensions_mut().insert(cert.clone());
+                    }
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler.answer(req).await) }
+                });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();

@@ -95,7 +95,15 @@ pub fn document(table: &RouteTable) -> Value {
                                  protos. Errors are RFC 9457 problem+json; docs/http-gateway.md \
                                  gives the gRPC code → HTTP status rule."},
         "paths": paths,
-        "components": {"schemas": schemas}
+        // Declared, not required: credentials are needed only when the
+        // proxy's configuration has `access:` (then every data and admin
+        // operation answers 401 without them); a document-wide `security`
+        // would claim they always are.
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "`Authorization: Bearer <token>` (or a client certificate over mutual \
+                            TLS), needed when the proxy's configuration has `access:`; see \
+                            docs/security.md."}}}
     })
 }
 
@@ -130,6 +138,14 @@ fn responses(route: &Route, output: &MessageDescriptor) -> Value {
     }
     let mut r = Map::new();
     r.insert("200".into(), ok);
+    let mut unauthorized = problem(
+        "With `access:` configured: no credentials, a malformed `Authorization`, or a token the \
+         proxy does not know (CREDENTIALS_MISSING, MALFORMED_AUTHORIZATION, TOKEN_UNKNOWN).",
+        false,
+    );
+    unauthorized["headers"]["WWW-Authenticate"] = json!({"schema": {"type": "string"},
+        "description": "`Bearer realm=\"trellis\"`."});
+    r.insert("401".into(), unauthorized);
     let mut add = |status: &str, description: &str, retry: bool| {
         r.insert(status.into(), problem(description, retry));
     };
@@ -138,13 +154,16 @@ fn responses(route: &Route, output: &MessageDescriptor) -> Value {
         "The request breaks a rule (a field, a query parameter, the body, the path); `errors` names each field.",
         false,
     );
-    if data {
-        add(
-            "403",
-            "The pattern refused the call (PERMISSION_DENIED).",
-            false,
-        );
-    }
+    add(
+        "403",
+        if data {
+            "The caller's identity lacks the role this call needs on the namespace (ROLE_MISSING), \
+             or the pattern refused the call (PERMISSION_DENIED)."
+        } else {
+            "The caller's identity lacks the admin role (ROLE_MISSING)."
+        },
+        false,
+    );
     add("404", "No such namespace, key, pattern or route.", false);
     if route.body.is_some() {
         add(
@@ -441,6 +460,11 @@ mod tests {
         }
         let start = statuses("/v1/patterns/{name}:start", "post");
         assert!(start.contains(&"409".to_string()), "{start:?}");
+        for op in [&put, &start] {
+            for s in ["401", "403"] {
+                assert!(op.contains(&s.to_string()), "lacks {s}: {op:?}");
+            }
+        }
         assert!(!start.contains(&"413".to_string()), "no body: {start:?}");
         let get = statuses("/v1/namespaces/{namespace}/keys/{key}", "get");
         assert!(!get.contains(&"422".to_string()), "{get:?}");

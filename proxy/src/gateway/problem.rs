@@ -80,6 +80,13 @@ pub fn response(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static(CONTENT_TYPE),
     );
+    if status == StatusCode::UNAUTHORIZED {
+        // RFC 9110 §11.6.1: a 401 says how to authenticate.
+        h.insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(crate::access::CHALLENGE),
+        );
+    }
     if let Some(d) = e.retry_after {
         // Whole seconds, rounded up: Retry-After has no fractions.
         let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -142,6 +149,18 @@ mod tests {
         assert_eq!(doc["trace_id"], "abc");
         assert_eq!(doc["title"], "Service Unavailable");
         assert_eq!(doc["metadata"]["pattern"], "mem");
+    }
+
+    #[test]
+    fn a_401_carries_the_bearer_challenge() {
+        let e = ApiError::new(Code::Unauthenticated, "CREDENTIALS_MISSING", "who?");
+        let r = response(&e, "/v1/x", "rid", None);
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"trellis\"");
+        let e = ApiError::new(Code::PermissionDenied, "ROLE_MISSING", "no");
+        let r = response(&e, "/v1/x", "rid", None);
+        assert_eq!(r.status(), 403);
+        assert!(r.headers().get("www-authenticate").is_none());
     }
 
     #[test]
