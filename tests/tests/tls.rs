@@ -4,10 +4,13 @@
 //! a restart.
 
 use std::path::Path;
+use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trellis_proto::admin::v1 as admin;
 use trellis_proto::data::v1::key_value_client::KeyValueClient;
+use trellis_proto::data::v1::pub_sub_client::PubSubClient;
+use trellis_proto::data::v1::{PublishRequest, SubscribeRequest};
 use trellis_tests::http::https_get;
 use trellis_tests::kv::{get, put};
 use trellis_tests::pki::{Ca, Leaf};
@@ -204,6 +207,16 @@ async fn a_rotated_certificate_serves_new_connections_and_open_ones_live_on() {
         .await
         .expect("TLS with the first certificate");
     kv_works(open.clone()).await.expect("served");
+    // A stream opened before the rotation, too.
+    let mut stream = PubSubClient::new(open.clone())
+        .subscribe(SubscribeRequest {
+            namespace: "default".into(),
+            topic: "rotation".into(),
+            queue_group: String::new(),
+        })
+        .await
+        .expect("subscribe over TLS")
+        .into_inner();
 
     // The files are replaced (as cert-manager or certbot does): no signal,
     // no restart.
@@ -213,8 +226,33 @@ async fn a_rotated_certificate_serves_new_connections_and_open_ones_live_on() {
         tls_channel(&proxy.addr, &new_ca, None).await.ok()
     })
     .await;
-    // The connection opened before the rotation still serves.
+    // The connection opened before the rotation still serves, and its
+    // stream still delivers (a message published over a new connection).
     kv_works(open).await.expect("the open connection lives on");
+    let fresh = tls_channel(&proxy.addr, &new_ca, None).await.unwrap();
+    // Published until one arrives: the subscription may be registered at
+    // the pattern a moment after the stream opened.
+    let deadline = tokio::time::Instant::now() + trellis_tests::PATIENCE;
+    let got = loop {
+        PubSubClient::new(fresh.clone())
+            .publish(PublishRequest {
+                namespace: "default".into(),
+                topic: "rotation".into(),
+                payload: b"after".to_vec(),
+                attributes: Default::default(),
+            })
+            .await
+            .expect("publish over the new certificate");
+        let next = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+        if let Ok(Ok(Some(m))) = next {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream opened before the rotation delivered nothing: {next:?}"
+        );
+    };
+    assert_eq!(got.payload, b"after");
     assert!(
         tls_channel(&proxy.addr, &old_ca, None).await.is_err(),
         "a new connection still got the old certificate"
