@@ -1,6 +1,11 @@
 //! `make bench-peers`: trellis as a gRPC hop beside nginx and HAProxy, in one
 //! run, against one memstore pattern. Paths:
 //!
+//! Every memstore here listens on loopback TCP (`transport: tcp`), as the
+//! peers need, and gets the per-start secret every caller must send: nginx
+//! and HAProxy set the header, the direct route sends it (read from the
+//! pattern's environment).
+//!
 //! - h2load → memstore directly (the pattern's own endpoint, from the admin
 //!   API's GetPattern): the baseline;
 //! - h2load → nginx (`grpc_pass`, upstream `keepalive`) → memstore;
@@ -8,13 +13,14 @@
 //! - h2load → trellis → memstore (the trellis that spawned that memstore,
 //!   with its defaults: `worker_threads` half the cores, metrics on, traces
 //!   off);
-//! - three more trellis instances, each with its own memstore, started at
+//! - four more trellis instances, each with its own memstore, started at
 //!   the beginning and left running (idle, they only health-check their
 //!   pattern once a second) so every round measures every path: with
 //!   `worker_threads: 2`; with metrics off (`telemetry.metrics: false`),
 //!   the baseline for what metrics cost; and with traces on for every call
 //!   (`sampling_ratio: 1.0`), exporting to an OTLP collector in this
-//!   process (`trellis_tests::otlp`), for what traces cost.
+//!   process (`trellis_tests::otlp`), for what traces cost; and one with
+//!   its memstore on a Unix socket, the default transport.
 //!
 //! The workload is the unary `trellis.data.v1.KeyValue/Get` of one key
 //! holding a 100-byte value (Put through each trellis first), sent by
@@ -61,6 +67,8 @@ struct Route {
     name: String,
     /// `http://host:port`
     url: String,
+    /// Extra request headers (the pattern's secret, on the direct route).
+    headers: Vec<(String, String)>,
     /// Requests per h2load run, 1 in flight and `STREAMS` in flight.
     n: [u64; 2],
     /// Mean latency in µs, 1 in flight, one per round.
@@ -74,6 +82,7 @@ impl Route {
         Route {
             name: name.into(),
             url,
+            headers: Vec::new(),
             n: [0; 2],
             mean_us: Vec::new(),
             rps: Vec::new(),
@@ -157,7 +166,7 @@ impl Peer {
 /// `keepalive` keeps those connections for reuse. `keepalive_requests` is
 /// raised on both sides: its default of 1,000 would close the client's
 /// connection (GOAWAY) in the middle of a run.
-async fn start_nginx(upstream: u16) -> Peer {
+async fn start_nginx(upstream: u16, secret: &str) -> Peer {
     Peer::start("nginx", "-c", &["-e", "stderr"], |dir, port| {
         let d = dir.display();
         format!(
@@ -182,7 +191,10 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} http2;
-        location / {{ grpc_pass grpc://pattern; }}
+        location / {{
+            grpc_set_header {SECRET_HEADER} {secret};
+            grpc_pass grpc://pattern;
+        }}
     }}
 }}
 "
@@ -193,7 +205,7 @@ http {{
 
 /// HAProxy in the foreground (`-db`), one thread, HTTP/2 cleartext on both
 /// sides; its backend multiplexes streams on its connections to the pattern.
-async fn start_haproxy(upstream: u16) -> Peer {
+async fn start_haproxy(upstream: u16, secret: &str) -> Peer {
     Peer::start("haproxy", "-f", &["-db"], |_, port| {
         format!(
             "global
@@ -207,6 +219,7 @@ frontend grpc
     bind 127.0.0.1:{port} proto h2
     default_backend pattern
 backend pattern
+    http-request set-header {SECRET_HEADER} {secret}
     server memstore 127.0.0.1:{upstream} proto h2
 "
         )
@@ -247,12 +260,19 @@ fn version(program: &str, arg: &str) -> String {
 
 // Trellis -----------------------------------------------------------------------
 
-/// A trellis with one memstore serving `NS`, the key put through it.
+/// A trellis with one memstore serving `NS` over loopback TCP (as the
+/// peers reach it), the key put through it.
 async fn start_trellis(top: &str) -> Proxy {
+    start_trellis_with(top, "transport: tcp").await
+}
+
+/// [`start_trellis`] with `pattern` as the memstore entry's extra YAML.
+async fn start_trellis_with(top: &str, pattern: &str) -> Proxy {
     let proxy = Proxy::builder()
         .log_level("warn")
         .top(top)
         .memstore("memstore", &[NS])
+        .with(pattern)
         .start()
         .await;
     proxy
@@ -279,6 +299,21 @@ async fn pattern_port(proxy: &Proxy) -> u16 {
         .unwrap_or_else(|| panic!("expected a tcp://HOST:PORT pattern endpoint, got {endpoint:?}"))
 }
 
+/// The secret the proxy gave its memstore (the process's initial
+/// environment): the peers must send it, as the proxy does, or the pattern
+/// refuses them.
+async fn pattern_secret(proxy: &Proxy) -> String {
+    let pid = proxy.pattern("memstore").await.pid;
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_else(|e| panic!("read memstore's environment: {e}"));
+    let prefix = format!("{}=", trellis_proto::protocol::env::SECRET);
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix(prefix.as_str()).map(str::to_string))
+        .expect("memstore was started with a secret")
+}
+
 /// One real gRPC Get over the route: it must answer OK with the value.
 async fn verify(route: &Route) {
     let what = format!("{} at {}", route.name, route.url);
@@ -288,11 +323,18 @@ async fn verify(route: &Route) {
         .connect()
         .await
         .unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+    let mut request = tonic::Request::new(GetRequest {
+        namespace: NS.into(),
+        key: KEY.into(),
+    });
+    for (k, v) in &route.headers {
+        let name = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).expect("header name");
+        request
+            .metadata_mut()
+            .insert(name, v.parse().expect("header value"));
+    }
     let reply = KeyValueClient::new(channel)
-        .get(GetRequest {
-            namespace: NS.into(),
-            key: KEY.into(),
-        })
+        .get(request)
         .await
         .unwrap_or_else(|s| panic!("{what}: Get failed: {:?}: {}", s.code(), s.message()));
     assert_eq!(
@@ -323,6 +365,12 @@ async fn h2load(route: &Route, body: &Path, n: u64, streams: u32) -> Run {
     let out = Command::new(tool("h2load"))
         .args(["-n", &n.to_string(), "-c", "1", "-m", &streams.to_string()])
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(
+            route
+                .headers
+                .iter()
+                .flat_map(|(k, v)| ["-H".to_string(), format!("{k}: {v}")]),
+        )
         .arg("-d")
         .arg(body)
         .arg(format!("{}/trellis.data.v1.KeyValue/Get", route.url))
@@ -459,6 +507,8 @@ const HAPROXY: &str = "HAProxy (h2, `nbthread 1`) → memstore";
 const TRELLIS: &str = "trellis → memstore";
 const NO_METRICS: &str = "trellis, metrics off → memstore";
 const TRACED: &str = "trellis, traces on (every call) → memstore";
+const UNIX: &str = "trellis → memstore on a Unix socket (the default)";
+use trellis_proto::protocol::SECRET_HEADER;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -490,12 +540,17 @@ async fn main() {
         "telemetry:\n  traces:\n    endpoint: {collector_url}\n    sampling_ratio: 1.0\n"
     ))
     .await;
+    // The default transport, a Unix socket, beside the TCP the peers need.
+    let mut unix = start_trellis_with("", "").await;
     let port = pattern_port(&trellis).await;
-    let nginx = start_nginx(port).await;
-    let haproxy = start_haproxy(port).await;
+    let secret = pattern_secret(&trellis).await;
+    let nginx = start_nginx(port, &secret).await;
+    let haproxy = start_haproxy(port, &secret).await;
 
+    let mut direct = Route::new(DIRECT, format!("http://127.0.0.1:{port}"));
+    direct.headers = vec![(SECRET_HEADER.to_string(), secret.clone())];
     let mut routes = vec![
-        Route::new(DIRECT, format!("http://127.0.0.1:{port}")),
+        direct,
         Route::new(NGINX, nginx.url.clone()),
         Route::new(HAPROXY, haproxy.url.clone()),
         Route::new(TRELLIS, trellis.addr.clone()),
@@ -505,6 +560,7 @@ async fn main() {
         ),
         Route::new(NO_METRICS, no_metrics.addr.clone()),
         Route::new(TRACED, traced.addr.clone()),
+        Route::new(UNIX, unix.addr.clone()),
     ];
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -565,11 +621,25 @@ async fn main() {
         traced_us - trellis_us,
         spans.spans.lock().map(|s| s.len()).unwrap_or(0)
     );
+    let (unix_us, ..) = spread(&find(&routes, UNIX).mean_us);
+    let (unix_rps, ..) = spread(&find(&routes, UNIX).rps);
+    println!(
+        "the pattern on a Unix socket (the default) / on loopback TCP: throughput ×{:.2}, \
+         {:+.0} µs mean at 1 in flight",
+        unix_rps / trellis_rps,
+        unix_us - trellis_us
+    );
     println!("(run took {:.0} s)", started.elapsed().as_secs_f64());
     // On a panic, the drops kill everything (and the patterns die with
     // their proxy); here the proxies stop their patterns gracefully.
     drop((nginx, haproxy));
-    for proxy in [&mut trellis, &mut two_threads, &mut no_metrics, &mut traced] {
+    for proxy in [
+        &mut trellis,
+        &mut two_threads,
+        &mut no_metrics,
+        &mut traced,
+        &mut unix,
+    ] {
         proxy.terminate().await;
     }
 }
