@@ -55,6 +55,22 @@ pub fn fingerprint(path: &str, message: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The fingerprint of a keyed write by the authenticated `identity` (with
+/// `access:` configured): the identity is part of the request, so another
+/// caller who reuses the key gets IDEMPOTENCY_KEY_REUSED, never the first
+/// caller's stored answer. Hex SHA-256 of `identity:`, the identity, a
+/// newline, then as [`fingerprint`].
+pub fn identity_fingerprint(identity: &str, path: &str, message: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"identity:");
+    h.update(identity.as_bytes());
+    h.update(b"\n");
+    h.update(path.as_bytes());
+    h.update(b"\n");
+    h.update(message);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +95,9 @@ mod tests {
         assert_eq!(a, fingerprint("/trellis.data.v1.KeyValue/Put", b"x"));
         assert_ne!(a, fingerprint("/trellis.data.v1.KeyValue/Put", b"y"));
         assert_ne!(a, fingerprint("/trellis.data.v1.KeyValue/Delete", b"x"));
+        let by = |who| identity_fingerprint(who, "/trellis.data.v1.KeyValue/Put", b"x");
+        assert_ne!(by("app-a"), by("app-b"));
+        assert_ne!(by("app-a"), a);
+        assert_eq!(by("app-a"), by("app-a"));
     }
 }

@@ -349,3 +349,45 @@ async fn a_per_caller_rate_limit_gives_each_identity_its_own_bucket() {
         );
     }
 }
+
+/// An idempotency key is its caller's own: another identity that sends the
+/// same key (even with the same request) is refused as a reuse, and never
+/// gets the first caller's stored answer; the first caller's retry is a
+/// replay.
+#[tokio::test]
+async fn an_idempotency_key_is_scoped_to_its_identity() {
+    const W1: &str = "tok-w1-0a1b2c3d4e5f60718293a4b5";
+    const W2: &str = "tok-w2-5b4a39281706f5e4d3c2b1a0";
+    let yaml = format!(
+        "identities:\n\
+         \x20 - name: w1\n    token_sha256: \"{}\"\n\
+         \x20 - name: w2\n    token_sha256: \"{}\"\n\
+         access:\n\
+         \x20 - identity: w1\n    namespaces: [\"a\"]\n    roles: [read, write]\n\
+         \x20 - identity: w2\n    namespaces: [\"a\"]\n    roles: [read, write]\n",
+        sha256(W1),
+        sha256(W2)
+    );
+    let proxy = Proxy::builder()
+        .top(&yaml)
+        .memstore("mem", &["a"])
+        .start()
+        .await;
+    let mut kv = proxy.kv().await;
+    let keyed = |token: &str| {
+        let mut req = bearer(put("a", "k", b"v"), token);
+        req.metadata_mut()
+            .insert("idempotency-key", "key-1".parse().unwrap());
+        req
+    };
+    let first = kv.put(keyed(W1)).await.expect("w1's keyed write");
+    assert!(!trellis_tests::kv::idempotent_replayed(&first));
+    let again = kv.put(keyed(W1)).await.expect("w1's retry");
+    assert!(
+        trellis_tests::kv::idempotent_replayed(&again),
+        "w1's retry is a replay"
+    );
+    let other = kv.put(keyed(W2)).await;
+    let s = other.expect_err("w2 reusing w1's key is refused");
+    assert_eq!(reason(&s), "IDEMPOTENCY_KEY_REUSED", "{s:?}");
+}

@@ -6,7 +6,9 @@
 //! it exists, which pattern serves it). The caller's identity is kept on
 //! the call (the per-caller rate limit keys on it), and its
 //! `authorization` header is removed: a token is for the proxy, never
-//! passed on to a pattern.
+//! passed on to a pattern. A keyed write's fingerprint takes the identity
+//! in (`idempotency::identity_fingerprint`): another caller reusing the
+//! key is refused as a reuse, never handed the first caller's answer.
 //!
 //! Without `access:` the call passes untouched, as before access control.
 
@@ -16,6 +18,8 @@ use std::task::{Context, Poll};
 use futures::future::Either;
 use http::Response;
 use tower::{Layer, Service};
+
+use trellis_proto::idempotency as idem;
 
 use super::Call;
 use super::body::CallBody;
@@ -82,6 +86,19 @@ where
         ) {
             Ok(identity) => {
                 call.headers.remove(http::header::AUTHORIZATION);
+                // A keyed write: the identity joins its fingerprint, so
+                // an idempotency key is the caller's own.
+                if call.headers.contains_key(idem::FINGERPRINT) {
+                    let fp = idem::identity_fingerprint(
+                        &identity,
+                        call.path.path(),
+                        &call.message[super::wire::PREFIX_LEN..],
+                    );
+                    if let Ok(mut v) = http::HeaderValue::from_str(&fp) {
+                        v.set_sensitive(true);
+                        call.headers.insert(idem::FINGERPRINT, v);
+                    }
+                }
                 call.identity = Some(identity);
                 Either::Left(self.inner.call(call))
             }
