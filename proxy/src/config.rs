@@ -141,6 +141,10 @@ pub struct Listen {
     /// admin API at all). Loopback by default: whoever reaches it can stop
     /// every pattern.
     pub admin: Option<SocketAddr>,
+    /// For a single-port setup: the admin API on the data doors as well.
+    /// Only with `access:` granting someone the `admin` role (an admin API
+    /// anyone could call would let every client stop every pattern).
+    pub admin_on_data_doors: bool,
 }
 
 impl Default for Listen {
@@ -149,6 +153,7 @@ impl Default for Listen {
             grpc: SocketAddr::from(([127, 0, 0, 1], 8980)),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8981))),
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 8982))),
+            admin_on_data_doors: false,
         }
     }
 }
@@ -728,9 +733,13 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<Problem> {
     let restart = "cannot change while the proxy runs; restart the proxy to apply it, or put                    back the running value";
     // `tls`: the same files are read again on every reload; turning TLS
     // on or off, or other files, needs a restart.
-    let checks: [(&str, bool); 7] = [
+    let checks: [(&str, bool); 8] = [
         ("log", old.log == new.log),
         ("tls", old.tls == new.tls),
+        (
+            "listen.admin_on_data_doors",
+            old.listen.admin_on_data_doors == new.listen.admin_on_data_doors,
+        ),
         ("socket_dir", old.socket_dir == new.socket_dir),
         ("worker_threads", old.worker_threads == new.worker_threads),
         ("http", old.http == new.http),
@@ -895,6 +904,21 @@ impl Config {
         let mut problems = Vec::new();
         let mut bad = |field: String, message: String| problems.push(Problem { field, message });
 
+        if self.listen.admin_on_data_doors {
+            let has_admin = self
+                .access
+                .as_ref()
+                .is_some_and(|grants| grants.iter().any(|g| g.roles.iter().any(|r| r == "admin")));
+            if !has_admin {
+                bad(
+                    "listen.admin_on_data_doors".into(),
+                    "needs an `access:` section granting some identity the `admin` role: \
+                     without it, every client of the data doors could stop every pattern; \
+                     add one, or leave the admin API on listen.admin"
+                        .into(),
+                );
+            }
+        }
         // Each door its own address (port 0 picks a free one each).
         let doors = [
             ("listen.grpc", Some(self.listen.grpc)),

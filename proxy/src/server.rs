@@ -132,6 +132,15 @@ pub async fn run(
     // gateway calls its front door in-process.
     let mut data_services = tonic::service::RoutesBuilder::default();
     data_services.add_service(health_service.clone());
+    // A single-port setup: the admin API on the data doors too, each call
+    // checked for the admin role (validation makes `access:` grant one).
+    let data_api = if config.listen.admin_on_data_doors {
+        data_services.add_service(admin.clone());
+        crate::reflection::add_to(&mut data_services)?;
+        Api::All
+    } else {
+        Api::Data
+    };
     let front = FrontDoor::new(data, data_services.routes());
     let mut admin_services = tonic::service::RoutesBuilder::default();
     admin_services
@@ -147,7 +156,7 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("building the HTTP gateway failed: {e}"))
     };
     let services = Services {
-        gateway: gateway(Api::Data, &front)?,
+        gateway: gateway(data_api, &front)?,
         admin: Arc::new(AdminDoor::new(
             admin_front.clone(),
             gateway(Api::Admin, &admin_front)?,

@@ -391,3 +391,70 @@ async fn an_idempotency_key_is_scoped_to_its_identity() {
     let s = other.expect_err("w2 reusing w1's key is refused");
     assert_eq!(reason(&s), "IDEMPOTENCY_KEY_REUSED", "{s:?}");
 }
+
+/// A single-port setup: `listen.admin_on_data_doors` serves the admin API
+/// on the data doors too, to the admin role only; without an `access:`
+/// section granting that role the configuration is refused.
+#[tokio::test]
+async fn admin_on_the_data_doors_only_for_the_admin_role_and_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("app-r.token");
+    std::fs::write(&token_file, format!("{TOKEN_R}\n")).unwrap();
+    let proxy = Proxy::builder()
+        .top(&access_yaml(&token_file))
+        .env("TRELLIS_LISTEN__ADMIN_ON_DATA_DOORS", "true")
+        .memstore("mem", &["a"])
+        .start()
+        .await;
+    let mut on_data = admin::admin_client::AdminClient::new(proxy.channel().await);
+    let list = || admin::ListPatternsRequest {};
+    let patterns = on_data
+        .list_patterns(bearer(list(), TOKEN_OPS))
+        .await
+        .expect("the admin role, on the data door")
+        .into_inner();
+    assert_eq!(patterns.patterns[0].name, "mem");
+    refused(
+        on_data.list_patterns(Request::new(list())).await,
+        Code::Unauthenticated,
+        &[],
+    );
+    refused(
+        on_data.list_patterns(bearer(list(), TOKEN_A)).await,
+        Code::PermissionDenied,
+        &["app-a", "admin"],
+    );
+    // And over HTTP on the data door.
+    let base = proxy.http.clone().unwrap();
+    let auth = format!("Bearer {TOKEN_OPS}");
+    let r = send(
+        Method::GET,
+        &format!("{base}/v1/patterns"),
+        &[("authorization", auth.as_str())],
+        "",
+        false,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = send(Method::GET, &format!("{base}/v1/patterns"), &[], "", false).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+
+    // Without access: the option is refused, naming the field.
+    let config = dir.path().join("single-port.yaml");
+    std::fs::write(
+        &config,
+        "listen: {grpc: \"127.0.0.1:0\", admin_on_data_doors: true}\npatterns: []\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(trellis_tests::bin("trellis"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("listen.admin_on_data_doors") && err.contains("admin"),
+        "{err}"
+    );
+}

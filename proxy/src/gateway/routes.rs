@@ -41,6 +41,8 @@ pub enum Api {
     Data,
     /// The admin service (on `listen.admin`).
     Admin,
+    /// Both (the data doors with `listen.admin_on_data_doors`).
+    All,
 }
 
 impl Api {
@@ -49,6 +51,7 @@ impl Api {
         match self {
             Api::Data => crate::dataplane::DATA_SERVICES.contains(&full_name),
             Api::Admin => full_name == "trellis.admin.v1.Admin",
+            Api::All => Api::Data.serves(full_name) || Api::Admin.serves(full_name),
         }
     }
 }
