@@ -517,13 +517,14 @@ fn uptime(p: &admin::Pattern, now: SystemTime) -> String {
 
 /// The `trellis patterns` table.
 pub fn table(patterns: &[admin::Pattern], now: SystemTime) -> String {
+    // The endpoint last: a Unix socket's path is long.
     let mut s = format!(
-        "{:<16} {:<12} {:>8} {:<24} {:>8}  {}\n",
-        "NAME", "STATE", "PID", "ENDPOINT", "RESTARTS", "UPTIME"
+        "{:<16} {:<12} {:>8} {:>8}  {:<8} {}\n",
+        "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "ENDPOINT"
     );
     for p in patterns {
         s.push_str(&format!(
-            "{:<16} {:<12} {:>8} {:<24} {:>8}  {}\n",
+            "{:<16} {:<12} {:>8} {:>8}  {:<8} {}\n",
             p.name,
             state_name(p.state),
             if p.pid == 0 {
@@ -531,13 +532,13 @@ pub fn table(patterns: &[admin::Pattern], now: SystemTime) -> String {
             } else {
                 p.pid.to_string()
             },
+            p.restarts,
+            uptime(p, now),
             if p.endpoint.is_empty() {
                 "-"
             } else {
                 &p.endpoint
             },
-            p.restarts,
-            uptime(p, now)
         ));
     }
     s
