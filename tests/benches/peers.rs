@@ -13,14 +13,15 @@
 //! - h2load → trellis → memstore (the trellis that spawned that memstore,
 //!   with its defaults: `worker_threads` half the cores, metrics on, traces
 //!   off);
-//! - four more trellis instances, each with its own memstore, started at
+//! - five more trellis instances, each with its own memstore, started at
 //!   the beginning and left running (idle, they only health-check their
 //!   pattern once a second) so every round measures every path: with
 //!   `worker_threads: 2`; with metrics off (`telemetry.metrics: false`),
 //!   the baseline for what metrics cost; and with traces on for every call
 //!   (`sampling_ratio: 1.0`), exporting to an OTLP collector in this
 //!   process (`trellis_tests::otlp`), for what traces cost; and one with
-//!   its memstore on a Unix socket, the default transport.
+//!   its memstore on a Unix socket, the default transport; and one with
+//!   TLS on its doors (a test certificate; h2load negotiates h2 by ALPN).
 //!
 //! The workload is the unary `trellis.data.v1.KeyValue/Get` of one key
 //! holding a 100-byte value (Put through each trellis first), sent by
@@ -69,6 +70,8 @@ struct Route {
     url: String,
     /// Extra request headers (the pattern's secret, on the direct route).
     headers: Vec<(String, String)>,
+    /// The CA to trust, for an `https://` route.
+    ca_pem: Option<String>,
     /// Requests per h2load run, 1 in flight and `STREAMS` in flight.
     n: [u64; 2],
     /// Mean latency in µs, 1 in flight, one per round.
@@ -83,6 +86,7 @@ impl Route {
             name: name.into(),
             url,
             headers: Vec::new(),
+            ca_pem: None,
             n: [0; 2],
             mean_us: Vec::new(),
             rps: Vec::new(),
@@ -314,11 +318,67 @@ async fn pattern_secret(proxy: &Proxy) -> String {
         .expect("memstore was started with a secret")
 }
 
+/// A tonic endpoint for `route` (TLS trusting its CA for `https://`).
+fn endpoint(route: &Route) -> tonic::transport::Endpoint {
+    let e = tonic::transport::Endpoint::from_shared(route.url.clone()).expect("uri");
+    match &route.ca_pem {
+        None => e,
+        Some(ca) => e
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name("localhost"),
+            )
+            .expect("TLS config"),
+    }
+}
+
+/// A trellis like [`start_trellis`] with TLS on its doors (certificates
+/// from `pki`), the key put through it over TLS once it serves.
+async fn start_trellis_tls(pki: &trellis_tests::pki::Pki) -> (Proxy, Route) {
+    let proxy = Proxy::builder()
+        .log_level("warn")
+        .top(&format!(
+            "tls:\n  cert_file: {:?}\n  key_file: {:?}\n",
+            pki.server_cert(),
+            pki.server_key()
+        ))
+        .memstore("memstore", &[NS])
+        .with("transport: tcp")
+        .spawn()
+        .await;
+    let mut route = Route::new(TLS, proxy.addr.replacen("http://", "https://", 1));
+    route.ca_pem = Some(std::fs::read_to_string(pki.ca()).expect("the test CA"));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let put = async {
+            let channel = endpoint(&route).connect().await.ok()?;
+            KeyValueClient::new(channel)
+                .put(PutRequest {
+                    namespace: NS.into(),
+                    key: KEY.into(),
+                    value: VALUE.to_vec(),
+                    ttl: None,
+                })
+                .await
+                .ok()
+        };
+        if put.await.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TLS trellis never served a Put"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (proxy, route)
+}
+
 /// One real gRPC Get over the route: it must answer OK with the value.
 async fn verify(route: &Route) {
     let what = format!("{} at {}", route.name, route.url);
-    let channel = tonic::transport::Endpoint::from_shared(route.url.clone())
-        .expect("uri")
+    let channel = endpoint(route)
         .connect_timeout(PATIENCE)
         .connect()
         .await
@@ -508,6 +568,7 @@ const TRELLIS: &str = "trellis → memstore";
 const NO_METRICS: &str = "trellis, metrics off → memstore";
 const TRACED: &str = "trellis, traces on (every call) → memstore";
 const UNIX: &str = "trellis → memstore on a Unix socket (the default)";
+const TLS: &str = "trellis, TLS on the door → memstore";
 use trellis_proto::protocol::SECRET_HEADER;
 
 #[tokio::main(flavor = "current_thread")]
@@ -542,6 +603,9 @@ async fn main() {
     .await;
     // The default transport, a Unix socket, beside the TCP the peers need.
     let mut unix = start_trellis_with("", "").await;
+    // TLS on the door (h2load negotiates h2 by ALPN and does not verify).
+    let pki = trellis_tests::pki::Pki::generate();
+    let (mut tls, tls_route) = start_trellis_tls(&pki).await;
     let port = pattern_port(&trellis).await;
     let secret = pattern_secret(&trellis).await;
     let nginx = start_nginx(port, &secret).await;
@@ -561,6 +625,7 @@ async fn main() {
         Route::new(NO_METRICS, no_metrics.addr.clone()),
         Route::new(TRACED, traced.addr.clone()),
         Route::new(UNIX, unix.addr.clone()),
+        tls_route,
     ];
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -629,6 +694,14 @@ async fn main() {
         unix_rps / trellis_rps,
         unix_us - trellis_us
     );
+    let (tls_us, ..) = spread(&find(&routes, TLS).mean_us);
+    let (tls_rps, ..) = spread(&find(&routes, TLS).rps);
+    println!(
+        "TLS on the door / plaintext: throughput ×{:.2}, {:+.0} µs mean at 1 in flight \
+         (one connection, so the handshake is not in it: the record layer is)",
+        tls_rps / trellis_rps,
+        tls_us - trellis_us
+    );
     println!("(run took {:.0} s)", started.elapsed().as_secs_f64());
     // On a panic, the drops kill everything (and the patterns die with
     // their proxy); here the proxies stop their patterns gracefully.
@@ -639,6 +712,7 @@ async fn main() {
         &mut no_metrics,
         &mut traced,
         &mut unix,
+        &mut tls,
     ] {
         proxy.terminate().await;
     }
