@@ -282,15 +282,20 @@ async fn start_trellis_with(top: &str, pattern: &str) -> Proxy {
     proxy
         .kv()
         .await
-        .put(PutRequest {
-            namespace: NS.into(),
-            key: KEY.into(),
-            value: VALUE.to_vec(),
-            ttl: None,
-        })
+        .put(put_key())
         .await
         .unwrap_or_else(|s| panic!("Put through trellis: {:?}: {}", s.code(), s.message()));
     proxy
+}
+
+/// The Put of the key every route then Gets.
+fn put_key() -> PutRequest {
+    PutRequest {
+        namespace: NS.into(),
+        key: KEY.into(),
+        value: VALUE.to_vec(),
+        ttl: None,
+    }
 }
 
 /// The memstore's own port, from the admin API (`tcp://127.0.0.1:PORT`).
@@ -349,29 +354,12 @@ async fn start_trellis_tls(pki: &trellis_tests::pki::Pki) -> (Proxy, Route) {
         .await;
     let mut route = Route::new(TLS, proxy.addr.replacen("http://", "https://", 1));
     route.ca_pem = Some(std::fs::read_to_string(pki.ca()).expect("the test CA"));
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let put = async {
-            let channel = endpoint(&route).connect().await.ok()?;
-            KeyValueClient::new(channel)
-                .put(PutRequest {
-                    namespace: NS.into(),
-                    key: KEY.into(),
-                    value: VALUE.to_vec(),
-                    ttl: None,
-                })
-                .await
-                .ok()
-        };
-        if put.await.is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the TLS trellis never served a Put"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Its health is asked over TLS here, so `start` (plaintext) cannot wait.
+    trellis_tests::eventually("the TLS trellis to serve a Put", || async {
+        let channel = endpoint(&route).connect().await.ok()?;
+        KeyValueClient::new(channel).put(put_key()).await.ok()
+    })
+    .await;
     (proxy, route)
 }
 
