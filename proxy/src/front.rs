@@ -18,7 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpListener;
 use tonic::Status;
 use tonic::service::Routes;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::access::{Access, CertIdentity, Role};
 use crate::dataplane::{CallBody, DataPlane};
@@ -221,16 +221,9 @@ pub async fn serve(
         // The handshake in the connection's task: a slow client holds up
         // no other.
         tokio::spawn(async move {
-            let stream = match crate::tls::handshake(tls.as_ref(), stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            if closing.is_cancelled() {
+            let Some(stream) = crate::tls::open(tls.as_ref(), stream, peer, &closing).await else {
                 return;
-            }
+            };
             let cert = crate::access::of_stream(&stream);
             let service = TowerToHyperService::new(front.for_connection(peer, cert));
             let conn = http2.serve_connection(TokioIo::new(stream), service);

@@ -182,6 +182,26 @@ pub async fn handshake(tls: Option<&DoorTls>, stream: TcpStream) -> std::io::Res
     }
 }
 
+/// What every door does with an accepted connection, in its own task: the
+/// handshake ([`handshake`]; a failure is logged at debug and the
+/// connection dropped), then `None` as well when the door began closing
+/// meanwhile (the connection would miss its GOAWAY).
+pub async fn open(
+    tls: Option<&DoorTls>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    closing: &tokio_util::sync::CancellationToken,
+) -> Option<Stream> {
+    let stream = match handshake(tls, stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+    };
+    (!closing.is_cancelled()).then_some(stream)
+}
+
 fn files(settings: &Settings) -> Vec<&Path> {
     let mut files = vec![settings.cert_file.as_path(), settings.key_file.as_path()];
     files.extend(settings.client_ca_file.as_deref());

@@ -707,16 +707,9 @@ pub async fn serve<H: Handler>(
         // The handshake in the connection's task: a slow client holds up
         // no other.
         tokio::spawn(async move {
-            let stream = match crate::tls::handshake(tls.as_ref(), stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            if closing.is_cancelled() {
+            let Some(stream) = crate::tls::open(tls.as_ref(), stream, peer, &closing).await else {
                 return;
-            }
+            };
             let cert = crate::access::of_stream(&stream);
             let service =
                 hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
