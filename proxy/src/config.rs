@@ -425,6 +425,84 @@ pub struct PatternConfig {
     pub restart: RestartConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// How many processes run this pattern: `NAME` alone when 1, else
+    /// `NAME-0 … NAME-(N-1)`, each supervised on its own; every call goes
+    /// to one of them (docs/configuration.md, "Replicas").
+    #[serde(default = "defaults::replicas")]
+    pub replicas: u32,
+    /// The pattern keeps its data in its own process (as memstore does),
+    /// so replicas would not share it: `replicas` above 1 is refused. A
+    /// pattern can also say so itself, in `InitializeResponse.stateful`.
+    #[serde(default)]
+    pub stateful: bool,
+    /// When a replica is left out of the balancing (with replicas > 1).
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+}
+
+/// The most replicas a pattern may have.
+pub const MAX_REPLICAS: u32 = 32;
+
+/// Outlier ejection, as Envoy's outlier detection does it: a replica
+/// whose calls fail `consecutive_failures` times in a row (the proxy
+/// could not reach it, or it answered UNAVAILABLE) is left out of the
+/// balancing for `base_ejection_time` × the times it was ejected (less one
+/// for each `base_ejection_time` it stayed in since), at most
+/// `max_ejection_time`; never more than `max_ejection_percent` of the
+/// replicas at once.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+impl PatternConfig {
+    /// The name of replica `index` (`None`: the pattern's only process).
+    pub fn replica_name(&self, index: Option<u32>) -> String {
+        match index {
+            None => self.name.clone(),
+            Some(i) => format!("{}-{i}", self.name),
+        }
+    }
+
+    /// Its processes: `[None]` for one, `[Some(0) … Some(N-1)]` for more.
+    pub fn replica_indices(&self) -> Vec<Option<u32>> {
+        if self.replicas <= 1 {
+            vec![None]
+        } else {
+            (0..self.replicas).map(Some).collect()
+        }
+    }
+
+    /// Whether `other` runs the same processes: everything but the
+    /// settings that change no process (`replicas`, `stateful`,
+    /// `outlier_detection`) is equal. A reload keeps such a pattern's
+    /// processes.
+    pub fn same_process(&self, other: &PatternConfig) -> bool {
+        let like_other = PatternConfig {
+            replicas: other.replicas,
+            stateful: other.stateful,
+            outlier_detection: other.outlier_detection.clone(),
+            ..self.clone()
+        };
+        like_other == *other
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -587,6 +665,9 @@ mod defaults {
     }
     pub fn slow_start() -> Duration {
         Duration::from_secs(2)
+    }
+    pub fn replicas() -> u32 {
+        1
     }
 }
 
@@ -898,6 +979,103 @@ pub fn valid_identity(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || ".-_:/@".contains(c))
 }
 
+/// What is wrong with `p`'s `replicas`, `stateful` and
+/// `outlier_detection` (`all`: every pattern, for name clashes).
+fn replica_problems(p: &PatternConfig, all: &[PatternConfig]) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let n = p.replicas;
+    if !(1..=MAX_REPLICAS).contains(&n) {
+        problems.push((
+            "replicas",
+            format!("{n} is out of range; allowed: 1 to {MAX_REPLICAS}"),
+        ));
+    }
+    if n > 1 && p.stateful {
+        problems.push((
+            "replicas",
+            format!(
+                "pattern {:?} is stateful (it keeps its data in its own process), so {n} \
+                 replicas would each hold different data; set `replicas: 1`, or use a pattern \
+                 over a shared backend (redis, postgres)",
+                p.name
+            ),
+        ));
+    }
+    if n > 1 && p.transport == Transport::Tcp {
+        match p.port {
+            PortSpec::Fixed(port) => problems.push((
+                "port",
+                format!(
+                    "{port} is one port, and {n} replicas need one each; use `auto`, a range \
+                     such as \"{port}-{}\", or the unix transport",
+                    port.saturating_add(n as u16 - 1)
+                ),
+            )),
+            PortSpec::Range(a, b) if u32::from(b - a) + 1 < n => problems.push((
+                "port",
+                format!(
+                    "the range {a}-{b} has {} ports, and {n} replicas need one each; widen it \
+                     or use `auto`",
+                    b - a + 1
+                ),
+            )),
+            _ => {}
+        }
+    }
+    if n > 1 {
+        for other in all.iter().filter(|o| o.name != p.name) {
+            if let Some(i) = p
+                .replica_indices()
+                .into_iter()
+                .find(|&i| p.replica_name(i) == other.name)
+            {
+                problems.push((
+                    "name",
+                    format!(
+                        "replica {} of {:?} would have the name of pattern {:?}; rename one \
+                         of them",
+                        i.unwrap_or(0),
+                        p.name,
+                        other.name
+                    ),
+                ));
+            }
+        }
+    }
+    let o = &p.outlier_detection;
+    if o.consecutive_failures == 0 {
+        problems.push((
+            "outlier_detection.consecutive_failures",
+            "must be at least 1".into(),
+        ));
+    }
+    if o.base_ejection_time.is_zero() || o.base_ejection_time > crate::policy::MAX_DURATION {
+        problems.push((
+            "outlier_detection.base_ejection_time",
+            "must be greater than zero and at most 1h, e.g. \"30s\"".into(),
+        ));
+    }
+    if o.max_ejection_time < o.base_ejection_time
+        || o.max_ejection_time > crate::policy::MAX_DURATION
+    {
+        problems.push((
+            "outlier_detection.max_ejection_time",
+            "must be at least outlier_detection.base_ejection_time and at most 1h, e.g. \"300s\""
+                .into(),
+        ));
+    }
+    if o.max_ejection_percent > 50 {
+        problems.push((
+            "outlier_detection.max_ejection_percent",
+            format!(
+                "{} is out of range; allowed: 0 (never eject) to 50 (half the replicas)",
+                o.max_ejection_percent
+            ),
+        ));
+    }
+    problems
+}
+
 impl Config {
     /// Semantic checks serde cannot express. Returns every problem found.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
@@ -1133,6 +1311,9 @@ impl Config {
             }
             if p.restart.max_starts == 0 {
                 bad(at("restart.max_starts"), "must be at least 1".into());
+            }
+            for (field, message) in replica_problems(p, &self.patterns) {
+                bad(at(field), message);
             }
         }
         const METHODS: &[&str] = &["Get", "Put", "Delete", "List", "Publish", "Subscribe"];

@@ -239,11 +239,7 @@ impl Task {
                     let result = match command {
                         Operator::Restart => self.restart(&name).await,
                         Operator::Start | Operator::Stop => {
-                            match self.supervisor.current().get(&name) {
-                                None => Err(CommandError::NotFound(name)),
-                                Some(h) if command == Operator::Start => h.start().await,
-                                Some(h) => h.stop().await,
-                            }
+                            self.start_or_stop(&name, command).await
                         }
                     };
                     let _ = reply.send(result);
@@ -328,10 +324,17 @@ impl Task {
             source: source_name,
             ..Applied::default()
         };
-        // Start what is new, beside what runs.
+        // Start what is new, beside what runs: a process of a pattern that
+        // already runs (a replacement, or a replica added or renamed) one
+        // at a time, each SERVING before the next starts, so the pattern
+        // keeps serving throughout and a new process that never serves
+        // refuses the reload with nothing changed; a new pattern's
+        // processes start as at boot (they may wait for their backend).
         let mut next = Vec::new();
-        let mut fresh: Vec<(PatternHandle, Option<PatternHandle>)> = Vec::new();
-        for (i, p) in new.config.patterns.iter().enumerate() {
+        let mut fresh: Vec<PatternHandle> = Vec::new();
+        let mut superseded: Vec<PatternHandle> = Vec::new();
+        let mut failed = None;
+        'patterns: for (i, p) in new.config.patterns.iter().enumerate() {
             let namespaces = supervisor::namespaces_of(&new.config, &p.name);
             let old = self
                 .loaded
@@ -339,55 +342,65 @@ impl Task {
                 .patterns
                 .iter()
                 .find(|o| o.name == p.name);
-            let running = roster.get(&p.name);
-            match (old, running) {
-                (Some(o), Some(h)) if o == p => {
-                    applied.unchanged.push(p.name.clone());
-                    next.push(h.with_namespaces(namespaces));
+            let running = roster.replicas_of(&p.name);
+            let keep = old.is_some_and(|o| o.same_process(p));
+            for replica in p.replica_indices() {
+                let current = running.iter().find(|h| h.replica() == replica);
+                let name = p.replica_name(replica);
+                if let (true, Some(h)) = (keep, current) {
+                    applied.unchanged.push(name);
+                    next.push(h.with_namespaces(namespaces.clone()));
+                    continue;
                 }
-                (_, running) => {
-                    let initial = match running {
-                        Some(h) => Status::succeeding(&h.status(), RestartReason::Reload),
-                        None => Status::new(),
-                    };
-                    let h = self
-                        .supervisor
-                        .spawn(i, p, &new.source, namespaces, initial);
-                    match running {
-                        Some(_) => applied.replaced.push(p.name.clone()),
-                        None => applied.added.push(p.name.clone()),
-                    }
-                    fresh.push((h.clone(), running.cloned()));
-                    next.push(h);
+                let initial = match current {
+                    Some(h) => Status::succeeding(&h.status(), RestartReason::Reload),
+                    None => Status::new(),
+                };
+                let h =
+                    self.supervisor
+                        .spawn(i, p, replica, &new.source, namespaces.clone(), initial);
+                fresh.push(h.clone());
+                next.push(h.clone());
+                match current {
+                    Some(_) => applied.replaced.push(name),
+                    None => applied.added.push(name),
+                }
+                if !running.is_empty()
+                    && let Err(e) = self
+                        .until_serving(&h, p.startup_timeout + HANDOVER_MARGIN)
+                        .await
+                {
+                    failed = Some(e);
+                    break 'patterns;
                 }
             }
-        }
-        // A replacement takes over only once it serves; an added pattern
-        // starts as at boot (it may wait for its backend).
-        let mut failed = None;
-        for (h, old) in &fresh {
-            if old.is_none() {
-                continue;
-            }
-            let patience = pattern_patience(&new.config, h.name());
-            if let Err(e) = self.until_serving(h, patience).await {
-                failed = Some(e);
-                break;
-            }
+            // What runs and is not kept: replaced, or beyond the new count.
+            superseded.extend(
+                running
+                    .into_iter()
+                    .filter(|h| next.iter().all(|n| !n.same_owner(h))),
+            );
         }
         if let Some(e) = failed {
-            for (h, _) in fresh {
+            for h in fresh {
                 self.supervisor.retire(h);
             }
             return Err(e);
         }
+        // Removed: a pattern gone from the file, a replica beyond the new
+        // count, a process renamed (one process ↔ replicas).
         let removed: Vec<PatternHandle> = roster
             .patterns()
             .iter()
-            .filter(|h| new.config.patterns.iter().all(|p| p.name != h.name()))
+            .filter(|h| new.config.patterns.iter().all(|p| p.name != h.pattern()))
             .cloned()
+            .chain(superseded.into_iter())
             .collect();
-        applied.removed = removed.iter().map(|h| h.name().to_string()).collect();
+        applied.removed = removed
+            .iter()
+            .map(|h| h.name().to_string())
+            .filter(|n| !applied.replaced.contains(n))
+            .collect();
 
         // Switch: routes and policies for new calls, then everyone else.
         let telemetry = Arc::new(self.data.telemetry().with_patterns(labels(&new.config)));
@@ -395,11 +408,6 @@ impl Task {
         self.data.access().set(rules.flatten());
         self.supervisor.publish(Roster::new(next));
         // Drain and stop what was replaced or removed.
-        for (_, old) in fresh {
-            if let Some(old) = old {
-                self.supervisor.retire(old);
-            }
-        }
         for h in removed {
             self.supervisor.retire(h);
         }
@@ -429,15 +437,97 @@ impl Task {
         Ok(applied)
     }
 
-    async fn restart(&mut self, name: &str) -> CommandResult {
-        let roster = self.supervisor.current();
-        let Some(old) = roster.get(name).cloned() else {
+    /// `trellis patterns start|stop NAME`: the process of that name, or
+    /// every replica of the pattern of that name, in order.
+    async fn start_or_stop(&self, name: &str, command: Operator) -> CommandResult {
+        let handles = self.supervisor.current().select(name);
+        if handles.is_empty() {
             return Err(CommandError::NotFound(name.to_string()));
-        };
+        }
+        let mut said = Vec::new();
+        for h in &handles {
+            let r = match command {
+                Operator::Start => h.start().await,
+                _ => h.stop().await,
+            };
+            match r {
+                Ok(m) => said.push(m),
+                // A replica already running is no reason to refuse the rest.
+                Err(CommandError::AlreadyRunning(_)) if handles.len() > 1 => {
+                    said.push(format!("{} was already running", h.name()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(said.join("; "))
+    }
+
+    /// `trellis patterns restart NAME`. One process: blue/green when it
+    /// serves, in place otherwise. Every replica of a pattern: rolling,
+    /// one replica at a time, each new one SERVING before the old one
+    /// drains and stops, so the pattern never has fewer replicas serving
+    /// than before and never more than one extra process.
+    async fn restart(&mut self, name: &str) -> CommandResult {
+        let handles = self.supervisor.current().select(name);
+        match handles.as_slice() {
+            [] => Err(CommandError::NotFound(name.to_string())),
+            [one] => {
+                let Some(replaced) = self.replace(one).await? else {
+                    return one.restart().await;
+                };
+                let (new_pid, old_pid) = replaced.pids();
+                self.supervisor.retire(replaced.old);
+                Ok(format!(
+                    "pattern {name:?} replaced blue/green: pid {new_pid} serves its namespaces; \
+                     pid {old_pid} drains and stops"
+                ))
+            }
+            all => {
+                let mut done = Vec::new();
+                for h in all {
+                    let step = match self.replace(h).await {
+                        Ok(Some(replaced)) => {
+                            let (new_pid, old_pid) = replaced.pids();
+                            // Gone before the next replica's turn.
+                            replaced.old.shutdown().await;
+                            Ok(format!("{}: pid {old_pid} → {new_pid}", h.name()))
+                        }
+                        Ok(None) => h.restart().await.map(|_| {
+                            format!("{}: restarted in place (it was not serving)", h.name())
+                        }),
+                        Err(e) => Err(e),
+                    };
+                    match step {
+                        Ok(line) => done.push(line),
+                        Err(e) => {
+                            return Err(CommandError::NotReplaced(format!(
+                                "rolling restart of {name:?} stopped at {}: {e}; done before it: {}",
+                                h.name(),
+                                if done.is_empty() {
+                                    "none".into()
+                                } else {
+                                    done.join(", ")
+                                }
+                            )));
+                        }
+                    }
+                }
+                Ok(format!(
+                    "pattern {name:?} restarted replica by replica: {}",
+                    done.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// Replaces `old`'s process blue/green: a new one for the same replica
+    /// starts beside it and takes its place in the routes once SERVING.
+    /// `None` when `old` is not SERVING (nothing to hand over from) or its
+    /// pattern is no longer configured; the caller restarts it in place.
+    async fn replace(&mut self, old: &PatternHandle) -> Result<Option<Replaced>, CommandError> {
         let old_status = old.status();
         if old_status.state != State::Serving {
-            // Nothing serves to hand over from: restart in place.
-            return old.restart().await;
+            return Ok(None);
         }
         let Some((i, p)) = self
             .loaded
@@ -445,13 +535,14 @@ impl Task {
             .patterns
             .iter()
             .enumerate()
-            .find(|(_, p)| p.name == name)
+            .find(|(_, p)| p.name == old.pattern())
         else {
-            return old.restart().await;
+            return Ok(None);
         };
         let new = self.supervisor.spawn(
             i,
             p,
+            old.replica(),
             &self.loaded.source,
             old.namespaces().to_vec(),
             Status::succeeding(&old_status, RestartReason::Operator),
@@ -461,16 +552,14 @@ impl Task {
             self.supervisor.retire(new);
             return Err(CommandError::NotReplaced(e.to_string()));
         }
-        let next = roster.replacing(name, new.clone());
+        let next = self.supervisor.current().replacing(old.name(), new.clone());
         self.data.reroute(next.patterns());
         self.supervisor.publish(next);
-        self.supervisor.retire(old);
-        Ok(format!(
-            "pattern {name:?} replaced blue/green: pid {} serves its namespaces; pid {} drains \
-             and stops",
-            new.status().pid.unwrap_or(0),
-            old_status.pid.unwrap_or(0)
-        ))
+        Ok(Some(Replaced {
+            new,
+            old: old.clone(),
+            old_pid: old_status.pid.unwrap_or(0),
+        }))
     }
 
     /// Waits for `h` to serve, giving up when the proxy starts stopping.
@@ -494,12 +583,19 @@ impl Task {
 /// wait for what it decided.
 const HANDOVER_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn pattern_patience(config: &Config, name: &str) -> std::time::Duration {
-    config
-        .patterns
-        .iter()
-        .find(|p| p.name == name)
-        .map_or(HANDOVER_MARGIN, |p| p.startup_timeout + HANDOVER_MARGIN)
+/// A process replaced blue/green: the new one serves, the old one is
+/// out of the routes and still running.
+struct Replaced {
+    new: PatternHandle,
+    old: PatternHandle,
+    old_pid: u32,
+}
+
+impl Replaced {
+    /// (new pid, old pid).
+    fn pids(&self) -> (u32, u32) {
+        (self.new.status().pid.unwrap_or(0), self.old_pid)
+    }
 }
 
 /// Namespace → pattern, for the call log.

@@ -383,7 +383,7 @@ where
             Err(wait) => {
                 // Whole milliseconds, at least one: a RetryInfo of 0 says "now".
                 let wait = Duration::from_millis((wait.as_millis() as u64).max(1));
-                let pattern = call.upstream.as_ref().map_or("?", |u| u.pattern());
+                let pattern = call.pool.as_ref().map_or("?", |p| p.pattern());
                 let e = errors::circuit_open(&call.namespace, pattern, &circuit.policy, wait);
                 Either::Right(refuse(&self.telemetry, &call.namespace, e))
             }

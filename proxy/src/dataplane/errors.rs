@@ -160,6 +160,23 @@ pub fn not_serving(
     .meta("state", state.as_str())
 }
 
+/// No replica of the namespace's pattern serves; `states`: each one's
+/// name and state.
+pub fn no_replica_serving(namespace: &str, pattern: &str, states: &[String]) -> ApiError {
+    ApiError::new(
+        Code::Unavailable,
+        "PATTERN_UNAVAILABLE",
+        format!(
+            "namespace {namespace:?} is served by pattern {pattern:?}, none of whose {} replicas \
+             is SERVING ({}); retry with backoff, and see `trellis patterns` for their state",
+            states.len(),
+            states.join(", ")
+        ),
+    )
+    .meta("namespace", namespace)
+    .meta("pattern", pattern)
+}
+
 /// The namespace's pattern does not serve the called interface.
 pub fn not_implemented(namespace: &str, service: &str, upstream: &Upstream) -> ApiError {
     let interfaces = upstream.interfaces();

@@ -12,8 +12,10 @@
 //!    the method, scan the namespace, prepare the metadata, fix the deadline
 //!    ──▶ Authorize  with `access:`: the caller's identity and role on the
 //!                   namespace (UNAUTHENTICATED, PERMISSION_DENIED)
-//!    ──▶ Route      namespace → the serving pattern's Upstream
-//!                   (NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED)
+//!    ──▶ Route      namespace → its pattern's processes (a `Pool`)
+//!                   (NOT_FOUND; UNAVAILABLE, UNIMPLEMENTED when none serves it)
+//!    ──▶ Balance    per attempt: the replica (least request, two random
+//!                   choices; outliers ejected)
 //!    ──▶ Deadline   grpc-timeout for the pattern; a unary call is bounded
 //!                   whole, a stream only until it opens
 //!    ──▶ Drain      open streams end UNAVAILABLE when the proxy shuts down
@@ -32,6 +34,7 @@
 //! `Deadline`, so each attempt gets the time that is left.
 
 mod authorize;
+mod balance;
 mod body;
 mod breaker;
 mod deadline;
@@ -60,6 +63,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
+pub use balance::Load;
 pub use body::CallBody;
 pub use breaker::{CircuitView, Circuits};
 pub use methods::{DATA_SERVICES, DataMethod, Methods, is_data_path};
@@ -105,7 +109,12 @@ pub struct Call {
     pub cert: Option<Arc<str>>,
     /// Who the caller is, set by `Authorize` when `access:` is configured.
     pub identity: Option<Arc<str>>,
-    /// Set by `Route`.
+    /// The namespace's processes (a pattern's replicas), set by `Route`.
+    pub pool: Option<Arc<balance::Pool>>,
+    /// The members earlier attempts of this call went to (bit i: member
+    /// i), shared by its attempts; set by `Retry` for a call it may repeat.
+    pub tried: Option<Arc<std::sync::atomic::AtomicU32>>,
+    /// The process this attempt goes to, set by `Balance`.
     pub upstream: Option<Upstream>,
     /// The call's server span, set by `Observe` while traces are on.
     pub trace: Option<opentelemetry::Context>,
@@ -128,6 +137,8 @@ impl Call {
             peer: self.peer,
             cert: self.cert.clone(),
             identity: self.identity.clone(),
+            pool: self.pool.clone(),
+            tried: self.tried.clone(),
             upstream: self.upstream.clone(),
             trace: self.trace.clone(),
         }
@@ -149,7 +160,11 @@ pub type Stack = observe::Observe<
                     limits::Concurrency<
                         breaker::Breaker<
                             retry::Retry<
-                                deadline::Deadline<drain::Drain<observe::Hop<forward::Forward>>>,
+                                balance::Balance<
+                                    deadline::Deadline<
+                                        drain::Drain<observe::Hop<forward::Forward>>,
+                                    >,
+                                >,
                             >,
                         >,
                     >,
@@ -180,7 +195,9 @@ pub type Stack = observe::Observe<
 ///    circuit fails calls before they wait on retries or the pattern.
 /// 8. `Retry` — each attempt runs the layers below afresh, all inside the
 ///    call's one deadline.
-/// 9. `Deadline`, `Drain`, `Hop`, `Forward` — one attempt.
+/// 9. `Balance` — the replica for this attempt (another than the earlier
+///    attempts' when one serves), counted in flight until the attempt ends.
+/// 10. `Deadline`, `Drain`, `Hop`, `Forward` — one attempt.
 pub fn stack(
     router: Router,
     closing: CancellationToken,
@@ -199,6 +216,9 @@ pub fn stack(
     // Inside Route, so the deadline's messages can name the pattern, and
     // outside Drain, so a stream is bounded until it opens.
     let attempt = deadline::DeadlineLayer.layer(attempt);
+    // Per attempt, so a retry goes to another replica; outside Deadline,
+    // so a replica's count covers its whole attempt.
+    let attempt = balance::BalanceLayer.layer(attempt);
     let call = retry::RetryLayer::new(policies, t()).layer(attempt);
     let call = breaker::BreakerLayer::new(circuits, t()).layer(call);
     let call = limits::ConcurrencyLayer::new(policies, t()).layer(call);
@@ -379,7 +399,7 @@ impl DataPlane {
         access: crate::access::Access,
     ) -> Self {
         let generation = Generation::new(
-            Router::new(patterns),
+            Router::configured(patterns, route::outlier_settings(config)),
             closing.clone(),
             telemetry,
             Policies::new(config),
@@ -426,12 +446,13 @@ impl DataPlane {
         telemetry: &Arc<Telemetry>,
     ) {
         let settings = Settings::of(config);
+        let outlier = route::outlier_settings(config);
         if self.current.load().settings == settings {
-            self.reroute(patterns);
+            self.current.load().router.reconfigure(patterns, outlier);
             return;
         }
         let generation = Generation::new(
-            Router::new(patterns),
+            Router::configured(patterns, outlier),
             self.closing.clone(),
             telemetry.clone(),
             Policies::new(config),
@@ -554,6 +575,8 @@ impl DataPlane {
                 .get::<crate::access::CertIdentity>()
                 .map(|c| c.0.clone()),
             identity: None,
+            pool: None,
+            tried: None,
             upstream: None,
             trace: None,
         })

@@ -174,6 +174,9 @@ async fn retrying<S>(
 where
     S: Service<Call, Response = Response<CallBody>, Error = ApiError>,
 {
+    let mut call = call;
+    // Each attempt goes to a replica the earlier ones did not (Balance).
+    call.tried = Some(Arc::default());
     let policy = call.policy.clone();
     let r = &policy.policy.retries;
     let mut backoff = r.initial_backoff;

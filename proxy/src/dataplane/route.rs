@@ -1,6 +1,7 @@
-//! `Route`: namespace → the serving pattern's data connection. Reads the
-//! pattern's latest status (a `watch` snapshot: no lock shared with the
-//! supervisor, no await) and refuses what cannot be forwarded.
+//! `Route`: namespace → its pattern's processes (a [`Pool`]: the
+//! replicas, or the one process). Reads each process's latest status (a
+//! `watch` snapshot: no lock shared with the supervisor, no await) and
+//! refuses what no process can take; `Balance`, below, picks the replica.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,66 +12,106 @@ use futures::future::{Either, Ready, ready};
 use http::Response;
 use tower::{Layer, Service};
 
+use super::balance::Pool;
 use super::body::CallBody;
 use super::{Call, errors};
+use crate::config::{Config, OutlierDetection};
 use crate::error::ApiError;
-use crate::supervisor::{PatternHandle, State};
-use crate::upstream::Upstream;
+use crate::supervisor::PatternHandle;
 
-/// Namespace → pattern. A blue/green replacement swaps the whole map in
-/// one store (`arc-swap`): a call sees the old map or the new one, never a
-/// mix, and reading it takes no lock.
+/// Namespace → pool. A blue/green replacement or a reload swaps the whole
+/// map in one store (`arc-swap`): a call sees the old map or the new one,
+/// never a mix, and reading it takes no lock.
 #[derive(Clone)]
 pub struct Router {
-    routes: Arc<ArcSwap<HashMap<String, PatternHandle>>>,
+    routes: Arc<ArcSwap<Routes>>,
+}
+
+#[derive(Default)]
+struct Routes {
+    pools: HashMap<String, Arc<Pool>>,
+    /// Each pattern's outlier detection (absent: the defaults).
+    outlier: HashMap<String, OutlierDetection>,
+}
+
+impl Routes {
+    fn new(patterns: &[PatternHandle], outlier: HashMap<String, OutlierDetection>) -> Self {
+        // Every process of a pattern serves the same namespaces.
+        let mut members: HashMap<&str, Vec<PatternHandle>> = HashMap::new();
+        for p in patterns {
+            members.entry(p.pattern()).or_default().push(p.clone());
+        }
+        let mut pools = HashMap::new();
+        for (pattern, mut members) in members {
+            members.sort_by_key(|m| m.replica());
+            let namespaces = members[0].namespaces().to_vec();
+            let pool = Arc::new(Pool::new(
+                pattern,
+                members,
+                outlier.get(pattern).cloned().unwrap_or_default(),
+            ));
+            for ns in namespaces {
+                pools.insert(ns, pool.clone());
+            }
+        }
+        Routes { pools, outlier }
+    }
+}
+
+/// Each pattern's outlier detection settings in `config`.
+pub fn outlier_settings(config: &Config) -> HashMap<String, OutlierDetection> {
+    config
+        .patterns
+        .iter()
+        .map(|p| (p.name.clone(), p.outlier_detection.clone()))
+        .collect()
 }
 
 impl Router {
     pub fn new(patterns: &[PatternHandle]) -> Self {
+        Self::configured(patterns, HashMap::new())
+    }
+
+    /// Routes to `patterns` with each pattern's `outlier` settings.
+    pub fn configured(
+        patterns: &[PatternHandle],
+        outlier: HashMap<String, OutlierDetection>,
+    ) -> Self {
         Router {
-            routes: Arc::new(ArcSwap::from_pointee(Self::map(patterns))),
+            routes: Arc::new(ArcSwap::from_pointee(Routes::new(patterns, outlier))),
         }
     }
 
-    fn map(patterns: &[PatternHandle]) -> HashMap<String, PatternHandle> {
-        patterns
-            .iter()
-            .flat_map(|p| p.namespaces().iter().map(move |ns| (ns.clone(), p.clone())))
-            .collect()
-    }
-
-    /// Routes every namespace to the pattern in `patterns` that serves it,
-    /// from the next call on.
+    /// Routes every namespace to the processes in `patterns` that serve
+    /// it, from the next call on (the outlier settings stay).
     pub fn update(&self, patterns: &[PatternHandle]) {
-        self.routes.store(Arc::new(Self::map(patterns)));
+        let outlier = self.routes.load().outlier.clone();
+        self.routes.store(Arc::new(Routes::new(patterns, outlier)));
     }
 
-    /// The connection to the pattern serving `namespace` for `service`, if
-    /// it is routable now.
-    pub fn route(&self, namespace: &str, service: &str) -> Result<Upstream, ApiError> {
+    /// As `update`, with new outlier settings.
+    pub fn reconfigure(
+        &self,
+        patterns: &[PatternHandle],
+        outlier: HashMap<String, OutlierDetection>,
+    ) {
+        self.routes.store(Arc::new(Routes::new(patterns, outlier)));
+    }
+
+    /// The processes serving `namespace`, if one of them can take a call
+    /// to `service` now.
+    pub fn route(&self, namespace: &str, service: &str) -> Result<Arc<Pool>, ApiError> {
         if namespace.is_empty() {
             return Err(errors::empty_namespace());
         }
         let routes = self.routes.load();
-        let Some(handle) = routes.get(namespace) else {
-            let mut known: Vec<&str> = routes.keys().map(String::as_str).collect();
+        let Some(pool) = routes.pools.get(namespace) else {
+            let mut known: Vec<&str> = routes.pools.keys().map(String::as_str).collect();
             known.sort_unstable();
             return Err(errors::unknown_namespace(namespace, &known));
         };
-        handle.with_status(|status| match (status.state, &status.upstream) {
-            (State::Serving, Some(upstream)) if upstream.implements(service) => {
-                Ok(upstream.clone())
-            }
-            (State::Serving, Some(upstream)) => {
-                Err(errors::not_implemented(namespace, service, upstream))
-            }
-            (state, _) => Err(errors::not_serving(
-                namespace,
-                handle.name(),
-                state,
-                status.last_error.as_deref(),
-            )),
-        })
+        pool.check(namespace, service)?;
+        Ok(pool.clone())
     }
 }
 
@@ -114,8 +155,8 @@ where
 
     fn call(&mut self, mut call: Call) -> Self::Future {
         match self.router.route(&call.namespace, call.method.service) {
-            Ok(upstream) => {
-                call.upstream = Some(upstream);
+            Ok(pool) => {
+                call.pool = Some(pool);
                 Either::Right(self.inner.call(call))
             }
             Err(e) => Either::Left(ready(Err(e))),

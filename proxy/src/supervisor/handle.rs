@@ -44,17 +44,36 @@ pub(super) enum Command {
 /// A cheap, cloneable reference to one supervised pattern.
 #[derive(Clone, Debug)]
 pub struct PatternHandle {
+    /// The process's name: the pattern's, or `PATTERN-i` for a replica.
     pub(super) name: Arc<str>,
+    /// The configured pattern this process runs (its `name:`).
+    pub(super) pattern: Arc<str>,
+    /// Which replica it is, when the pattern has more than one.
+    pub(super) replica: Option<u32>,
     pub(super) namespaces: Arc<[String]>,
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) status: watch::Receiver<Status>,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) tail: Tail,
+    /// What the data plane puts on this process (calls in flight, its
+    /// outlier record).
+    pub(super) load: Arc<crate::dataplane::Load>,
 }
 
 impl PatternHandle {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The configured pattern this process is (a replica of).
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Its index among the pattern's replicas; `None` when it is the
+    /// pattern's only process.
+    pub fn replica(&self) -> Option<u32> {
+        self.replica
     }
 
     pub fn namespaces(&self) -> &[String] {
@@ -97,6 +116,11 @@ impl PatternHandle {
     /// than [`EVENT_BUFFER`] events behind is told it lagged.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// The data plane's counts for this process (the balancer's input).
+    pub fn load(&self) -> &Arc<crate::dataplane::Load> {
+        &self.load
     }
 
     pub fn stderr_tail(&self) -> Vec<String> {

@@ -60,8 +60,31 @@ impl Roster {
         &self.patterns
     }
 
+    /// The process named `name` (a pattern's only one, or a replica).
     pub fn get(&self, name: &str) -> Option<&PatternHandle> {
         self.patterns.iter().find(|p| p.name() == name)
+    }
+
+    /// The processes `name` means: the process of that name, else every
+    /// replica of the pattern of that name (in replica order); empty when
+    /// neither exists.
+    pub fn select(&self, name: &str) -> Vec<PatternHandle> {
+        match self.get(name) {
+            Some(h) => vec![h.clone()],
+            None => self.replicas_of(name),
+        }
+    }
+
+    /// Every process of pattern `pattern`, in replica order.
+    pub fn replicas_of(&self, pattern: &str) -> Vec<PatternHandle> {
+        let mut all: Vec<PatternHandle> = self
+            .patterns
+            .iter()
+            .filter(|p| p.pattern() == pattern)
+            .cloned()
+            .collect();
+        all.sort_by_key(|p| p.replica());
+        all
     }
 
     /// This roster with `name`'s handle replaced by `handle`.
@@ -123,6 +146,7 @@ impl Spawner {
         &self,
         index: usize,
         p: &PatternConfig,
+        replica: Option<u32>,
         source: &Source,
         namespaces: Vec<String>,
         initial: Status,
@@ -136,6 +160,7 @@ impl Spawner {
         }
         pattern::spawn(
             p,
+            replica,
             program,
             namespaces,
             Arc::clone(&self.sockets),
@@ -177,10 +202,13 @@ impl Supervisor {
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
         for (i, p) in config.patterns.iter().enumerate() {
-            let namespaces = namespaces_of(config, &p.name);
-            let (handle, task) = spawner.spawn(i, p, source, namespaces, Status::new());
-            handles.push(handle);
-            tasks.push(task);
+            for replica in p.replica_indices() {
+                let namespaces = namespaces_of(config, &p.name);
+                let (handle, task) =
+                    spawner.spawn(i, p, replica, source, namespaces, Status::new());
+                handles.push(handle);
+                tasks.push(task);
+            }
         }
         let (roster, _) = watch::channel(Arc::new(Roster::new(handles)));
         Supervisor {
@@ -205,17 +233,21 @@ impl Supervisor {
         missing_commands(config, source, &self.spawner)
     }
 
-    /// Starts a new owner task for `p` (not yet in the roster).
+    /// Starts a new owner task for replica `replica` of `p` (not yet in
+    /// the roster).
     pub fn spawn(
         &mut self,
         index: usize,
         p: &PatternConfig,
+        replica: Option<u32>,
         source: &Source,
         namespaces: Vec<String>,
         initial: Status,
     ) -> PatternHandle {
         self.tasks.retain(|t| !t.is_finished());
-        let (handle, task) = self.spawner.spawn(index, p, source, namespaces, initial);
+        let (handle, task) = self
+            .spawner
+            .spawn(index, p, replica, source, namespaces, initial);
         self.tasks.push(task);
         handle
     }

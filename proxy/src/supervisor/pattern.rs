@@ -37,6 +37,7 @@ use crate::config::{PatternConfig, RestartPolicy};
 /// another (blue/green), the old one's counts (`Status::succeeding`).
 pub fn spawn(
     cfg: PatternConfig,
+    replica: Option<u32>,
     program: Result<PathBuf, String>,
     namespaces: Vec<String>,
     sockets: Arc<Sockets>,
@@ -47,14 +48,22 @@ pub fn spawn(
     let (status_tx, status_rx) = watch::channel(initial);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let tail = Tail::default();
+    // From here on the process goes by its own name (its socket, cgroup,
+    // logs, Initialize, errors): `PATTERN-i` for a replica.
+    let pattern: Arc<str> = cfg.name.as_str().into();
+    let mut cfg = cfg;
+    cfg.name = cfg.replica_name(replica);
     let span = tracing::info_span!("pattern", pattern = %cfg.name);
     let handle = PatternHandle {
         name: cfg.name.as_str().into(),
+        pattern,
+        replica,
         namespaces: namespaces.into(),
         commands: cmd_tx,
         status: status_rx,
         events: events.clone(),
         tail: tail.clone(),
+        load: Arc::default(),
     };
     let owner = Owner {
         poller: None,

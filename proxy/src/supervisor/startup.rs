@@ -57,6 +57,13 @@ pub(super) enum StartError {
     RejectedConfig { pattern: String, message: String },
     #[error("Initialize failed: {0}")]
     Initialize(tonic::Status),
+    /// The pattern said it is stateful, and its entry asks for replicas:
+    /// a restart cannot fix it.
+    #[error(
+        "{pattern:?} declares itself stateful (it keeps its data in its own process), so the \
+         pattern's {replicas} replicas would each hold different data; set `replicas: 1` for it"
+    )]
+    Stateful { pattern: String, replicas: u32 },
     #[error("Start failed: {0}")]
     Start(tonic::Status),
     #[error("opening the data connection failed: {0}")]
@@ -79,7 +86,10 @@ impl StartError {
     /// Whether starting again may succeed: everything but a configuration
     /// the pattern rejected (fixing it takes an operator or a reload).
     pub(super) fn is_retryable(&self) -> bool {
-        !matches!(self, StartError::RejectedConfig { .. })
+        !matches!(
+            self,
+            StartError::RejectedConfig { .. } | StartError::Stateful { .. }
+        )
     }
 }
 
@@ -117,6 +127,12 @@ pub(super) async fn bring_up(
             }
             Err(s) => return Err(StartError::Initialize(s)),
         };
+        if info.stateful && cfg.replicas > 1 {
+            return Err(StartError::Stateful {
+                pattern: cfg.name.clone(),
+                replicas: cfg.replicas,
+            });
+        }
         lifecycle
             .start(StartRequest {})
             .await
