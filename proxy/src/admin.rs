@@ -71,12 +71,24 @@ impl AdminService {
         p
     }
 
+    /// The process named `name`.
     fn find(&self, name: &str) -> Result<PatternHandle, Status> {
         let roster = self.reloader.roster().borrow().clone();
         if let Some(h) = roster.get(name) {
             return Ok(h.clone());
         }
         Err(not_found(name, &roster))
+    }
+
+    /// The processes `name` means: one process, or every replica of the
+    /// pattern of that name.
+    fn select(&self, name: &str) -> Result<Vec<PatternHandle>, Status> {
+        let roster = self.reloader.roster().borrow().clone();
+        let found = roster.select(name);
+        if found.is_empty() {
+            return Err(not_found(name, &roster));
+        }
+        Ok(found)
     }
 
     fn action(
@@ -87,10 +99,15 @@ impl AdminService {
         match result {
             // Reported from the roster now: a blue/green restart put a new
             // handle there.
-            Ok(message) => Ok(Response::new(pb::PatternActionResponse {
-                message,
-                pattern: Some(self.report(&self.find(name)?)),
-            })),
+            Ok(message) => {
+                let replicas: Vec<pb::Pattern> =
+                    self.select(name)?.iter().map(|h| self.report(h)).collect();
+                Ok(Response::new(pb::PatternActionResponse {
+                    message,
+                    pattern: replicas.first().cloned(),
+                    replicas,
+                }))
+            }
             Err(CommandError::NotFound(_)) => {
                 Err(not_found(name, &self.reloader.roster().borrow().clone()))
             }
@@ -118,10 +135,9 @@ impl AdminService {
 }
 
 fn not_found(name: &str, roster: &Roster) -> Status {
-    let known: Vec<&str> = roster.patterns().iter().map(|p| p.name()).collect();
-    crate::error::ApiError::new(
-        tonic::Code::NotFound,
-        "PATTERN_NOT_FOUND",
+    let replicas = roster.replicas_of(name);
+    let message = if replicas.is_empty() {
+        let known: Vec<&str> = roster.patterns().iter().map(|p| p.name()).collect();
         format!(
             "no pattern is named {name:?}; known patterns: {}",
             if known.is_empty() {
@@ -129,10 +145,19 @@ fn not_found(name: &str, roster: &Roster) -> Status {
             } else {
                 known.join(", ")
             }
-        ),
-    )
-    .meta("pattern", name)
-    .into()
+        )
+    } else {
+        let names: Vec<&str> = replicas.iter().map(|p| p.name()).collect();
+        format!(
+            "pattern {name:?} runs {} replicas, each a process of its own: {}; ask for one \
+             of them, or list them all",
+            names.len(),
+            names.join(", ")
+        )
+    };
+    crate::error::ApiError::new(tonic::Code::NotFound, "PATTERN_NOT_FOUND", message)
+        .meta("pattern", name)
+        .into()
 }
 
 /// A refused reload as a status: INVALID_ARGUMENT with one field
@@ -199,6 +224,11 @@ pub fn to_proto(handle: &PatternHandle, s: &PatternStatus) -> pb::Pattern {
         interfaces: s.interfaces.clone(),
         stderr_tail: handle.stderr_tail(),
         circuits: Vec::new(),
+        pattern: handle.pattern().to_string(),
+        replica: handle.replica(),
+        calls: handle.load().calls(),
+        in_flight: handle.load().in_flight(),
+        ejected: handle.load().ejected(s.pid),
     }
 }
 
@@ -228,7 +258,7 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let name = &req.get_ref().name;
-        self.find(name)?;
+        self.select(name)?;
         self.action(name, self.reloader.operator(name, Operator::Start).await)
     }
 
@@ -237,7 +267,7 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let name = &req.get_ref().name;
-        self.find(name)?;
+        self.select(name)?;
         self.action(name, self.reloader.operator(name, Operator::Stop).await)
     }
 
@@ -246,7 +276,7 @@ impl Admin for AdminService {
         req: Request<pb::PatternActionRequest>,
     ) -> Result<Response<pb::PatternActionResponse>, Status> {
         let name = &req.get_ref().name;
-        self.find(name)?;
+        self.select(name)?;
         self.action(name, self.reloader.operator(name, Operator::Restart).await)
     }
 
@@ -260,7 +290,7 @@ impl Admin for AdminService {
         let selected: Vec<PatternHandle> = if name.is_empty() {
             self.reloader.roster().borrow().patterns().to_vec()
         } else {
-            vec![self.find(&name)?]
+            self.select(&name)?
         };
         let streams = selected.into_iter().map(|h| {
             // Subscribe before taking the snapshot, so no change falls between.

@@ -515,18 +515,25 @@ fn uptime(p: &admin::Pattern, now: SystemTime) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// The `trellis patterns` table.
+/// The `trellis patterns` table: one row per process; a pattern with
+/// replicas has a row of its own (how many serve) with its replicas
+/// indented under it.
 pub fn table(patterns: &[admin::Pattern], now: SystemTime) -> String {
     // The endpoint last: a Unix socket's path is long.
     let mut s = format!(
-        "{:<16} {:<12} {:>8} {:>8}  {:<8} {}\n",
-        "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "ENDPOINT"
+        "{:<16} {:<12} {:>8} {:>8}  {:<8} {:>8} {}\n",
+        "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "CALLS", "ENDPOINT"
     );
-    for p in patterns {
+    let row = |s: &mut String, name: String, p: &admin::Pattern| {
+        let state = if p.ejected {
+            format!("{} (ejected)", state_name(p.state))
+        } else {
+            state_name(p.state).to_string()
+        };
         s.push_str(&format!(
-            "{:<16} {:<12} {:>8} {:>8}  {:<8} {}\n",
-            p.name,
-            state_name(p.state),
+            "{:<16} {:<12} {:>8} {:>8}  {:<8} {:>8} {}\n",
+            name,
+            state,
             if p.pid == 0 {
                 "-".to_string()
             } else {
@@ -534,12 +541,39 @@ pub fn table(patterns: &[admin::Pattern], now: SystemTime) -> String {
             },
             p.restarts,
             uptime(p, now),
+            p.calls,
             if p.endpoint.is_empty() {
                 "-"
             } else {
                 &p.endpoint
             },
         ));
+    };
+    let mut shown: Vec<&str> = Vec::new();
+    for p in patterns {
+        if p.replica.is_none() {
+            row(&mut s, p.name.clone(), p);
+            continue;
+        }
+        if shown.contains(&p.pattern.as_str()) {
+            continue;
+        }
+        shown.push(&p.pattern);
+        let replicas: Vec<&admin::Pattern> =
+            patterns.iter().filter(|r| r.pattern == p.pattern).collect();
+        let serving = replicas
+            .iter()
+            .filter(|r| r.state == admin::PatternState::Serving as i32 && !r.ejected)
+            .count();
+        s.push_str(&format!(
+            "{:<16} {}/{} SERVING\n",
+            p.pattern,
+            serving,
+            replicas.len()
+        ));
+        for r in replicas {
+            row(&mut s, format!("  {}", r.name), r);
+        }
     }
     s
 }
@@ -548,7 +582,17 @@ fn describe(p: &admin::Pattern, now: SystemTime) -> String {
     let mut s = String::new();
     let mut line = |k: &str, v: String| s.push_str(&format!("{k:<12} {v}\n"));
     line("name", p.name.clone());
-    line("state", state_name(p.state).to_string());
+    if let Some(i) = p.replica {
+        line("replica", format!("{i} of pattern {}", p.pattern));
+    }
+    line(
+        "state",
+        format!(
+            "{}{}",
+            state_name(p.state),
+            if p.ejected { " (ejected)" } else { "" }
+        ),
+    );
     line(
         "pid",
         if p.pid == 0 {
@@ -560,6 +604,7 @@ fn describe(p: &admin::Pattern, now: SystemTime) -> String {
     line("endpoint", p.endpoint.clone());
     line("uptime", uptime(p, now));
     line("restarts", p.restarts.to_string());
+    line("calls", format!("{} ({} in flight)", p.calls, p.in_flight));
     line("namespaces", p.namespaces.join(", "));
     line("version", p.version.clone());
     line("interfaces", p.interfaces.join(", "));
@@ -653,7 +698,7 @@ mod tests {
             start_time: Some(prost_types::Timestamp::from(now - Duration::from_secs(61))),
             ..Default::default()
         };
-        let t = table(&[p], now);
+        let t = table(std::slice::from_ref(&p), now);
         let row = t.lines().nth(1).unwrap();
         for want in [
             "memstore",
@@ -665,5 +710,51 @@ mod tests {
         ] {
             assert!(row.contains(want), "{want} missing from {row:?}");
         }
+    }
+
+    #[test]
+    fn replicas_are_grouped_under_their_pattern() {
+        let now = SystemTime::now();
+        let replica = |i: u32, state: admin::PatternState, ejected: bool| admin::Pattern {
+            name: format!("redis-{i}"),
+            pattern: "redis".into(),
+            replica: Some(i),
+            state: state as i32,
+            pid: 100 + i,
+            calls: 7,
+            ejected,
+            ..Default::default()
+        };
+        let mem = admin::Pattern {
+            name: "memstore".into(),
+            pattern: "memstore".into(),
+            state: admin::PatternState::Serving as i32,
+            ..Default::default()
+        };
+        let t = table(
+            &[
+                replica(0, admin::PatternState::Serving, false),
+                mem,
+                replica(1, admin::PatternState::Crashed, false),
+                replica(2, admin::PatternState::Serving, true),
+            ],
+            now,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[1].starts_with("redis ") && lines[1].contains("1/3 SERVING"),
+            "{t}"
+        );
+        assert!(
+            lines[2].starts_with("  redis-0 ") && lines[2].contains("SERVING"),
+            "{t}"
+        );
+        assert!(
+            lines[3].starts_with("  redis-1 ") && lines[3].contains("CRASHED"),
+            "{t}"
+        );
+        assert!(lines[4].contains("SERVING (ejected)"), "{t}");
+        assert!(lines[5].starts_with("memstore "), "{t}");
+        assert_eq!(lines.len(), 6, "{t}");
     }
 }

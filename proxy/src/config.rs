@@ -1468,6 +1468,68 @@ mod tests {
     const MINIMAL: &str = "patterns:\n  - name: mem\n    command: trellis-memstore\nnamespaces:\n  - name: default\n    pattern: mem\n";
 
     #[test]
+    fn replicas_are_validated_with_their_reasons() {
+        let c = parse_ok(MINIMAL);
+        assert_eq!(c.patterns[0].replicas, 1, "one process by default");
+        assert_eq!(c.patterns[0].replica_indices(), [None]);
+        let yaml = "patterns:
+  - name: mem
+    command: trellis-memstore
+    stateful: true
+    replicas: 3
+  - name: kv
+    command: trellis-redis
+    replicas: 40
+    outlier_detection: { consecutive_failures: 0, max_ejection_percent: 60 }
+  - name: tcp
+    command: trellis-redis
+    transport: tcp
+    port: 9100
+    replicas: 2
+  - name: tcp-1
+    command: trellis-redis
+namespaces: []
+";
+        let p = problems(yaml);
+        let fields: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "patterns[0].replicas",
+                "patterns[1].replicas",
+                "patterns[1].outlier_detection.consecutive_failures",
+                "patterns[1].outlier_detection.max_ejection_percent",
+                "patterns[2].port",
+                "patterns[2].name",
+            ],
+            "{p:?}"
+        );
+        assert!(p[0].message.contains("stateful"), "{}", p[0].message);
+        assert!(p[0].message.contains("replicas: 1"), "{}", p[0].message);
+        assert!(p[1].message.contains("1 to 32"), "{}", p[1].message);
+        assert!(p[4].message.contains("\"9100-9101\""), "{}", p[4].message);
+        assert!(p[5].message.contains("\"tcp-1\""), "{}", p[5].message);
+
+        let three =
+            parse_ok(&MINIMAL.replace("command: trellis-memstore", "command: x\n    replicas: 3"));
+        let names: Vec<String> = three.patterns[0]
+            .replica_indices()
+            .into_iter()
+            .map(|i| three.patterns[0].replica_name(i))
+            .collect();
+        assert_eq!(names, ["mem-0", "mem-1", "mem-2"]);
+        let mut other = three.patterns[0].clone();
+        other.replicas = 5;
+        other.outlier_detection.consecutive_failures = 2;
+        assert!(
+            other.same_process(&three.patterns[0]),
+            "replicas change no process"
+        );
+        other.args.push("-v".into());
+        assert!(!other.same_process(&three.patterns[0]));
+    }
+
+    #[test]
     fn identities_and_access_are_validated_with_the_rest() {
         let c = parse_ok(MINIMAL);
         assert!(c.access.is_none(), "no access section: nothing is checked");

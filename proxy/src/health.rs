@@ -1,7 +1,10 @@
 //! The proxy's `grpc.health.v1.Health`: one shared reporter (tonic-health),
 //! fed by the patterns' status channels. Service `""` is SERVING when every
-//! pattern is; each pattern's name is a service that follows its pattern;
-//! any other name is NOT_FOUND, as the health protocol says.
+//! pattern is (a pattern with replicas: when one of them is); each
+//! process's name is a service that follows it (`NAME`, or `NAME-i` for a
+//! replica), and a pattern with replicas has its own name too, SERVING
+//! while one of its replicas is; any other name is NOT_FOUND, as the
+//! health protocol says.
 //!
 //! A status is sent only when it changes: `Watch` streams never see the
 //! same status twice in a row (tonic-health's reporter would repeat any
@@ -60,6 +63,15 @@ impl Statuses {
         }
     }
 
+    /// Each pattern with replicas, under its own name.
+    async fn set_groups(&mut self, patterns: &[PatternHandle]) {
+        for (name, status) in groups(patterns) {
+            if patterns.iter().all(|p| p.name() != name) {
+                self.set(name, status).await;
+            }
+        }
+    }
+
     /// Ends `service`'s `Watch` streams: it no longer exists.
     async fn forget(&mut self, service: &str) {
         self.last.remove(service);
@@ -72,6 +84,21 @@ impl Statuses {
             self.reporter.clear_service_status(&service).await;
         }
     }
+}
+
+/// Each configured pattern and its status: SERVING while one of its
+/// processes is.
+fn groups(patterns: &[PatternHandle]) -> Vec<(&str, ServingStatus)> {
+    let mut groups: Vec<(&str, ServingStatus)> = Vec::new();
+    for p in patterns {
+        let status = serving(p.status().state);
+        match groups.iter_mut().find(|(name, _)| *name == p.pattern()) {
+            Some((_, s)) if status == ServingStatus::Serving => *s = status,
+            Some(_) => {}
+            None => groups.push((p.pattern(), status)),
+        }
+    }
+    groups
 }
 
 /// Has the pattern finished starting, whatever the outcome: serving, kept
@@ -108,7 +135,8 @@ pub async fn report(
         }
     };
     let overall = |patterns: &[PatternHandle], phase: Phase| {
-        if phase == Phase::Running && patterns.iter().all(|p| p.status().state == State::Serving) {
+        let groups = groups(patterns);
+        if phase == Phase::Running && groups.iter().all(|(_, s)| *s == ServingStatus::Serving) {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -124,7 +152,9 @@ pub async fn report(
         let gone: Vec<String> = statuses
             .last
             .keys()
-            .filter(|s| !s.is_empty() && patterns.iter().all(|p| p.name() != *s))
+            .filter(|s| {
+                !s.is_empty() && patterns.iter().all(|p| p.name() != *s && p.pattern() != *s)
+            })
             .cloned()
             .collect();
         for service in gone {
@@ -133,6 +163,7 @@ pub async fn report(
         for p in patterns {
             statuses.set(p.name(), serving(p.status().state)).await;
         }
+        statuses.set_groups(patterns).await;
         let now = *phase.borrow();
         statuses.set("", overall(patterns, now)).await;
         tell_started(patterns);
@@ -148,6 +179,7 @@ pub async fn report(
                 change = changes.next(), if !changes.is_empty() => {
                     if let Some((i, state)) = change {
                         statuses.set(patterns[i].name(), serving(state)).await;
+                        statuses.set_groups(patterns).await;
                     }
                 }
                 changed = roster.changed() => {

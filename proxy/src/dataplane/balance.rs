@@ -171,6 +171,7 @@ impl Drop for InFlight {
 
 /// The processes serving one namespace: a pattern's replicas (or its only
 /// process), with its outlier detection settings.
+#[derive(Debug)]
 pub struct Pool {
     pattern: Arc<str>,
     members: Vec<PatternHandle>,

@@ -10,7 +10,13 @@
 //! - `trellis_pattern_resident_memory_bytes{pattern}`: the process's
 //!   resident memory, from `/proc/<pid>/statm`;
 //! - `trellis_pattern_start_duration_seconds{pattern}`: spawn → first
-//!   SERVING, one observation per process that served.
+//!   SERVING, one observation per process that served;
+//! - `trellis_replica_calls_total{pattern,replica}`: attempts the balancer
+//!   sent to each process (a replica `NAME-i`, or a pattern's only one,
+//!   `replica` = `pattern`), `trellis_replica_in_flight` of them now,
+//!   `trellis_replica_ejected` (1 while outlier detection leaves it out)
+//!   and `trellis_replica_ejections_total`; a process replaced blue/green
+//!   starts again from 0.
 //!
 //! All but the last are read at scrape time from the status snapshot (a
 //! [`Collector`]): the restart counts are cumulative in the status, so no
@@ -50,6 +56,12 @@ pub struct PatternLabels {
 struct StateLabels {
     pattern: String,
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    pattern: String,
+    replica: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -194,9 +206,15 @@ struct Supervision {
 /// channel is held only for the copy.
 struct Reading {
     pattern: String,
+    /// The configured pattern it is a replica of.
+    group: String,
     state: State,
     pid: Option<u32>,
     restarts: [u32; RestartReason::ALL.len()],
+    calls: u64,
+    in_flight: u32,
+    ejected: bool,
+    ejections: u64,
 }
 
 impl Collector for Supervision {
@@ -208,9 +226,14 @@ impl Collector for Supervision {
             .map(|h| {
                 h.with_status(|s| Reading {
                     pattern: h.name().to_string(),
+                    group: h.pattern().to_string(),
                     state: s.state,
                     pid: s.pid,
                     restarts: RestartReason::ALL.map(|r| s.restarts_by.get(r)),
+                    calls: h.load().calls(),
+                    in_flight: h.load().in_flight(),
+                    ejected: h.load().ejected(s.pid),
+                    ejections: h.load().ejections(),
                 })
             })
             .collect();
@@ -282,6 +305,48 @@ impl Collector for Supervision {
                 pattern: r.pattern.clone(),
             };
             ConstGauge::new(bytes).encode(m.encode_family(&labels)?)?;
+        }
+
+        let replica = |r: &Reading| ReplicaLabels {
+            pattern: r.group.clone(),
+            replica: r.pattern.clone(),
+        };
+        // Encoded as `trellis_replica_calls_total`.
+        let mut m = encoder.encode_descriptor(
+            "trellis_replica_calls",
+            "Data calls (attempts) the balancer sent to the process.",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &readings {
+            ConstCounter::new(r.calls).encode(m.encode_family(&replica(r))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "trellis_replica_in_flight",
+            "Data calls in flight on the process now (the balancer's least-request input).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &readings {
+            ConstGauge::new(i64::from(r.in_flight)).encode(m.encode_family(&replica(r))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "trellis_replica_ejected",
+            "1 while outlier detection leaves the replica out of the balancing, else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &readings {
+            ConstGauge::new(i64::from(r.ejected)).encode(m.encode_family(&replica(r))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "trellis_replica_ejections",
+            "Times outlier detection ejected the replica.",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &readings {
+            ConstCounter::new(r.ejections).encode(m.encode_family(&replica(r))?)?;
         }
         Ok(())
     }
