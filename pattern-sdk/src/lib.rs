@@ -30,6 +30,8 @@
 //!     type Config = Config;
 //!     const NAME: &'static str = "tiny";
 //!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     // The map lives in this process, so replicas would not share it.
+//!     const STATEFUL: bool = true;
 //!
 //!     async fn init(config: Config, ctx: InitContext) -> Result<Self, Error> {
 //!         tracing::info!(name = ctx.name(), greeting = config.greeting, "hello");

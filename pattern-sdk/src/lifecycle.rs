@@ -228,6 +228,7 @@ impl<P: Pattern> LifecycleService<P> {
             name: P::NAME.to_string(),
             version: P::VERSION.to_string(),
             interfaces: self.interfaces.iter().map(|s| s.to_string()).collect(),
+            stateful: P::STATEFUL,
         })
     }
 
@@ -310,6 +311,10 @@ mod tests {
         Arc<Slot<TestPattern>>,
         Shutdown,
     ) {
+        service_of().await
+    }
+
+    async fn service_of<P: Pattern>() -> (LifecycleService<P>, Arc<Slot<P>>, Shutdown) {
         let slot = Arc::new(Slot::new());
         let health = Arc::new(
             HealthPublisher::new(HealthReporter::new(), &[trellis_proto::KEY_VALUE_SERVICE]).await,
@@ -326,8 +331,8 @@ mod tests {
         (svc, slot, shutdown)
     }
 
-    async fn initialize(
-        svc: &LifecycleService<TestPattern>,
+    async fn initialize<P: Pattern>(
+        svc: &LifecycleService<P>,
         req: InitializeRequest,
     ) -> Result<InitializeResponse, Status> {
         Lifecycle::initialize(svc, Request::new(req))
@@ -348,6 +353,29 @@ mod tests {
         assert_eq!(resp.name, "test-pattern");
         assert_eq!(resp.version, "9.9.9");
         assert_eq!(resp.interfaces, ["trellis.data.v1.KeyValue"]);
+        assert!(!resp.stateful, "STATEFUL defaults to false");
+    }
+
+    /// A pattern whose data lives in its own process.
+    struct InMemory;
+
+    impl Pattern for InMemory {
+        type Config = serde::de::IgnoredAny;
+        const NAME: &'static str = "in-memory";
+        const VERSION: &'static str = "1.0.0";
+        const STATEFUL: bool = true;
+
+        async fn init(_: Self::Config, _: InitContext) -> Result<Self, Error> {
+            Ok(InMemory)
+        }
+    }
+
+    #[tokio::test]
+    async fn initialize_says_a_pattern_is_stateful() {
+        let (svc, _, _) = service_of::<InMemory>().await;
+        let resp = initialize(&svc, initialize_request(&[])).await.unwrap();
+        assert_eq!(resp.name, "in-memory");
+        assert!(resp.stateful);
     }
 
     #[tokio::test]

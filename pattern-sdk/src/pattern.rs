@@ -34,6 +34,13 @@ pub trait Pattern: Sized + Send + Sync + 'static {
     /// `env!("CARGO_PKG_VERSION")`.
     const VERSION: &'static str;
 
+    /// Whether the pattern keeps its data in its own process (an in-memory
+    /// store), reported in `InitializeResponse.stateful`. Replicas of such a
+    /// pattern would each hold different data, so the proxy refuses
+    /// `replicas:` above 1 for it. Leave it `false` when the data lives in a
+    /// backend every process reaches (redis, postgres, nats).
+    const STATEFUL: bool = false;
+
     /// Validates the configuration and builds the pattern: connect to
     /// backends, spawn background tasks. Return [`Error::InvalidArgument`]
     /// naming the field (e.g. `config.max_keys`) for a bad configuration: the

@@ -10,6 +10,7 @@
 //! executable; `make test` builds them first (`cargo build --workspace`).
 
 pub mod backends;
+pub mod chaos;
 pub mod h2raw;
 pub mod http;
 pub mod kv;
@@ -33,6 +34,8 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus}
 use trellis_proto::admin::v1 as admin;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::data::v1::key_value_client::KeyValueClient;
+
+pub use chaos::ChaosControl;
 
 /// Upper bound for anything a test waits on. Generous: it only matters when
 /// something is broken, and the machine may be slow or busy.

@@ -62,6 +62,9 @@ impl Pattern for MemStore {
     type Config = Config;
     const NAME: &'static str = "memstore";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    /// The data lives in this process's memory: replicas would each hold
+    /// their own, so the proxy runs exactly one.
+    const STATEFUL: bool = true;
 
     async fn init(config: Config, _ctx: InitContext) -> Result<Self, Error> {
         let mut problems = Vec::new();

@@ -106,6 +106,8 @@ impl Pattern {
             resp.interfaces,
             ["trellis.data.v1.KeyValue", "trellis.data.v1.PubSub"]
         );
+        // Its data is in this process: the proxy must not replicate it.
+        assert!(resp.stateful, "memstore says it is stateful");
         Ok(())
     }
 

@@ -11,7 +11,8 @@
 //! - attempts are left (`max_attempts`, counting the first);
 //! - the pattern did not push back with a negative or unreadable
 //!   `grpc-retry-pushback-ms` (a valid one, or a `RetryInfo` in its status,
-//!   replaces the backoff);
+//!   replaces the backoff — for a pattern with replicas, it only shortens
+//!   it: the retry goes to another replica than the one that pushed back);
 //! - the backoff ends before the call's deadline;
 //! - the namespace's budget (tower's `TpsBudget`: `ratio` of the calls made
 //!   over `window`, plus `min_per_second`) has a retry to spend.
@@ -177,6 +178,7 @@ where
     let mut call = call;
     // Each attempt goes to a replica the earlier ones did not (Balance).
     call.tried = Some(Arc::default());
+    let replicated = call.pool.as_ref().is_some_and(|p| p.members().len() > 1);
     let policy = call.policy.clone();
     let r = &policy.policy.retries;
     let mut backoff = r.initial_backoff;
@@ -203,6 +205,9 @@ where
         }
         let delay = match pushback {
             Pushback::Stop => return result,
+            // A replica's pushback is about that replica, and the retry
+            // goes to another: no longer than the policy's backoff.
+            Pushback::After(d) if replicated => d.min(jittered(backoff, r.jitter)),
             Pushback::After(d) => d,
             Pushback::None => jittered(backoff, r.jitter),
         };

@@ -21,10 +21,28 @@
 //! - `list_order: reversed`         List pages in *descending* key order (a
 //!   broken pattern for the conformance command); otherwise List is correct:
 //!   ascending, by prefix, paged with tokens `after:<last key>`
+//! - `control_dir: /path`           runtime knobs, per process: the file
+//!   `/path/<name>` (`<name>` as Initialize gave it: `chaos`, or `chaos-1`
+//!   for a replica) is read at init and then every 20 ms; a missing or
+//!   empty file means no misbehaviour. Its `key=value` lines:
+//!   - `latency=30ms`   every data call (Get, Put, Delete, List) sleeps
+//!     this long before answering;
+//!   - `unavailable=1`  every data call answers UNAVAILABLE (after the
+//!     latency, if any).
+//!
+//!   A bad line is warned about on stderr and ignored. Each change is
+//!   announced on stderr as `chaos: knobs now [latency=30ms] on chaos-1`,
+//!   which the proxy re-emits in its log; `trellis_tests::ChaosControl`
+//!   writes the files and `trellis_tests::chaos::applied_line` makes that
+//!   line.
+//!
+//! Not stateful (`Pattern::STATEFUL` is false) although its map is in
+//! memory: the replica tests run several processes of it on purpose.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,6 +67,7 @@ struct Config {
     reject_config: bool,
     daemon_child: bool,
     list_order: Option<String>,
+    control_dir: Option<PathBuf>,
 }
 
 struct Chaos {
@@ -59,6 +78,10 @@ struct Chaos {
     started: std::time::Instant,
     flapped: AtomicBool,
     list_reversed: bool,
+    /// The runtime knobs every data call obeys (see [`live`]).
+    knobs: Arc<live::Knobs>,
+    /// The task that polls the knob file, if `control_dir` is set.
+    poller: Option<tokio::task::AbortHandle>,
 }
 
 impl Pattern for Chaos {
@@ -66,7 +89,7 @@ impl Pattern for Chaos {
     const NAME: &'static str = "chaos";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
-    async fn init(c: Config, _ctx: InitContext) -> Result<Self, Error> {
+    async fn init(c: Config, ctx: InitContext) -> Result<Self, Error> {
         if c.reject_config {
             return Err(Error::invalid_argument(
                 "config.reject_config",
@@ -83,9 +106,26 @@ impl Pattern for Chaos {
                 ));
             }
         };
+        if let Some(dir) = &c.control_dir
+            && !dir.is_dir()
+        {
+            return Err(Error::invalid_argument(
+                "config.control_dir",
+                format!(
+                    "{} is not a folder; create it first (ChaosControl::new does) or drop \
+                     control_dir",
+                    dir.display()
+                ),
+            ));
+        }
         if let Some(d) = c.init_delay {
             tokio::time::sleep(d).await;
         }
+        let knobs = Arc::new(live::Knobs::default());
+        let poller = match c.control_dir {
+            Some(dir) => Some(live::watch(&knobs, dir.join(ctx.name()), ctx.name()).await),
+            None => None,
+        };
         if let Some(after) = c.exit_after {
             let (code, signal) = (c.exit_code, c.exit_signal);
             tokio::spawn(async move {
@@ -143,6 +183,8 @@ impl Pattern for Chaos {
             started: std::time::Instant::now(),
             flapped: AtomicBool::new(false),
             list_reversed,
+            knobs,
+            poller,
         })
     }
 
@@ -163,6 +205,9 @@ impl Pattern for Chaos {
     }
 
     async fn stop(&self) {
+        if let Some(poller) = &self.poller {
+            poller.abort();
+        }
         if self.ignore_sigterm {
             // A shutdown path that hangs for real: block this thread so not
             // even the SDK's own grace timer in this task can fire.
@@ -176,6 +221,7 @@ impl Pattern for Chaos {
 impl KeyValue for Chaos {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Bytes>, Error> {
         tracing::info!(key, "chaos get");
+        self.knobs.obey().await?;
         let map = self.map.lock().map_err(Error::internal)?;
         Ok(map.get(&(ns.into(), key.into())).cloned())
     }
@@ -186,6 +232,7 @@ impl KeyValue for Chaos {
         value: Bytes,
         _ttl: Option<Duration>,
     ) -> Result<(), Error> {
+        self.knobs.obey().await?;
         self.map
             .lock()
             .map_err(Error::internal)?
@@ -193,6 +240,7 @@ impl KeyValue for Chaos {
         Ok(())
     }
     async fn delete(&self, ns: &str, key: &str) -> Result<bool, Error> {
+        self.knobs.obey().await?;
         Ok(self
             .map
             .lock()
@@ -201,6 +249,7 @@ impl KeyValue for Chaos {
             .is_some())
     }
     async fn list(&self, ns: &str, q: ListQuery) -> Result<ListPage, Error> {
+        self.knobs.obey().await?;
         let after = match q.page_token.as_deref() {
             None => None,
             Some(token) => Some(
@@ -240,6 +289,102 @@ impl KeyValue for Chaos {
             q.page_size,
             |last| format!("after:{last}"),
         ))
+    }
+}
+
+/// The `control_dir` knobs: read from the file by a poller, obeyed by every
+/// data call. Atomics, so a data call never waits for the poller and no
+/// lock is held across the latency's sleep.
+mod live {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use pattern_sdk::Error;
+    use trellis_tests::chaos::{self, applied_line};
+
+    /// How often the knob file is read.
+    const POLL: Duration = Duration::from_millis(20);
+
+    #[derive(Default)]
+    pub struct Knobs {
+        latency_nanos: AtomicU64,
+        unavailable: AtomicBool,
+    }
+
+    impl Knobs {
+        /// What a data call does first: sleep the latency, then fail if
+        /// unavailable.
+        pub async fn obey(&self) -> Result<(), Error> {
+            let nanos = self.latency_nanos.load(Ordering::Relaxed);
+            if nanos > 0 {
+                tokio::time::sleep(Duration::from_nanos(nanos)).await;
+            }
+            if self.unavailable.load(Ordering::Relaxed) {
+                return Err(Error::unavailable("chaos: unavailable on purpose"));
+            }
+            Ok(())
+        }
+
+        fn set(&self, k: &chaos::Knobs) {
+            let nanos = u64::try_from(k.latency.as_nanos()).unwrap_or(u64::MAX);
+            self.latency_nanos.store(nanos, Ordering::Relaxed);
+            self.unavailable.store(k.unavailable, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies `file` now (so the first data call already obeys it), then
+    /// re-reads it every [`POLL`] in a task, applying and announcing each
+    /// change. Returns the task's handle.
+    pub async fn watch(knobs: &Arc<Knobs>, file: PathBuf, name: &str) -> tokio::task::AbortHandle {
+        let mut seen = String::new();
+        let mut last_error = None;
+        apply(knobs, &file, name, &mut seen, &mut last_error).await;
+        let (knobs, name) = (Arc::clone(knobs), name.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(POLL).await;
+                apply(&knobs, &file, &name, &mut seen, &mut last_error).await;
+            }
+        })
+        .abort_handle()
+    }
+
+    /// Reads `file` and, if its knobs differ from `seen`, applies them and
+    /// says so. A missing file is no knobs; another read error is reported
+    /// once and leaves the knobs as they were.
+    async fn apply(
+        knobs: &Knobs,
+        file: &std::path::Path,
+        name: &str,
+        seen: &mut String,
+        last_error: &mut Option<String>,
+    ) {
+        let text = match tokio::fs::read_to_string(file).await {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                let e = format!("chaos: cannot read knobs from {}: {e}", file.display());
+                if last_error.as_ref() != Some(&e) {
+                    eprintln!("{e}");
+                    *last_error = Some(e);
+                }
+                return;
+            }
+        };
+        *last_error = None;
+        let now = chaos::normalize(&text);
+        if now == *seen {
+            return;
+        }
+        let (parsed, warnings) = chaos::Knobs::parse(&text);
+        for w in warnings {
+            eprintln!("chaos: {w}");
+        }
+        knobs.set(&parsed);
+        eprintln!("{}", applied_line(name, &text));
+        *seen = now;
     }
 }
 

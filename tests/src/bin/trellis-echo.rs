@@ -374,6 +374,9 @@ impl Lifecycle for Echo {
             name: "echo".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: claims.into_iter().map(String::from).collect(),
+            // No data of its own to keep consistent (its counters are per
+            // process by design), so the proxy may run replicas of it.
+            stateful: false,
         }))
     }
 
