@@ -60,7 +60,17 @@ async fn wait_all_serving(proxy: &Proxy, names: &[&str]) {
     }
 }
 
-/// `total` Gets of `key` in `ns`, `width` at a time; every one must succeed.
+/// Panics unless a replica answered (a Get of a key never set answers
+/// NOT_FOUND: an answer all the same).
+fn answered<T>(r: Result<T, tonic::Status>, what: &str) {
+    if let Err(s) = r
+        && s.code() != tonic::Code::NotFound
+    {
+        panic!("{what}: {s:?}");
+    }
+}
+
+/// `total` Gets of `key` in `ns`, `width` at a time; every one must be answered.
 async fn gets(proxy: &Proxy, ns: &str, key: &str, total: usize, width: usize) {
     let kv = proxy.kv().await;
     let per = total / width;
@@ -69,9 +79,7 @@ async fn gets(proxy: &Proxy, ns: &str, key: &str, total: usize, width: usize) {
         let (ns, key) = (ns.to_string(), key.to_string());
         tokio::spawn(async move {
             for _ in 0..per {
-                kv.get(get(&ns, &key))
-                    .await
-                    .expect("a Get through the replicas");
+                answered(kv.get(get(&ns, &key)).await, "a Get through the replicas");
             }
         })
     });
@@ -365,9 +373,10 @@ async fn a_replica_answering_unavailable_is_ejected_and_readmitted() {
     let ejected = eventually("chaos-2 to be ejected", || {
         let (proxy, mut kv) = (&proxy, kv.clone());
         async move {
-            kv.get(get("kv", "k"))
-                .await
-                .expect("a Get, retried on another replica");
+            answered(
+                kv.get(get("kv", "k")).await,
+                "a Get, retried on another replica",
+            );
             let p = proxy.pattern("chaos-2").await;
             p.ejected.then_some(p)
         }
@@ -383,9 +392,10 @@ async fn a_replica_answering_unavailable_is_ejected_and_readmitted() {
     // ejected: chaos-1 failing as well stays in.
     knobs.set_and_wait(&proxy, "chaos-1", "unavailable=1").await;
     for _ in 0..60 {
-        kv.get(get("kv", "k"))
-            .await
-            .expect("a Get while chaos-2 is ejected");
+        answered(
+            kv.get(get("kv", "k")).await,
+            "a Get while chaos-2 is ejected",
+        );
     }
     let now = replicas(&proxy, "chaos").await;
     assert!(now["chaos-2"].ejected, "ejected for 5 s");
@@ -405,7 +415,7 @@ async fn a_replica_answering_unavailable_is_ejected_and_readmitted() {
     eventually("chaos-2 to be re-admitted and take calls", || {
         let (proxy, mut kv) = (&proxy, kv.clone());
         async move {
-            kv.get(get("kv", "k")).await.expect("a Get");
+            answered(kv.get(get("kv", "k")).await, "a Get");
             let p = proxy.pattern("chaos-2").await;
             (!p.ejected && p.calls > ejected.calls + 10).then_some(())
         }
@@ -482,12 +492,10 @@ async fn replicas_follow_the_configuration_on_reload() {
     assert_eq!(r.added, ["chaos"], "{r:?}");
     assert_eq!(r.removed, ["chaos-0", "chaos-1", "chaos-2"], "{r:?}");
     proxy.wait_serving("chaos").await;
-    proxy
-        .kv()
-        .await
-        .get(get("kv", "k"))
-        .await
-        .expect("served by the one process");
+    answered(
+        proxy.kv().await.get(get("kv", "k")).await,
+        "served by the one process",
+    );
     for (name, p) in &replaced {
         eventually(&format!("{name}'s process to be gone"), || async {
             trellis_tests::process_gone(p.pid).then_some(())
