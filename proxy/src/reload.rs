@@ -394,7 +394,7 @@ impl Task {
             .iter()
             .filter(|h| new.config.patterns.iter().all(|p| p.name != h.pattern()))
             .cloned()
-            .chain(superseded.into_iter())
+            .chain(superseded)
             .collect();
         applied.removed = removed
             .iter()
