@@ -36,8 +36,14 @@
 //! the differences within one run travel better. Every phase is bounded in
 //! time; the run takes about four minutes.
 //!
+//! A last section runs the redis pattern with `replicas: 1` and
+//! `replicas: 2` behind the proxy (`CLIENTS` calls in flight), prints the
+//! throughput ratio, and where the CPU went during each throughput phase
+//! (this bench's client, the proxy, the pattern processes, redis-server):
+//! a second replica adds only what the machine has spare.
+//!
 //! `cargo bench -p trellis-tests --bench backends -- redis` runs one section
-//! (`memstore`, `redis`, `postgres`). Run with release binaries:
+//! (`memstore`, `redis`, `postgres`, `replicas`). Run with release binaries:
 //! `cargo build --release --workspace --bins` first (`make bench-backends`
 //! does).
 
@@ -542,6 +548,9 @@ async fn bench() {
     if run("postgres") {
         postgres_section().await;
     }
+    if run("replicas") {
+        replicas_section().await;
+    }
 }
 
 async fn memstore_section() {
@@ -583,5 +592,79 @@ async fn postgres_section() {
     report(
         "PostgreSQL (synchronous_commit off; direct = the pattern's SELECT and upsert)",
         &paths,
+    );
+}
+
+/// Redis behind the proxy with one and with two pattern replicas: the
+/// throughput ratio, and the CPU each process used during the throughput
+/// phase (in cores: CPU seconds per second), which says why.
+async fn replicas_section() {
+    let redis = RedisServer::start_in_memory().await;
+    let redis_pid = redis.pid().expect("redis-server runs");
+    println!(
+        "pattern replicas: client → trellis → redis pattern × N → redis-server, {CLIENTS} in \
+         flight, {PHASE:?}"
+    );
+    let mut rates = Vec::new();
+    for n in [1u32, 2] {
+        let proxy = Proxy::builder()
+            .log_level("warn")
+            .pattern(redis_pattern("redis", &[NS], &redis.url(), ""))
+            .with(&format!("replicas: {n}"))
+            .start()
+            .await;
+        let names: Vec<String> = if n == 1 {
+            vec!["redis".into()]
+        } else {
+            (0..n).map(|i| format!("redis-{i}")).collect()
+        };
+        let mut pids = Vec::new();
+        for name in &names {
+            proxy.wait_serving(name).await;
+            pids.push(proxy.pattern(name).await.pid);
+        }
+        let mut clients = grpc_clients(&proxy.addr).await;
+        fill(&mut clients).await;
+        let me = std::process::id();
+        let cpu =
+            |pids: &[u32]| -> f64 { pids.iter().map(|&p| trellis_tests::cpu_seconds(p)).sum() };
+        let before = [
+            cpu(&[me]),
+            cpu(&[proxy.pid()]),
+            cpu(&pids),
+            cpu(&[redis_pid]),
+        ];
+        let start = Instant::now();
+        let (rps, _) = throughput(clients).await;
+        let took = start.elapsed().as_secs_f64();
+        let after = [
+            cpu(&[me]),
+            cpu(&[proxy.pid()]),
+            cpu(&pids),
+            cpu(&[redis_pid]),
+        ];
+        let cores: Vec<f64> = after
+            .iter()
+            .zip(before)
+            .map(|(a, b)| (a - b) / took)
+            .collect();
+        println!(
+            "  replicas: {n}  {rps:>9.0} req/s   cores used: client {:.2}, trellis {:.2}, \
+             pattern{} {:.2}, redis-server {:.2} (sum {:.2} of {})",
+            cores[0],
+            cores[1],
+            if n == 1 { "" } else { "s" },
+            cores[2],
+            cores[3],
+            cores.iter().sum::<f64>(),
+            std::thread::available_parallelism().map_or(0, |c| c.get()),
+        );
+        rates.push(rps);
+    }
+    println!(
+        "  2 replicas / 1 replica: throughput ×{:.2} — a second pattern process adds only the \
+         CPU the machine has spare: when the cores are all busy (client, proxy, pattern and \
+         redis-server share them), it only moves work around\n",
+        rates[1] / rates[0]
     );
 }

@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use trellis_proto::admin::v1::{PatternState, WatchPatternsRequest};
 use trellis_proto::data::v1::GetRequest;
-use trellis_tests::{Proxy, bin};
+use trellis_tests::{Proxy, bin, cpu_seconds};
 
 const CRASHES: usize = 30;
 const COLD_STARTS: usize = 5;
@@ -163,14 +163,6 @@ async fn cold_start(n: usize) -> Vec<Duration> {
     out
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = stat.rsplit_once(')').unwrap().1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -214,18 +206,13 @@ async fn main() {
     }
     let mut proxy = b.start().await;
     let pid = proxy.pid();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
     let window = Duration::from_secs(10);
     let children = proxy.children();
-    let before = cpu_ticks(pid);
-    let children_before: u64 = children.iter().map(|&c| cpu_ticks(c)).sum();
+    let before = cpu_seconds(pid);
+    let children_before: f64 = children.iter().map(|&c| cpu_seconds(c)).sum();
     tokio::time::sleep(window).await; // measuring idle: nothing to await but time
-    let used = (cpu_ticks(pid) - before) as f64 / hz;
-    let children_used =
-        (children.iter().map(|&c| cpu_ticks(c)).sum::<u64>() - children_before) as f64 / hz;
+    let used = cpu_seconds(pid) - before;
+    let children_used = children.iter().map(|&c| cpu_seconds(c)).sum::<f64>() - children_before;
     let percent = |secs: f64| 100.0 * secs / window.as_secs_f64();
     println!(
         "{:<48} {:.2}% of a core over {}s, RSS {} KiB (the proxy polls each every 1s)",

@@ -104,6 +104,25 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     kids
 }
 
+/// CPU time `pid` has used so far (user + system), in seconds; 0 when it
+/// is gone. For benchmarks.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (field(11) + field(12)) as f64 / hz
+}
+
 /// Is the process gone (or a zombie nobody will ever run again)?
 pub fn process_gone(pid: u32) -> bool {
     let raw = nix::unistd::Pid::from_raw(pid as i32);
