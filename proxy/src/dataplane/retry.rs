@@ -176,9 +176,11 @@ where
     S: Service<Call, Response = Response<CallBody>, Error = ApiError>,
 {
     let mut call = call;
-    // Each attempt goes to a replica the earlier ones did not (Balance).
-    call.tried = Some(Arc::default());
     let replicated = call.pool.as_ref().is_some_and(|p| p.members().len() > 1);
+    if replicated {
+        // Each attempt goes to a replica the earlier ones did not (Balance).
+        call.tried = Some(Arc::default());
+    }
     let policy = call.policy.clone();
     let r = &policy.policy.retries;
     let mut backoff = r.initial_backoff;
