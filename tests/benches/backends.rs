@@ -659,12 +659,20 @@ async fn replicas_section() {
             cores.iter().sum::<f64>(),
             std::thread::available_parallelism().map_or(0, |c| c.get()),
         );
-        rates.push(rps);
+        rates.push((rps, cores));
     }
+    let (one, two) = (&rates[0], &rates[1]);
     println!(
-        "  2 replicas / 1 replica: throughput ×{:.2} — a second pattern process adds only the \
-         CPU the machine has spare: when the cores are all busy (client, proxy, pattern and \
-         redis-server share them), it only moves work around\n",
-        rates[1] / rates[0]
+        "  2 replicas / 1 replica: throughput ×{:.2}. One pattern process used {:.2} cores and \
+         the whole path {:.2} of {}: a second process can add only CPU the machine has spare, \
+         and costs its own share (the patterns used {:.2} cores, ×{:.2} per call). Replicas buy \
+         throughput where one pattern process is the ceiling (a CPU-bound pattern, more \
+         cores); on any machine they buy availability.\n",
+        two.0 / one.0,
+        one.1[2],
+        one.1.iter().sum::<f64>(),
+        std::thread::available_parallelism().map_or(0, |c| c.get()),
+        two.1[2],
+        (two.1[2] / two.0) / (one.1[2] / one.0),
     );
 }
