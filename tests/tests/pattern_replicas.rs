@@ -445,6 +445,56 @@ async fn replicas_follow_the_configuration_on_reload() {
         Some(ServingStatus::Serving),
         "the pattern's own service"
     );
+
+    // The pattern's name means every replica: stop and start act on all.
+    let mut admin_client = proxy.admin().await;
+    let missing = admin_client
+        .get_pattern(admin::GetPatternRequest {
+            name: "chaos".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert!(
+        missing.message().contains("chaos-0, chaos-1"),
+        "{}",
+        missing.message()
+    );
+    let stopped = admin_client
+        .stop_pattern(admin::PatternActionRequest {
+            name: "chaos".into(),
+        })
+        .await
+        .expect("stop every replica")
+        .into_inner();
+    assert_eq!(stopped.replicas.len(), 2, "{stopped:?}");
+    for p in &stopped.replicas {
+        assert_eq!(p.state, admin::PatternState::Stopped as i32, "{p:?}");
+    }
+    let refused = proxy.kv().await.get(get("kv", "k")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused
+            .message()
+            .contains("none of whose 2 replicas is SERVING")
+            && refused.message().contains("chaos-1 STOPPED"),
+        "{}",
+        refused.message()
+    );
+    eventually(
+        "the pattern's health service to say NOT_SERVING",
+        || async {
+            (proxy.health_of("chaos").await == Some(ServingStatus::NotServing)).then_some(())
+        },
+    )
+    .await;
+    admin_client
+        .start_pattern(admin::PatternActionRequest {
+            name: "chaos".into(),
+        })
+        .await
+        .expect("start every replica");
+    wait_all_serving(&proxy, &["chaos-0", "chaos-1", "chaos"]).await;
     let first = replicas(&proxy, "chaos").await;
 
     // Scaling up starts the new replica and keeps the others.
