@@ -254,8 +254,9 @@ class Lifecycle(lifecycle_pb2_grpc.LifecycleServicer):
         p.store = Store(max_keys)
         p.phase = "initialized"
         log.info("initialized", extra={"fields": {"pattern": p.name, "max_keys": max_keys}})
+        # Its data lives in this process: replicas of it would not share it.
         return lifecycle_pb2.InitializeResponse(name=IMPLEMENTATION, version=VERSION,
-                                                interfaces=[KEY_VALUE])
+                                                interfaces=[KEY_VALUE], stateful=True)
 
     def Start(self, request, context):
         p = self.p
