@@ -342,17 +342,19 @@ async fn calls_spread_evenly_and_a_slow_replica_gets_fewer() {
         );
     }
 
-    knobs.set_and_wait(&proxy, "chaos-1", "latency=20ms").await;
+    knobs.set_and_wait(&proxy, "chaos-1", "latency=50ms").await;
     let before = calls(&proxy, "chaos").await;
     gets(&proxy, "kv", "k", 3000, 8).await;
     let skewed = delta(&before, &calls(&proxy, "chaos").await);
-    let slow = skewed["chaos-1"] as f64 / 3000.0;
+    // Clearly fewer: less than half of what either fast one took. (A
+    // share would depend on how fast the fast ones are on this machine.)
+    let fastest_slowest = skewed["chaos-0"].min(skewed["chaos-2"]);
     assert!(
-        slow < 0.15,
-        "the slow replica took {:.1} % of the calls: {skewed:?}",
-        slow * 100.0
+        skewed["chaos-1"] * 2 < fastest_slowest,
+        "the slow replica took {} of 3,000 calls: {skewed:?}",
+        skewed["chaos-1"]
     );
-    eprintln!("even: {even:?}; with chaos-1 20 ms slower: {skewed:?}");
+    eprintln!("even: {even:?}; with chaos-1 50 ms slower: {skewed:?}");
 }
 
 #[tokio::test]
