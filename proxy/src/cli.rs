@@ -474,9 +474,16 @@ pub async fn health(client: ClientArgs, service: Option<String>) -> anyhow::Resu
                 .list_patterns(admin::ListPatternsRequest {})
                 .await
                 .map_err(status_err)?;
-            std::iter::once(String::new())
-                .chain(r.into_inner().patterns.into_iter().map(|p| p.name))
-                .collect()
+            // "", then each process; a pattern with replicas has its own
+            // service too, listed before its first replica.
+            let mut services = vec![String::new()];
+            for p in r.into_inner().patterns {
+                if p.replica.is_some() && !services.contains(&p.pattern) {
+                    services.push(p.pattern);
+                }
+                services.push(p.name);
+            }
+            services
         }
     };
     let mut health = HealthClient::new(ch);

@@ -305,6 +305,24 @@ async fn a_rolling_restart_under_load_fails_no_call_and_replaces_every_pid() {
     for (i, line) in lines[2..5].iter().enumerate() {
         assert!(line.starts_with(&format!("  redis-{i} ")), "{table}");
     }
+    // `trellis health` lists the pattern's own service before its replicas.
+    let out = std::process::Command::new(trellis_tests::bin("trellis"))
+        .args(["health", "--addr", &proxy.addr, "--admin-addr"])
+        .arg(proxy.admin.as_deref().expect("an admin door"))
+        .output()
+        .expect("trellis health");
+    let health = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{health}");
+    let services: Vec<&str> = health
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        services,
+        ["redis", "redis-0", "redis-1", "redis-2"],
+        "{health}"
+    );
 }
 
 #[tokio::test]
