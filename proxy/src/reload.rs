@@ -489,7 +489,7 @@ impl Task {
                         Ok(Some(replaced)) => {
                             let (new_pid, old_pid) = replaced.pids();
                             // Gone before the next replica's turn.
-                            replaced.old.shutdown().await;
+                            replaced.old.retire().await;
                             Ok(format!("{}: pid {old_pid} → {new_pid}", h.name()))
                         }
                         Ok(None) => h.restart().await.map(|_| {

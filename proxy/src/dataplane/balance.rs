@@ -28,7 +28,7 @@
 //! pick, and one short mutex at a call's end for the outlier record —
 //! never held across an await.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,12 +37,14 @@ use futures::future::{Either, Ready, ready};
 use http::Response;
 use rand::Rng;
 use smallvec::SmallVec;
+use tokio::sync::Notify;
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::warn;
 
 use super::body::CallBody;
 use super::outcome::WhenDone;
+use super::route::Router;
 use super::{Call, errors};
 use crate::config::OutlierDetection;
 use crate::error::ApiError;
@@ -62,6 +64,10 @@ fn now_ms() -> u64 {
 #[derive(Debug, Default)]
 pub struct Load {
     in_flight: AtomicU32,
+    /// Set while someone waits for `in_flight` to reach 0 ([`Load::idle`]):
+    /// only then does the last call out wake them (no lock per call).
+    draining: AtomicBool,
+    idle: Notify,
     calls: AtomicU64,
     ejections_total: AtomicU64,
     /// While ejected: until when (`now_ms`); 0 otherwise.
@@ -86,6 +92,24 @@ impl Load {
     /// Calls in flight now.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no call is in flight, for at most `limit`: a process
+    /// leaving the routes finishes what was already sent to it before it
+    /// is told to stop (a call picked just before the switch may still be
+    /// on its way to it). Returns whether it got there.
+    pub async fn idle(&self, limit: Duration) -> bool {
+        self.draining.store(true, Ordering::SeqCst);
+        let wait = async {
+            loop {
+                let woken = self.idle.notified();
+                if self.in_flight() == 0 {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// Attempts sent to it since it started.
@@ -157,7 +181,7 @@ struct InFlight(Arc<Load>);
 
 impl InFlight {
     fn new(load: Arc<Load>) -> Self {
-        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        load.in_flight.fetch_add(1, Ordering::SeqCst);
         load.calls.fetch_add(1, Ordering::Relaxed);
         InFlight(load)
     }
@@ -165,7 +189,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.draining.load(Ordering::SeqCst)
+        {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -316,18 +344,34 @@ impl Pool {
     }
 }
 
-pub struct BalanceLayer;
+/// Picks from the routes as they are at the attempt, not as `Route` saw
+/// them: once a reroute took a process out, no attempt goes to it, so
+/// waiting for its calls in flight to end ([`Load::idle`]) is enough
+/// before it is told to stop.
+pub struct BalanceLayer {
+    router: Router,
+}
+
+impl BalanceLayer {
+    pub fn new(router: Router) -> Self {
+        BalanceLayer { router }
+    }
+}
 
 impl<S> Layer<S> for BalanceLayer {
     type Service = Balance<S>;
     fn layer(&self, inner: S) -> Balance<S> {
-        Balance { inner }
+        Balance {
+            inner,
+            router: self.router.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct Balance<S> {
     inner: S,
+    router: Router,
 }
 
 impl<S> Service<Call> for Balance<S>
@@ -343,7 +387,13 @@ where
     }
 
     fn call(&mut self, mut call: Call) -> Self::Future {
-        let Some(pool) = call.pool.clone() else {
+        // The routes now; Route's pool if a reload removed the namespace
+        // since (the call finishes where it was routed).
+        let Some(pool) = self
+            .router
+            .pool(&call.namespace)
+            .or_else(|| call.pool.clone())
+        else {
             // Route always sets the pool; without one there is nothing to pick.
             return Either::Left(ready(Err(errors::unknown_namespace(&call.namespace, &[]))));
         };
@@ -400,6 +450,26 @@ mod tests {
         assert!(load.ejected(Some(7)));
         assert!(!load.ejected(Some(8)), "a new process is never ejected");
         assert_eq!(load.ejections(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_the_calls_in_flight_and_no_longer_than_its_limit() {
+        let load = Arc::new(Load::default());
+        assert!(load.idle(Duration::ZERO).await, "nothing in flight");
+        let call = InFlight::new(load.clone());
+        assert!(
+            !load.idle(Duration::from_millis(1)).await,
+            "a call in flight outlasts the limit"
+        );
+        let waiting = tokio::spawn({
+            let load = load.clone();
+            async move { load.idle(Duration::from_secs(60)).await }
+        });
+        // The waiter may or may not be parked yet: either way it sees 0.
+        drop(call);
+        assert!(waiting.await.unwrap(), "woken when the last call ended");
+        assert_eq!(load.in_flight(), 0);
+        assert_eq!(load.calls(), 1);
     }
 
     #[test]

@@ -218,7 +218,7 @@ pub fn stack(
     let attempt = deadline::DeadlineLayer.layer(attempt);
     // Per attempt, so a retry goes to another replica; outside Deadline,
     // so a replica's count covers its whole attempt.
-    let attempt = balance::BalanceLayer.layer(attempt);
+    let attempt = balance::BalanceLayer::new(router.clone()).layer(attempt);
     let call = retry::RetryLayer::new(policies, t()).layer(attempt);
     let call = breaker::BreakerLayer::new(circuits, t()).layer(call);
     let call = limits::ConcurrencyLayer::new(policies, t()).layer(call);
@@ -447,8 +447,14 @@ impl DataPlane {
     ) {
         let settings = Settings::of(config);
         let outlier = route::outlier_settings(config);
+        // The current generation's routes change either way: its calls
+        // still in flight pick their next attempt's process from the new
+        // ones (`Balance`), never a process being retired.
+        self.current
+            .load()
+            .router
+            .reconfigure(patterns, outlier.clone());
         if self.current.load().settings == settings {
-            self.current.load().router.reconfigure(patterns, outlier);
             return;
         }
         let generation = Generation::new(

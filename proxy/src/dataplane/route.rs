@@ -98,6 +98,11 @@ impl Router {
         self.routes.store(Arc::new(Routes::new(patterns, outlier)));
     }
 
+    /// The processes serving `namespace` now, whatever their state.
+    pub fn pool(&self, namespace: &str) -> Option<Arc<Pool>> {
+        self.routes.load().pools.get(namespace).cloned()
+    }
+
     /// The processes serving `namespace`, if one of them can take a call
     /// to `service` now.
     pub fn route(&self, namespace: &str, service: &str) -> Result<Arc<Pool>, ApiError> {

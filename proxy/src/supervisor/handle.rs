@@ -58,6 +58,9 @@ pub struct PatternHandle {
     /// What the data plane puts on this process (calls in flight, its
     /// outlier record).
     pub(super) load: Arc<crate::dataplane::Load>,
+    /// Its `stop_grace`: also how long a process leaving the routes may
+    /// take to finish the calls already sent to it.
+    pub(super) stop_grace: std::time::Duration,
 }
 
 impl PatternHandle {
@@ -157,6 +160,23 @@ impl PatternHandle {
             .await
             .map_err(|_| CommandError::ShuttingDown)?;
         rx.await.map_err(|_| CommandError::ShuttingDown)?
+    }
+
+    /// Once it is out of the routes: waits (for at most its `stop_grace`)
+    /// until the calls already sent to it have ended, then stops it for
+    /// good, as [`PatternHandle::shutdown`]. Without the wait, a call
+    /// picked just before the switch could reach a process already told
+    /// to stop, which refuses it.
+    pub async fn retire(&self) {
+        if !self.load.idle(self.stop_grace).await {
+            tracing::info!(
+                pattern = %self.name,
+                in_flight = self.load.in_flight(),
+                "calls still in flight after stop_grace (streams?); stopping it anyway: its \
+                 Stop drains them"
+            );
+        }
+        self.shutdown().await;
     }
 
     /// Stops the pattern for good and waits until its process is gone.

@@ -261,7 +261,7 @@ impl Supervisor {
     /// still waits for it.
     pub fn retire(&mut self, handle: PatternHandle) {
         self.tasks
-            .push(tokio::spawn(async move { handle.shutdown().await }));
+            .push(tokio::spawn(async move { handle.retire().await }));
     }
 
     /// Stops every pattern concurrently and waits for each owner task to end.

@@ -64,6 +64,7 @@ pub fn spawn(
         events: events.clone(),
         tail: tail.clone(),
         load: Arc::default(),
+        stop_grace: cfg.stop_grace,
     };
     let owner = Owner {
         poller: None,
