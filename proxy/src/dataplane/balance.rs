@@ -5,7 +5,9 @@
 //! replicas drawn at random among those that may take the call, the one
 //! with fewer calls in flight wins (Envoy's `LEAST_REQUEST`, finagle's
 //! P2C). It needs no shared queue and no lock, and a slow replica, whose
-//! calls pile up, is picked less on its own.
+//! calls pile up, is picked less on its own. "In flight" is sent and not
+//! yet answered: a unary call's whole life, a stream until it opens (an
+//! open stream costs its pattern little, and ends when the pattern stops).
 //!
 //! May take the call: SERVING (a replica whose process exited is skipped
 //! from the moment the supervisor notices, before any call fails on it),
@@ -43,7 +45,7 @@ use tower::{Layer, Service};
 use tracing::warn;
 
 use super::body::CallBody;
-use super::outcome::WhenDone;
+use super::outcome::{At, WhenDone};
 use super::route::Router;
 use super::{Call, errors};
 use crate::config::OutlierDetection;
@@ -89,15 +91,16 @@ struct Outlier {
 }
 
 impl Load {
-    /// Calls in flight now.
+    /// Calls sent and not yet answered now (a stream until it opens).
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Waits until no call is in flight, for at most `limit`: a process
-    /// leaving the routes finishes what was already sent to it before it
+    /// leaving the routes answers what was already sent to it before it
     /// is told to stop (a call picked just before the switch may still be
-    /// on its way to it). Returns whether it got there.
+    /// on its way to it). Open streams do not count: the pattern's own
+    /// drain ends them. Returns whether it got there.
     pub async fn idle(&self, limit: Duration) -> bool {
         self.draining.store(true, Ordering::SeqCst);
         let wait = async {
@@ -417,7 +420,10 @@ where
             drop(in_flight);
             pool.record(i, pid, code);
         });
-        Either::Right(WhenDone::new(self.inner.call(call), hook))
+        // In flight until answered: a unary call's whole life, a stream's
+        // until it opens. An open stream holds no pick: the pattern ends it
+        // when it stops, so it need not delay a retiring process either.
+        Either::Right(WhenDone::new(self.inner.call(call), hook).at(At::Headers))
     }
 }
 

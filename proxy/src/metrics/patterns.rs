@@ -323,7 +323,8 @@ impl Collector for Supervision {
         }
         let mut m = encoder.encode_descriptor(
             "trellis_replica_in_flight",
-            "Data calls in flight on the process now (the balancer's least-request input).",
+            "Data calls sent to the process and not yet answered (a stream until it opens): the \
+             balancer's least-request input.",
             None,
             MetricType::Gauge,
         )?;

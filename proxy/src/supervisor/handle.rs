@@ -163,7 +163,8 @@ impl PatternHandle {
     }
 
     /// Once it is out of the routes: waits (for at most its `stop_grace`)
-    /// until the calls already sent to it have ended, then stops it for
+    /// until the calls already sent to it are answered (streams opened),
+    /// then stops it for
     /// good, as [`PatternHandle::shutdown`]. Without the wait, a call
     /// picked just before the switch could reach a process already told
     /// to stop, which refuses it.
@@ -172,8 +173,8 @@ impl PatternHandle {
             tracing::info!(
                 pattern = %self.name,
                 in_flight = self.load.in_flight(),
-                "calls still in flight after stop_grace (streams?); stopping it anyway: its \
-                 Stop drains them"
+                "calls still unanswered after stop_grace; stopping it anyway: its Stop \
+                 drains them"
             );
         }
         self.shutdown().await;
