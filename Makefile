@@ -77,7 +77,8 @@ bench-soak:
 	$(CARGO) bench -p trellis-tests --bench soak
 
 ## bench-chaos: random SIGKILLs of patterns and of private Redis/PostgreSQL/NATS
-## under mixed load with policies on (CHAOS_SECS=120, CHAOS_SEED=n to replay);
+## under mixed load with policies on (CHAOS_SECS=120, CHAOS_SEED=n to replay,
+## CHAOS_REDIS_REPLICAS=3 to run the redis pattern as three replicas);
 ## prints kills, outcomes by code and reason, lost writes, PASS or FAIL (exit 1);
 ## needs the servers `make setup` finds
 bench-chaos:

@@ -12,6 +12,12 @@
 //!   (`fsync=on`, synchronous commit);
 //! - `events`: `trellis-nats` (pattern `nats`) on a private NATS server.
 //!
+//! `CHAOS_REDIS_REPLICAS=3` runs the `redis` pattern as three replicas
+//! (docs/configuration.md, "Replicas"); a kill of "pattern redis" then
+//! kills one replica at random. With the same `CHAOS_SEED` the kills fall
+//! at the same times on the same targets, so two runs compare what the
+//! replicas change for `kvredis`.
+//!
 //! Every pattern entry carries [`RESTART`]: the crash-loop breaker's
 //! defaults (5 starts a minute) would otherwise leave a pattern the chaos
 //! kills often FAILED, waiting for an operator.
@@ -624,16 +630,19 @@ async fn kill_postgres(pg: &PostgresServer) -> u32 {
     killed
 }
 
-async fn pattern_pid(
+/// Every process of pattern `pattern` (its only one, or each replica).
+async fn processes_of(
     admin: &mut admin::admin_client::AdminClient<tonic::transport::Channel>,
-    name: &str,
-) -> Option<(u32, PatternState)> {
-    let p = admin
-        .get_pattern(admin::GetPatternRequest { name: name.into() })
+    pattern: &str,
+) -> Vec<admin::Pattern> {
+    admin
+        .list_patterns(admin::ListPatternsRequest {})
         .await
-        .ok()?
-        .into_inner();
-    Some((p.pid, p.state()))
+        .map(|r| r.into_inner().patterns)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.pattern == pattern)
+        .collect()
 }
 
 /// Kills something every 2–6 s until `stop`; a server it kills is always
@@ -662,23 +671,33 @@ async fn chaos(
         let target = Target::ALL[rng.below(Target::ALL.len() as u64) as usize];
         let at = now();
         match target {
-            Target::Pattern(name) => match pattern_pid(&mut admin, name).await {
-                Some((pid, state)) if pid != 0 => {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    println!(
-                        "[{at:>7.3}s] SIGKILL pattern {name} (pid {pid}, was {})",
-                        state.as_str_name().trim_start_matches("PATTERN_STATE_")
-                    );
-                    log.killed_pids.insert(pid);
-                    *log.kills.entry(target).or_default() += 1;
+            Target::Pattern(name) => {
+                let mut processes = processes_of(&mut admin, name).await;
+                // One replica at random (the draw is made even for one
+                // process, so a seed kills at the same times either way).
+                let pick = rng.below(processes.len().max(1) as u64) as usize;
+                let process = (pick < processes.len()).then(|| processes.swap_remove(pick));
+                match process {
+                    Some(p) if p.pid != 0 => {
+                        let pid = p.pid;
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        println!(
+                            "[{at:>7.3}s] SIGKILL pattern {} (pid {pid}, was {})",
+                            p.name,
+                            p.state().as_str_name().trim_start_matches("PATTERN_STATE_")
+                        );
+                        log.killed_pids.insert(pid);
+                        *log.kills.entry(target).or_default() += 1;
+                    }
+                    other => {
+                        println!(
+                            "[{at:>7.3}s] pattern {name} has no process to kill ({:?}); skipped",
+                            other.map(|p| (p.name, p.state))
+                        );
+                        log.skipped += 1;
+                    }
                 }
-                other => {
-                    println!(
-                        "[{at:>7.3}s] pattern {name} has no process to kill ({other:?}); skipped"
-                    );
-                    log.skipped += 1;
-                }
-            },
+            }
             Target::Redis | Target::Postgres | Target::Nats => {
                 let down = rng.ms(500, 3000);
                 let (pid, extra) = match target {
@@ -771,34 +790,32 @@ async fn recover(proxy: &Proxy) -> Vec<String> {
     let mut restarted = BTreeSet::new();
     loop {
         let mut waiting = Vec::new();
-        for name in PATTERNS {
-            match admin
-                .get_pattern(admin::GetPatternRequest { name: name.into() })
-                .await
-            {
-                Ok(p) => {
-                    let p = p.into_inner();
-                    match p.state() {
-                        PatternState::Serving => {}
-                        PatternState::Failed if restarted.insert(name) => {
-                            println!(
-                                "[{:>7.3}s] pattern {name} is FAILED ({}); StartPattern",
-                                now(),
-                                p.last_error
-                            );
-                            let _ = admin
-                                .start_pattern(admin::PatternActionRequest { name: name.into() })
-                                .await;
-                            waiting.push(format!("{name} FAILED"));
-                        }
-                        s => waiting.push(format!(
-                            "{name} {} ({})",
-                            s.as_str_name().trim_start_matches("PATTERN_STATE_"),
+        for pattern in PATTERNS {
+            let processes = processes_of(&mut admin, pattern).await;
+            if processes.is_empty() {
+                waiting.push(format!("{pattern}: no process listed"));
+            }
+            for p in processes {
+                let name = p.name.clone();
+                match p.state() {
+                    PatternState::Serving => {}
+                    PatternState::Failed if restarted.insert(name.clone()) => {
+                        println!(
+                            "[{:>7.3}s] pattern {name} is FAILED ({}); StartPattern",
+                            now(),
                             p.last_error
-                        )),
+                        );
+                        let _ = admin
+                            .start_pattern(admin::PatternActionRequest { name: name.clone() })
+                            .await;
+                        waiting.push(format!("{name} FAILED"));
                     }
+                    s => waiting.push(format!(
+                        "{name} {} ({})",
+                        s.as_str_name().trim_start_matches("PATTERN_STATE_"),
+                        p.last_error
+                    )),
                 }
-                Err(e) => waiting.push(format!("{name}: GetPattern {e}")),
             }
         }
         if waiting.is_empty() || Instant::now() > until {
@@ -980,6 +997,7 @@ async fn run() -> bool {
         nats: NatsServer::start().await,
     };
     let redis_url = servers.redis.url();
+    let redis_replicas = env_u64("CHAOS_REDIS_REPLICAS").unwrap_or(1);
     let mut proxy = Proxy::builder()
         .log_level("info")
         .top(POLICY)
@@ -992,6 +1010,7 @@ async fn run() -> bool {
             &format!("key_prefix: {REDIS_PREFIX:?}"),
         ))
         .with(RESTART)
+        .with(&format!("replicas: {redis_replicas}"))
         .pattern(postgres_pattern("pg", &[NS_PG], &servers.pg.url(), ""))
         .with(RESTART)
         .pattern(nats_pattern("nats", &[NS_EVENTS], &servers.nats.url()))
@@ -1003,10 +1022,12 @@ async fn run() -> bool {
         .start()
         .await;
     println!(
-        "  proxy pid {} at {}; Redis :{}, PostgreSQL :{}, NATS :{}",
+        "  proxy pid {} at {}; Redis :{} (pattern redis: {redis_replicas} replica{}), \
+         PostgreSQL :{}, NATS :{}",
         proxy.pid(),
         proxy.addr,
         servers.redis.port(),
+        if redis_replicas == 1 { "" } else { "s" },
         servers.pg.port(),
         servers.nats.port()
     );
