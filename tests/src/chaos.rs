@@ -42,12 +42,9 @@ impl ChaosControl {
         format!("control_dir: {:?}", self.dir().display().to_string())
     }
 
-    /// Writes `replica`'s knobs (e.g. `set("chaos-1", "latency=30ms")`;
-    /// lines separated by `\n`); `""` clears them. Atomic (a temporary file
-    /// renamed over the old one), so the pattern never reads half a file.
-    /// The pattern polls every 20 ms; await [`applied_line`] in the proxy's
-    /// log to know it took effect.
-    pub fn set(&self, replica: &str, knobs: &str) {
+    /// Writes `replica`'s knobs file. Atomic (a temporary file renamed over
+    /// the old one), so the pattern never reads half a file.
+    fn write(&self, replica: &str, knobs: &str) {
         let path = self.dir().join(replica);
         let tmp = self.dir().join(format!(".{replica}.tmp"));
         std::fs::write(&tmp, knobs).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
@@ -55,12 +52,23 @@ impl ChaosControl {
             .unwrap_or_else(|e| panic!("rename {} to {}: {e}", tmp.display(), path.display()));
     }
 
-    /// [`ChaosControl::set`], then waits until `proxy`'s log shows the
-    /// process applied them (one more [`applied_line`] than before).
+    /// Sets the knobs of the process named `replica` (e.g.
+    /// `set_and_wait(&proxy, "chaos-1", "latency=30ms")`; lines separated
+    /// by `\n`; `""` clears them): writes its file, tells it with SIGUSR1
+    /// (its pid from `proxy`'s admin API), and waits until `proxy`'s log
+    /// shows it applied them (one more [`applied_line`] than before). The
+    /// knobs must differ from the ones it has: only a change is announced.
     pub async fn set_and_wait(&self, proxy: &crate::Proxy, replica: &str, knobs: &str) {
         let line = applied_line(replica, knobs);
         let seen = proxy.log_text().matches(&line).count();
-        self.set(replica, knobs);
+        self.write(replica, knobs);
+        let pid = proxy.pattern(replica).await.pid;
+        assert!(pid != 0, "{replica} has no process to tell");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap_or_else(|e| panic!("SIGUSR1 to {replica} (pid {pid}): {e}"));
         crate::eventually(&line, || async {
             (proxy.log_text().matches(&line).count() > seen).then_some(())
         })
@@ -179,8 +187,8 @@ mod tests {
     #[test]
     fn set_replaces_the_file_whole() {
         let c = ChaosControl::new();
-        c.set("chaos-0", "latency=5ms");
-        c.set("chaos-0", "unavailable=1");
+        c.write("chaos-0", "latency=5ms");
+        c.write("chaos-0", "unavailable=1");
         let text = std::fs::read_to_string(c.dir().join("chaos-0")).unwrap();
         assert_eq!(text, "unavailable=1");
         assert_eq!(

@@ -485,6 +485,26 @@ impl Proxy {
         .await
     }
 
+    /// Admin `Reload`: the proxy reads its configuration file again.
+    pub async fn reload(&self) -> Result<admin::ReloadResponse, tonic::Status> {
+        self.admin()
+            .await
+            .reload(admin::ReloadRequest {})
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Replaces `from` (which must be there) with `to` in the running
+    /// proxy's configuration file; [`Proxy::reload`] applies it.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let yaml = std::fs::read_to_string(&self.config_path).expect("read the config");
+        assert!(
+            yaml.contains(from),
+            "{from:?} is not in the config:\n{yaml}"
+        );
+        std::fs::write(&self.config_path, yaml.replacen(from, to, 1)).expect("write the config");
+    }
+
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

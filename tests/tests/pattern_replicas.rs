@@ -518,13 +518,8 @@ async fn replicas_follow_the_configuration_on_reload() {
     let first = replicas(&proxy, "chaos").await;
 
     // Scaling up starts the new replica and keeps the others.
-    let yaml = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        yaml.replace("replicas: 2", "replicas: 3"),
-    )
-    .unwrap();
-    let r = reload(&proxy).await;
+    proxy.edit_config("replicas: 2", "replicas: 3");
+    let r = proxy.reload().await.expect("reload");
     assert_eq!(r.added, ["chaos-2"], "{r:?}");
     assert_eq!(r.unchanged, ["chaos-0", "chaos-1"], "{r:?}");
     let scaled = replicas(&proxy, "chaos").await;
@@ -534,16 +529,11 @@ async fn replicas_follow_the_configuration_on_reload() {
     assert_eq!(scaled["chaos-2"].state, admin::PatternState::Serving as i32);
 
     // A changed entry replaces every replica, each new one serving first.
-    let yaml = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        yaml.replace(
-            "replicas: 3",
-            "replicas: 3\n    env: { CHAOS_GENERATION: \"2\" }",
-        ),
-    )
-    .unwrap();
-    let r = reload(&proxy).await;
+    proxy.edit_config(
+        "replicas: 3",
+        "replicas: 3\n    env: { CHAOS_GENERATION: \"2\" }",
+    );
+    let r = proxy.reload().await.expect("reload");
     assert_eq!(r.replaced, ["chaos-0", "chaos-1", "chaos-2"], "{r:?}");
     let replaced = replicas(&proxy, "chaos").await;
     for (name, p) in &replaced {
@@ -552,13 +542,8 @@ async fn replicas_follow_the_configuration_on_reload() {
     }
 
     // Down to one process: named after the pattern again.
-    let yaml = std::fs::read_to_string(&proxy.config_path).unwrap();
-    std::fs::write(
-        &proxy.config_path,
-        yaml.replace("replicas: 3", "replicas: 1"),
-    )
-    .unwrap();
-    let r = reload(&proxy).await;
+    proxy.edit_config("replicas: 3", "replicas: 1");
+    let r = proxy.reload().await.expect("reload");
     assert_eq!(r.added, ["chaos"], "{r:?}");
     assert_eq!(r.removed, ["chaos-0", "chaos-1", "chaos-2"], "{r:?}");
     proxy.wait_serving("chaos").await;
@@ -572,16 +557,6 @@ async fn replicas_follow_the_configuration_on_reload() {
         })
         .await;
     }
-}
-
-async fn reload(proxy: &Proxy) -> admin::ReloadResponse {
-    proxy
-        .admin()
-        .await
-        .reload(admin::ReloadRequest {})
-        .await
-        .expect("reload")
-        .into_inner()
 }
 
 #[tokio::test]

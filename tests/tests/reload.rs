@@ -30,15 +30,6 @@ async fn pid_of(proxy: &Proxy, name: &str) -> u32 {
     proxy.pattern(name).await.pid
 }
 
-async fn reload(proxy: &Proxy) -> Result<admin::ReloadResponse, tonic::Status> {
-    proxy
-        .admin()
-        .await
-        .reload(admin::ReloadRequest {})
-        .await
-        .map(|r| r.into_inner())
-}
-
 /// Writes `new`'s configuration over the running proxy's file.
 fn rewrite(proxy: &Proxy, new: &ProxyBuilder) {
     std::fs::write(&proxy.config_path, new.yaml()).expect("rewrite the config");
@@ -66,7 +57,7 @@ async fn a_reload_that_changes_one_pattern_replaces_it_blue_green_and_fails_no_c
     })
     .await;
     rewrite(&proxy, &two_memstores("2"));
-    let applied = reload(&proxy).await.expect("the reload is applied");
+    let applied = proxy.reload().await.expect("the reload is applied");
     assert_eq!(applied.replaced, ["b"], "{applied:?}");
     assert_eq!(applied.unchanged, ["a"], "{applied:?}");
     assert!(applied.added.is_empty() && applied.removed.is_empty());
@@ -194,7 +185,8 @@ async fn an_invalid_reload_changes_nothing_and_names_every_problem() {
     // Not YAML the config accepts: an unknown field.
     let good = two_memstores("1").yaml();
     std::fs::write(&proxy.config_path, format!("{good}no_such_setting: true\n")).unwrap();
-    let refused = reload(&proxy)
+    let refused = proxy
+        .reload()
         .await
         .expect_err("an unknown field is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
@@ -368,7 +360,7 @@ async fn a_reload_rebinds_changed_listeners_and_refuses_an_address_in_use() {
         .yaml()
         .replace("http: 127.0.0.1:0", &format!("http: {taken_addr}"));
     std::fs::write(&proxy.config_path, yaml).unwrap();
-    let refused = reload(&proxy).await.expect_err("the address is taken");
+    let refused = proxy.reload().await.expect_err("the address is taken");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(
         refused.message().contains("listen.http") && refused.message().contains("cannot listen"),
@@ -394,7 +386,7 @@ async fn a_reload_rebinds_changed_listeners_and_refuses_an_address_in_use() {
             &format!("admin: 127.0.0.1:{admin_port}"),
         );
     std::fs::write(&proxy.config_path, yaml).unwrap();
-    let applied = reload(&proxy).await.expect("the reload is applied");
+    let applied = proxy.reload().await.expect("the reload is applied");
     for field in ["listen.grpc", "listen.http", "listen.admin"] {
         assert!(
             applied.message.contains(field),

@@ -10,9 +10,8 @@ use trellis_proto::admin::v1::{
     PatternActionRequest, PatternState, WatchPatternsRequest, exit_status,
 };
 use trellis_proto::data::v1::{GetRequest, PutRequest};
-use trellis_tests::chaos::applied_line;
 use trellis_tests::kv::{get, put};
-use trellis_tests::{ChaosControl, PatternEntry, Proxy, bin, eventually, process_gone};
+use trellis_tests::{ChaosControl, PatternEntry, Proxy, bin, process_gone};
 
 fn action(name: &str) -> PatternActionRequest {
     PatternActionRequest { name: name.into() }
@@ -1009,24 +1008,17 @@ async fn chaos_knobs_slow_and_fail_a_running_pattern_until_cleared() {
         .start()
         .await;
     let mut kv = proxy.kv().await;
-    let applied = async |knobs: &str| {
-        let line = applied_line("knobbed", knobs);
-        eventually(&line, || async {
-            proxy.log_text().contains(&line).then_some(())
-        })
-        .await;
-    };
 
-    control.set("knobbed", "latency=200ms\nunavailable=1");
-    applied("latency=200ms\nunavailable=1").await;
+    control
+        .set_and_wait(&proxy, "knobbed", "latency=200ms\nunavailable=1")
+        .await;
     let began = std::time::Instant::now();
     let err = kv.get(get("x", "k")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("unavailable on purpose"), "{err:?}");
     assert!(began.elapsed() >= std::time::Duration::from_millis(200));
 
-    control.set("knobbed", "");
-    applied("").await;
+    control.set_and_wait(&proxy, "knobbed", "").await;
     kv.put(put("x", "k", b"v")).await.unwrap();
     assert_eq!(
         kv.get(get("x", "k")).await.unwrap().into_inner().value,

@@ -50,7 +50,7 @@ use super::route::Router;
 use super::{Call, errors};
 use crate::config::OutlierDetection;
 use crate::error::ApiError;
-use crate::supervisor::{PatternHandle, State};
+use crate::supervisor::{PatternHandle, State, Status};
 use crate::upstream::Upstream;
 
 /// Milliseconds since the first call of this process: what `Load`'s
@@ -86,8 +86,6 @@ struct Outlier {
     consecutive: u32,
     /// Times ejected (the period's multiplier).
     times: u32,
-    /// When the last ejection ended (`now_ms`).
-    back_at: u64,
 }
 
 impl Load {
@@ -161,9 +159,11 @@ impl Load {
         if r.consecutive < o.consecutive_failures || self.ejected_at(now, Some(pid)) || !allowed() {
             return None;
         }
-        // Less one for each base period it stayed in since it came back.
+        // Less one for each base period it stayed in since it came back
+        // (when its last ejection ended).
         let base = o.base_ejection_time.as_millis().max(1) as u64;
-        let stayed = now.saturating_sub(r.back_at) / base;
+        let back_at = self.ejected_until.load(Ordering::Relaxed);
+        let stayed = now.saturating_sub(back_at) / base;
         r.times = (r.times.saturating_sub(stayed.min(u32::MAX as u64) as u32)) + 1;
         let period = o
             .base_ejection_time
@@ -171,7 +171,6 @@ impl Load {
             .min(o.max_ejection_time);
         let until = now + period.as_millis() as u64;
         r.consecutive = 0;
-        r.back_at = until;
         self.ejected_pid.store(pid, Ordering::Relaxed);
         self.ejected_until.store(until, Ordering::Relaxed);
         self.ejections_total.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +196,15 @@ impl Drop for InFlight {
         {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// The data connection of a process that can take a call to `service`
+/// now: SERVING, connected, implementing it.
+fn usable<'s>(s: &'s Status, service: &str) -> Option<&'s Upstream> {
+    match (s.state, &s.upstream) {
+        (State::Serving, Some(u)) if u.implements(service) => Some(u),
+        _ => None,
     }
 }
 
@@ -268,21 +276,15 @@ impl Pool {
     /// request among those that may take it (see the module's doc).
     fn pick(&self, service: &str, tried: u32) -> Option<(usize, Upstream, u32)> {
         if let [one] = self.members.as_slice() {
-            return one.with_status(|s| match (s.state, &s.upstream) {
-                (State::Serving, Some(u)) if u.implements(service) => {
-                    Some((0, u.clone(), s.pid.unwrap_or(0)))
-                }
-                _ => None,
-            });
+            return one
+                .with_status(|s| usable(s, service).map(|u| (0, u.clone(), s.pid.unwrap_or(0))));
         }
         let now = now_ms();
         // (member, upstream, pid, rank: 0 best … 2 tried)
         let mut serving: SmallVec<[(usize, Upstream, u32, u8); 8]> = SmallVec::new();
         for (i, m) in self.members.iter().enumerate() {
             m.with_status(|s| {
-                if let (State::Serving, Some(u)) = (s.state, &s.upstream)
-                    && u.implements(service)
-                {
+                if let Some(u) = usable(s, service) {
                     let rank = if i < 32 && tried & (1 << i) != 0 {
                         2
                     } else if m.load().ejected_at(now, s.pid) {
@@ -510,11 +512,7 @@ mod tests {
         let mut periods = Vec::new();
         for _ in 0..3 {
             // Back at once (as if the period had passed without a call).
-            load.ejected_until.store(0, Ordering::Relaxed);
-            {
-                let mut r = load.outlier.lock().unwrap();
-                r.back_at = now_ms();
-            }
+            load.ejected_until.store(now_ms(), Ordering::Relaxed);
             for _ in 0..3 {
                 if let Some(p) = load.record(7, true, &o, || true) {
                     periods.push(p);

@@ -202,6 +202,10 @@ struct Supervision {
     roster: watch::Receiver<Arc<Roster>>,
 }
 
+/// One of the balancer's metric families: name, help, type, and its
+/// value for one process.
+type ReplicaFamily = (&'static str, &'static str, MetricType, fn(&Reading) -> u64);
+
 /// What a scrape needs from one status, copied out so the owner's watch
 /// channel is held only for the copy.
 struct Reading {
@@ -307,47 +311,48 @@ impl Collector for Supervision {
             ConstGauge::new(bytes).encode(m.encode_family(&labels)?)?;
         }
 
-        let replica = |r: &Reading| ReplicaLabels {
-            pattern: r.group.clone(),
-            replica: r.pattern.clone(),
-        };
-        // Encoded as `trellis_replica_calls_total`.
-        let mut m = encoder.encode_descriptor(
-            "trellis_replica_calls",
-            "Data calls (attempts) the balancer sent to the process.",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &readings {
-            ConstCounter::new(r.calls).encode(m.encode_family(&replica(r))?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "trellis_replica_in_flight",
-            "Data calls sent to the process and not yet answered (a stream until it opens): the \
-             balancer's least-request input.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &readings {
-            ConstGauge::new(i64::from(r.in_flight)).encode(m.encode_family(&replica(r))?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "trellis_replica_ejected",
-            "1 while outlier detection leaves the replica out of the balancing, else 0.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &readings {
-            ConstGauge::new(i64::from(r.ejected)).encode(m.encode_family(&replica(r))?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "trellis_replica_ejections",
-            "Times outlier detection ejected the replica.",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &readings {
-            ConstCounter::new(r.ejections).encode(m.encode_family(&replica(r))?)?;
+        // The balancer's figures: one family each, the same labels.
+        let families: [ReplicaFamily; 4] = [
+            (
+                // Encoded as `trellis_replica_calls_total`.
+                "trellis_replica_calls",
+                "Data calls (attempts) the balancer sent to the process.",
+                MetricType::Counter,
+                |r| r.calls,
+            ),
+            (
+                "trellis_replica_in_flight",
+                "Data calls sent to the process and not yet answered (a stream until it opens): \
+                 the balancer's least-request input.",
+                MetricType::Gauge,
+                |r| u64::from(r.in_flight),
+            ),
+            (
+                "trellis_replica_ejected",
+                "1 while outlier detection leaves the replica out of the balancing, else 0.",
+                MetricType::Gauge,
+                |r| u64::from(r.ejected),
+            ),
+            (
+                "trellis_replica_ejections",
+                "Times outlier detection ejected the replica.",
+                MetricType::Counter,
+                |r| r.ejections,
+            ),
+        ];
+        for (name, help, kind, value) in families {
+            let mut m = encoder.encode_descriptor(name, help, None, kind)?;
+            for r in &readings {
+                let labels = ReplicaLabels {
+                    pattern: r.group.clone(),
+                    replica: r.pattern.clone(),
+                };
+                let family = m.encode_family(&labels)?;
+                match kind {
+                    MetricType::Counter => ConstCounter::new(value(r)).encode(family)?,
+                    _ => ConstGauge::new(value(r) as i64).encode(family)?,
+                }
+            }
         }
         Ok(())
     }

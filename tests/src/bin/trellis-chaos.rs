@@ -23,7 +23,8 @@
 //!   ascending, by prefix, paged with tokens `after:<last key>`
 //! - `control_dir: /path`           runtime knobs, per process: the file
 //!   `/path/<name>` (`<name>` as Initialize gave it: `chaos`, or `chaos-1`
-//!   for a replica) is read at init and then every 20 ms; a missing or
+//!   for a replica) is read at init and again on each SIGUSR1 (no polling:
+//!   `ChaosControl::set_and_wait` writes it and signals); a missing or
 //!   empty file means no misbehaviour. Its `key=value` lines:
 //!   - `latency=30ms`   every data call (Get, Put, Delete, List) sleeps
 //!     this long before answering;
@@ -123,7 +124,7 @@ impl Pattern for Chaos {
         }
         let knobs = Arc::new(live::Knobs::default());
         let poller = match c.control_dir {
-            Some(dir) => Some(live::watch(&knobs, dir.join(ctx.name()), ctx.name()).await),
+            Some(dir) => Some(live::watch(&knobs, dir.join(ctx.name()), ctx.name()).await?),
             None => None,
         };
         if let Some(after) = c.exit_after {
@@ -292,9 +293,9 @@ impl KeyValue for Chaos {
     }
 }
 
-/// The `control_dir` knobs: read from the file by a poller, obeyed by every
-/// data call. Atomics, so a data call never waits for the poller and no
-/// lock is held across the latency's sleep.
+/// The `control_dir` knobs: read from the file at init and on SIGUSR1,
+/// obeyed by every data call. Atomics, so a data call never waits for the
+/// reader and no lock is held across the latency's sleep.
 mod live {
     use std::path::PathBuf;
     use std::sync::Arc;
@@ -303,9 +304,6 @@ mod live {
 
     use pattern_sdk::Error;
     use trellis_tests::chaos::{self, applied_line};
-
-    /// How often the knob file is read.
-    const POLL: Duration = Duration::from_millis(20);
 
     #[derive(Default)]
     pub struct Knobs {
@@ -335,20 +333,28 @@ mod live {
     }
 
     /// Applies `file` now (so the first data call already obeys it), then
-    /// re-reads it every [`POLL`] in a task, applying and announcing each
-    /// change. Returns the task's handle.
-    pub async fn watch(knobs: &Arc<Knobs>, file: PathBuf, name: &str) -> tokio::task::AbortHandle {
+    /// re-reads it in a task on each SIGUSR1, applying and announcing each
+    /// change. The handler is installed here, during Initialize, so no
+    /// SIGUSR1 sent once the process serves meets the default disposition
+    /// (which would end it). Returns the task's handle.
+    pub async fn watch(
+        knobs: &Arc<Knobs>,
+        file: PathBuf,
+        name: &str,
+    ) -> Result<tokio::task::AbortHandle, Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut reread = signal(SignalKind::user_defined1())
+            .map_err(|e| Error::internal(format!("cannot handle SIGUSR1: {e}")))?;
         let mut seen = String::new();
         let mut last_error = None;
         apply(knobs, &file, name, &mut seen, &mut last_error).await;
         let (knobs, name) = (Arc::clone(knobs), name.to_string());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(POLL).await;
+        Ok(tokio::spawn(async move {
+            while reread.recv().await.is_some() {
                 apply(&knobs, &file, &name, &mut seen, &mut last_error).await;
             }
         })
-        .abort_handle()
+        .abort_handle())
     }
 
     /// Reads `file` and, if its knobs differ from `seen`, applies them and
